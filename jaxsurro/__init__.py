@@ -1,0 +1,1 @@
+"""jaxsurro: online training of neural surrogates from streamed ensemble runs."""

@@ -1,0 +1,463 @@
+"""Experiment configuration: one TOML file loaded into typed, frozen dataclasses.
+
+Every value is checked before anything runs. An unknown key, a wrong type or an
+out-of-range value raises :class:`ConfigError`, whose message names the full key
+path, what was given and what is allowed, e.g.
+``buffer.watermark (500) must not exceed buffer.capacity (300)``.
+
+Usage::
+
+    cfg = load_config("experiments/heat.toml", overrides=["train.batch_size=64"])
+    print(dumps(cfg))          # the resolved configuration, as TOML
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem found."""
+
+
+# ----------------------------------------------------------------------------
+# Sections. Field defaults are the defaults of the experiment files; a field
+# without a default must be given. Comments say the unit and the allowed range.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """What is run: the ensemble's size and seed, and where results go."""
+
+    name: str = "study"
+    seed: int = 0  # seeds the sampler, the model's initialization and the buffers
+    n_simulations: int = 64  # the simulation budget S (>= 1)
+    output_dir: str = "runs"  # a run directory <output_dir>/<name>-<timestamp> is made here
+    cache_dir: str = ".cache/jaxsurro"  # validation sets are cached here, keyed by what determines them
+
+    def check(self, errors: list[str]) -> None:
+        _at_least(errors, "study.n_simulations", self.n_simulations, 1)
+        if not self.name or any(c in self.name for c in "/\\ "):
+            errors.append(f"study.name ({self.name!r}) must be a non-empty name without spaces or slashes")
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig:
+    """The solver program that each client runs, and the field it streams."""
+
+    command: tuple[str, ...]  # argv template; {python}, {n_steps}, {dt}, {grid_size} are filled in
+    parameters: dict[str, tuple[float, float]]  # name -> (low, high) bounds, in solver order
+    field: str = "temperature"  # the field name the solver sends
+    grid_size: int = 16  # M: the field is M x M
+    n_steps: int = 100  # time steps per simulation (each one is a training sample)
+    dt: float = 0.01  # physical time per step; the network's time input is (t + 1) * dt
+    wire_dtype: Literal["float32", "float64"] = "float32"  # dtype of fields on the wire
+
+    @property
+    def field_shape(self) -> tuple[int, int]:
+        return (self.grid_size, self.grid_size)
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        return tuple(self.parameters)
+
+    @property
+    def low(self) -> tuple[float, ...]:
+        return tuple(lo for lo, _ in self.parameters.values())
+
+    @property
+    def high(self) -> tuple[float, ...]:
+        return tuple(hi for _, hi in self.parameters.values())
+
+    def argv(self, python: str = sys.executable) -> list[str]:
+        """The solver's command line with its placeholders filled in."""
+        values = {"python": python, "n_steps": self.n_steps, "dt": self.dt, "grid_size": self.grid_size}
+        return [part.format(**values) for part in self.command]
+
+    def check(self, errors: list[str]) -> None:
+        if not self.command:
+            errors.append("solver.command must not be empty: give the solver's argv, e.g. "
+                          '["{python}", "solvers/heat.py", "--client"]')
+        for i, part in enumerate(self.command):
+            try:
+                part.format(python="", n_steps=0, dt=0.0, grid_size=0)
+            except (KeyError, IndexError, ValueError) as exc:
+                errors.append(f"solver.command[{i}] ({part!r}) has an unknown placeholder {exc}; "
+                              "allowed: {python}, {n_steps}, {dt}, {grid_size}")
+        if not self.parameters:
+            errors.append("solver.parameters must name at least one parameter with its [low, high] bounds")
+        for name, (lo, hi) in self.parameters.items():
+            if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+                errors.append(f"solver.parameters.{name} ([{lo}, {hi}]) must be finite bounds with low < high")
+        if not self.field or len(self.field.encode()) > 64:
+            errors.append(f"solver.field ({self.field!r}) must be a non-empty name of at most 64 bytes")
+        _at_least(errors, "solver.grid_size", self.grid_size, 1)
+        _at_least(errors, "solver.n_steps", self.n_steps, 1)
+        if not (self.dt > 0 and math.isfinite(self.dt)):
+            errors.append(f"solver.dt ({self.dt}) must be a positive number")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """How simulation parameters are drawn within the solver's bounds."""
+
+    kind: Literal["uniform", "halton", "lhs"] = "halton"
+    seed: int | None = None  # defaults to study.seed
+
+    def check(self, errors: list[str]) -> None:
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferConfig:
+    """The host buffer between the receiver and the trainer (SC23 paper, section 3.2.3)."""
+
+    kind: Literal["fifo", "firo", "reservoir"] = "reservoir"
+    capacity: int = 2000  # samples held in memory
+    watermark: int = 200  # samples needed before training starts (FIRO, Reservoir)
+
+    def check(self, errors: list[str]) -> None:
+        _at_least(errors, "buffer.capacity", self.capacity, 1)
+        _at_least(errors, "buffer.watermark", self.watermark, 0)
+        if self.watermark > self.capacity:
+            errors.append(f"buffer.watermark ({self.watermark}) must not exceed buffer.capacity "
+                          f"({self.capacity}): a watermark above the capacity is never reached")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The surrogate network: an MLP from (parameters, time) to the field, by default."""
+
+    name: Literal["mlp"] = "mlp"
+    hidden: int = 256  # H units per hidden layer
+    layers: int = 2  # L hidden layers
+    output_range: tuple[float, float] | None = None  # known field range; default: the parameters' min and max
+
+    def check(self, errors: list[str]) -> None:
+        _at_least(errors, "model.hidden", self.hidden, 1)
+        _at_least(errors, "model.layers", self.layers, 0)
+        if self.output_range is not None:
+            lo, hi = self.output_range
+            if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+                errors.append(f"model.output_range ([{lo}, {hi}]) must be finite with low < high")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: batches, optimizer, validation."""
+
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    halve_every_samples: int = 1_000_000  # the learning rate halves every this many samples
+    validation_every: int = 100  # batches between validations
+    n_validation: int = 16  # validation simulations (Halton parameters), run once and cached
+    batch_timeout: float = 300.0  # seconds the trainer waits for a batch before reporting a stall
+
+    def check(self, errors: list[str]) -> None:
+        _at_least(errors, "train.batch_size", self.batch_size, 1)
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            errors.append(f"train.learning_rate ({self.learning_rate}) must be a positive number")
+        _at_least(errors, "train.halve_every_samples", self.halve_every_samples, 1)
+        _at_least(errors, "train.validation_every", self.validation_every, 1)
+        _at_least(errors, "train.n_validation", self.n_validation, 1)
+        if not self.batch_timeout > 0:
+            errors.append(f"train.batch_timeout ({self.batch_timeout}) must be positive (seconds)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LauncherConfig:
+    """How the ensemble is run: where, how many at once, how failures are handled."""
+
+    scheduler: Literal["local"] = "local"
+    max_concurrent: int = 2  # m: simulations running at the same time
+    max_attempts: int = 2  # tries per simulation before it is reported failed
+    poll_interval: float = 0.2  # seconds between scheduler polls
+    output_tail_lines: int = 20  # lines of a failed simulation's output shown in its report
+
+    def check(self, errors: list[str]) -> None:
+        _at_least(errors, "launcher.max_concurrent", self.max_concurrent, 1)
+        _at_least(errors, "launcher.max_attempts", self.max_attempts, 1)
+        if not self.poll_interval > 0:
+            errors.append(f"launcher.poll_interval ({self.poll_interval}) must be positive (seconds)")
+        _at_least(errors, "launcher.output_tail_lines", self.output_tail_lines, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """The training server's network side."""
+
+    host: str = "127.0.0.1"  # address the server binds and gives to clients
+    client_timeout: float = 60.0  # seconds a client waits for the server before failing
+    receive_timeout: float = 600.0  # seconds without any message before the server reports a stall
+
+    def check(self, errors: list[str]) -> None:
+        if not self.client_timeout > 0:
+            errors.append(f"server.client_timeout ({self.client_timeout}) must be positive (seconds)")
+        if not self.receive_timeout > 0:
+            errors.append(f"server.receive_timeout ({self.receive_timeout}) must be positive (seconds)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole experiment."""
+
+    study: StudyConfig
+    solver: SolverConfig
+    sampler: SamplerConfig
+    buffer: BufferConfig
+    model: ModelConfig
+    train: TrainConfig
+    launcher: LauncherConfig
+    server: ServerConfig
+
+    @property
+    def sampler_seed(self) -> int:
+        return self.study.seed if self.sampler.seed is None else self.sampler.seed
+
+    @property
+    def output_range(self) -> tuple[float, float]:
+        """The field's known range: given, or the parameters' overall bounds (maximum principle)."""
+        if self.model.output_range is not None:
+            return self.model.output_range
+        return (min(self.solver.low), max(self.solver.high))
+
+    def check(self, errors: list[str]) -> None:
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).check(errors)
+        if self.buffer.kind == "reservoir" and self.buffer.watermark < 1:
+            errors.append("buffer.watermark (0) must be at least 1 for a reservoir: it draws from stored samples")
+
+
+# ----------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Reads a TOML experiment file, applies ``section.key=value`` overrides and validates."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return config_from_dict(apply_overrides(raw, overrides), source=str(path))
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """Builds and validates a :class:`Config` from plain data (as read from TOML)."""
+    errors: list[str] = []
+    config = _build(Config, raw, "", errors)
+    if not errors:
+        config.check(errors)
+    if errors:
+        lines = "\n  - ".join(errors)
+        raise ConfigError(f"{source}: invalid configuration:\n  - {lines}")
+    return config
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Returns a copy of ``raw`` with each ``section.key=value`` set; values are TOML literals."""
+    result = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.batch_size=64")
+        try:
+            value = tomllib.loads(f"value = {text.strip()}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()  # a bare word is taken as a string: buffer.kind=fifo
+        *sections, leaf = key.split(".")
+        node = result
+        for depth, name in enumerate(sections):
+            child = node.get(name)
+            if child is None:
+                child = node[name] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(sections[:depth + 1])} is not a section")
+            else:
+                child = node[name] = dict(child)
+            node = child
+        node[leaf] = value
+    return result
+
+
+def _build(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
+    """Converts a mapping to dataclass ``cls``, recording type and key errors with their paths."""
+    where = path or "the file"
+    if not isinstance(raw, Mapping):
+        errors.append(f"{where} must be a table, got {type(raw).__name__} {raw!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            allowed = ", ".join(fields)
+            errors.append(f"{_join(path, key)} is not a known key; allowed in {where}: {allowed}")
+    values = {}
+    missing = False
+    for name, field in fields.items():
+        key_path = _join(path, name)
+        if name in raw:
+            hint = hints[name]
+            if dataclasses.is_dataclass(hint):
+                values[name] = _build(hint, raw[name], key_path, errors)
+            else:
+                values[name] = _coerce(raw[name], hint, key_path, errors)
+        elif dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], {}, key_path, errors)
+        elif field.default is dataclasses.MISSING:
+            errors.append(f"{key_path} is required and missing")
+            missing = True
+    return None if missing else cls(**values)
+
+
+_SENTINEL = object()
+
+
+def _coerce(value: Any, hint: Any, path: str, errors: list[str]) -> Any:
+    """Checks ``value`` against a type hint; ints are accepted where floats are expected."""
+    result = _convert(value, hint)
+    if result is _SENTINEL:
+        errors.append(f"{path} ({value!r}) must be {_describe(hint)}")
+        return None
+    return result
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            if option is type(None) and value is None:
+                return None
+        for option in args:
+            if option is not type(None):
+                converted = _convert(value, option)
+                if converted is not _SENTINEL:
+                    return converted
+        return _SENTINEL
+    if origin is Literal:
+        return value if value in args and isinstance(value, str | int) else _SENTINEL
+    if hint is bool:
+        return value if isinstance(value, bool) else _SENTINEL
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _SENTINEL
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        return _SENTINEL
+    if hint is str:
+        return value if isinstance(value, str) else _SENTINEL
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            return _SENTINEL
+        if len(args) == 2 and args[1] is Ellipsis:
+            items = [_convert(v, args[0]) for v in value]
+        elif len(value) == len(args):
+            items = [_convert(v, a) for v, a in zip(value, args, strict=True)]
+        else:
+            return _SENTINEL
+        return _SENTINEL if any(i is _SENTINEL for i in items) else tuple(items)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            return _SENTINEL
+        key_type, value_type = args
+        out = {}
+        for k, v in value.items():
+            converted = _convert(v, value_type)
+            if converted is _SENTINEL or _convert(k, key_type) is _SENTINEL:
+                return _SENTINEL
+            out[k] = converted
+        return out
+    raise TypeError(f"unsupported configuration type {hint!r}")
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if hint is type(None):
+        return "absent"
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}s"
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    if origin is dict:
+        return f"a table of {_describe(args[1])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _at_least(errors: list[str], path: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        errors.append(f"{path} ({value}) must be at least {minimum}")
+
+
+# ----------------------------------------------------------------------------
+# Printing
+# ----------------------------------------------------------------------------
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The configuration as plain TOML-serializable data (``None`` values left out)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {
+        section.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(config, section.name)).items()
+                       if v is not None}
+        for section in dataclasses.fields(config)
+    }
+
+
+def dumps(config: Config) -> str:
+    """The resolved configuration as TOML text; loading it gives the same configuration."""
+    return tomli_w.dumps(to_dict(config))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m jaxsurro.config CONFIG [--set k=v ...]``: validates and prints the resolved configuration."""
+    parser = argparse.ArgumentParser(prog="python -m jaxsurro.config", description=main.__doc__)
+    parser.add_argument("config", help="experiment TOML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one value (TOML literal; bare words are strings); repeatable")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(dumps(config), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

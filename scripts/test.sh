@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: sets up the environment (see setup.sh), then runs the test suite.
+# Usage: bash scripts/test.sh [pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -ra "$@"
