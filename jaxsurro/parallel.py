@@ -1,0 +1,117 @@
+"""Data parallelism over the local devices of one process: a 1-D "data" mesh and NamedSharding.
+
+Each process (MPI rank) builds its own mesh over `jax.local_devices()`; the batch is split
+along its leading axis across that mesh, the state is replicated, and XLA inserts the
+on-node reductions of the step's sums. Reduction across processes is not done here: it
+plugs into `jaxsurro.train.make_train_step(reduce_fn=...)`. Host→device copies are
+explicit (`put_batch`, `replicate`), so the loop runs under `jax.transfer_guard("disallow")`;
+read results back with `jax.device_get`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxsurro.train import Batch, EvalStep, TrainStep
+
+__all__ = [
+    "DATA_AXIS",
+    "jit_eval_step",
+    "jit_train_step",
+    "make_data_mesh",
+    "pad_batch",
+    "put_batch",
+    "replicate",
+]
+
+DATA_AXIS = "data"
+
+
+def make_data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """One-axis ("data") mesh over `devices` (default: this process's local devices)."""
+    chosen = list(jax.local_devices() if devices is None else devices)
+    if not chosen:
+        raise ValueError(
+            "make_data_mesh needs at least one device; got an empty list. Pass None to use "
+            "jax.local_devices()."
+        )
+    foreign = [device for device in chosen if device.process_index != jax.process_index()]
+    if foreign:
+        raise ValueError(
+            f"make_data_mesh builds a per-process mesh, but devices {foreign} belong to other "
+            f"processes (this is process {jax.process_index()}). Use jax.local_devices(); "
+            "cross-process reduction goes through reduce_fn."
+        )
+    return Mesh(np.asarray(chosen, dtype=object), (DATA_AXIS,))
+
+
+def pad_batch(batch: Batch, multiple: int, min_size: int = 0) -> Batch:
+    """Pad NumPy rows with zeros (weight 0) to a multiple of `multiple`, at least `min_size`."""
+    inputs = np.asarray(batch.inputs, dtype=np.float32)
+    targets = np.asarray(batch.targets, dtype=np.float32)
+    weights = np.asarray(batch.weights, dtype=np.float32)
+    rows = inputs.shape[0] if inputs.ndim >= 1 else -1
+    if inputs.ndim != 2 or weights.shape != (rows,) or targets.ndim < 1 or targets.shape[0] != rows:
+        raise ValueError(
+            "Expected a Batch with inputs [B, d+1], targets [B, *field_shape] and weights [B] "
+            f"sharing B; got inputs {inputs.shape}, targets {targets.shape}, weights "
+            f"{weights.shape}."
+        )
+    if multiple <= 0:
+        raise ValueError(f"Expected a padding multiple > 0 (the device count); got {multiple}.")
+    target_rows = max(rows, min_size)
+    target_rows = -(-target_rows // multiple) * multiple
+    extra = target_rows - rows
+    if extra == 0:
+        return Batch(inputs, targets, weights)
+
+    def padded(array: np.ndarray) -> np.ndarray:
+        out = np.zeros((target_rows, *array.shape[1:]), dtype=np.float32)
+        out[:rows] = array
+        return out
+
+    return Batch(padded(inputs), padded(targets), padded(weights))
+
+
+def put_batch(batch: Batch, mesh: Mesh, min_size: int = 0) -> Batch:
+    """Pad a NumPy batch to a multiple of the mesh size (and at least `min_size`) and shard it.
+
+    Passing `min_size` = the nominal batch size keeps shapes fixed for the last, partial
+    batches, so the jitted step is not recompiled for them.
+    """
+    padded = pad_batch(batch, multiple=mesh.devices.size, min_size=min_size)
+    return jax.device_put(padded, NamedSharding(mesh, P(DATA_AXIS)))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Copy a pytree to every device of the mesh (always a fresh copy, safe to donate later)."""
+    return jax.device_put(tree, NamedSharding(mesh, P()), may_alias=False)
+
+
+def jit_train_step(train_step: TrainStep, mesh: Mesh) -> TrainStep:
+    """Jit the step once: replicated state in and out (donated), data-sharded batch and losses."""
+    replicated = NamedSharding(mesh, P())
+    data_sharded = NamedSharding(mesh, P(DATA_AXIS))
+    return jax.jit(
+        train_step,
+        in_shardings=(replicated, data_sharded),
+        out_shardings=(replicated, replicated, data_sharded),
+        donate_argnums=0,
+    )
+
+
+def jit_eval_step(eval_step: EvalStep, mesh: Mesh) -> EvalStep:
+    """Jit the evaluation once: replicated params, data-sharded batch and per-sample losses."""
+    replicated = NamedSharding(mesh, P())
+    data_sharded = NamedSharding(mesh, P(DATA_AXIS))
+    return jax.jit(
+        eval_step,
+        in_shardings=(replicated, data_sharded),
+        out_shardings=(data_sharded, replicated, replicated),
+    )

@@ -1,0 +1,516 @@
+"""Wire protocol between solver clients and the training server: header codec, routing and validation.
+
+Every message is a ZeroMQ multipart message whose first frame is a fixed 64-byte little-endian header
+(layout in `HEADER_FORMAT` and docs/protocol.md). This module is pure (no sockets, no JAX): the client
+encodes with it, the server's receiver decodes and validates with it. A bad message raises
+`ProtocolError` with a stable short `reason` (one of `REJECTION_REASONS`) so the server can count it
+and keep running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hmac
+import math
+import secrets
+import struct
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+MAGIC = b"JXSR"
+VERSION = 1
+
+# Message kinds (header byte 6).
+HELLO = 1
+WELCOME = 2
+DATA = 3
+FINISH = 4
+REJECT = 5
+KIND_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", DATA: "DATA", FINISH: "FINISH", REJECT: "REJECT"}
+
+# Payload dtype codes (header byte 7); payloads are always little-endian.
+DTYPE_NONE = 0
+DTYPE_FLOAT32 = 1
+DTYPE_FLOAT64 = 2
+CODE_TO_DTYPE: dict[int, np.dtype] = {DTYPE_FLOAT32: np.dtype("<f4"), DTYPE_FLOAT64: np.dtype("<f8")}
+DTYPE_TO_CODE: dict[np.dtype, int] = {dtype: code for code, dtype in CODE_TO_DTYPE.items()}
+
+TOKEN_BYTES = 16
+MAX_NDIM = 4
+MAX_FIELD_NAME_BYTES = 64
+MAX_U32 = 2**32 - 1
+MAX_U64 = 2**64 - 1
+# sim_id meaning "give me any simulation": reserved for persistent clients asking for their next one.
+ANY_SIMULATION = MAX_U64
+
+# magic, version, kind, dtype, token, sim_id, time_step, client_id, ndim, reserved[3], shape[4], reserved u32.
+# Offsets: 0, 4, 6, 7, 8, 24, 32, 36, 40, 41, 44..59, 60. Naturally aligned, so a C struct of these
+# fields in this order has no padding and is exactly 64 bytes.
+HEADER_FORMAT = "<4sHBB16sQIIB3s4II"
+HEADER = struct.Struct(HEADER_FORMAT)
+HEADER_SIZE = HEADER.size
+assert HEADER_SIZE == 64, HEADER_SIZE
+
+_ZERO_TOKEN = bytes(TOKEN_BYTES)
+_ZERO_RESERVED = bytes(3)
+
+REJECTION_REASONS: tuple[str, ...] = (
+    "malformed",
+    "bad_magic",
+    "bad_version",
+    "bad_token",
+    "unknown_simulation",
+    "time_step_out_of_range",
+    "wrong_rank",
+    "unknown_field",
+    "bad_dtype",
+    "bad_shape",
+    "bad_size",
+    "non_finite",
+)
+# REJECT reason code for a HELLO asking for ANY_SIMULATION when none is left to hand out.
+NO_SIMULATION_LEFT = "no_simulation_left"
+
+
+class ProtocolError(Exception):
+    """A message that breaks the protocol; `reason` is a stable short code for counting rejections."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"[{reason}] {message}")
+        self.reason = reason
+        self.message = message
+
+
+class Header(NamedTuple):
+    """Decoded 64-byte header; `shape` has `ndim` entries, `dtype_code` is 0 (none), 1 (f32) or 2 (f64)."""
+
+    kind: int
+    dtype_code: int
+    token: bytes  # 16 raw bytes
+    sim_id: int  # u64; ANY_SIMULATION only in HELLO
+    time_step: int  # u32; DATA: step index, FINISH: number of steps sent, WELCOME: steps expected (0 = unstated)
+    client_id: int  # u32, chosen by the client process
+    shape: tuple[int, ...]
+    version: int = VERSION
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions of the payload."""
+        return len(self.shape)
+
+
+_new_header = functools.partial(tuple.__new__, Header)  # skips NamedTuple's Python-level __new__
+_ZERO_DIMS = (0, 0, 0, 0)
+
+
+class Welcome(NamedTuple):
+    """A decoded WELCOME: the simulation to run, where to send data, and its parameters."""
+
+    sim_id: int
+    client_id: int
+    token: bytes
+    n_steps: int | None  # None when the server did not state it
+    addresses: tuple[str, ...]  # data address of each server rank, in rank order
+    parameters: np.ndarray  # float64, shape (n_parameters,)
+
+
+class Rejection(NamedTuple):
+    """A decoded REJECT: why the server refused a HELLO."""
+
+    sim_id: int
+    client_id: int
+    reason: str  # short code, e.g. "bad_token", "unknown_simulation", "no_simulation_left"
+    message: str  # full human-readable text as sent
+
+
+class Received(NamedTuple):
+    """A validated message from a data socket: DATA (field and array set) or FINISH (time_step = steps sent)."""
+
+    kind: int
+    sim_id: int
+    time_step: int
+    client_id: int
+    field: str | None
+    array: np.ndarray | None  # zero-copy view of the payload frame
+
+
+def new_token() -> bytes:
+    """A fresh random 16-byte run credential (give clients `token.hex()`)."""
+    return secrets.token_bytes(TOKEN_BYTES)
+
+
+def token_from_hex(text: str) -> bytes:
+    """Parse the 32-hex-character form of a run token; ValueError with the expected form otherwise."""
+    text = text.strip()
+    try:
+        token = bytes.fromhex(text)
+    except ValueError:
+        token = b""
+    if len(token) != TOKEN_BYTES or len(text) != 2 * TOKEN_BYTES:
+        raise ValueError(
+            f"a run token is {2 * TOKEN_BYTES} hexadecimal characters (e.g. {new_token().hex()}), "
+            f"got {text!r} ({len(text)} characters)"
+        )
+    return token
+
+
+def rank_for(sim_id: int, time_step: int, n_ranks: int) -> int:
+    """Server rank receiving step `time_step` of simulation `sim_id`: (sim_id + time_step) mod n_ranks."""
+    if n_ranks < 1:
+        raise ValueError(f"n_ranks must be >= 1, got {n_ranks}")
+    # Reducing each term first keeps the C form (sim_id % R + t % R) % R free of u64 overflow.
+    return (sim_id % n_ranks + time_step % n_ranks) % n_ranks
+
+
+def encode_header(
+    kind: int,
+    token: bytes,
+    sim_id: int,
+    time_step: int = 0,
+    client_id: int = 0,
+    dtype_code: int = DTYPE_NONE,
+    shape: Sequence[int] = (),
+) -> bytes:
+    """Pack one 64-byte header; ValueError when a field does not fit its wire type."""
+    ndim = len(shape)
+    if ndim > MAX_NDIM:
+        raise ValueError(f"at most {MAX_NDIM} dimensions fit in a header, got shape {tuple(shape)}")
+    if len(token) != TOKEN_BYTES:
+        raise ValueError(f"token must be {TOKEN_BYTES} raw bytes, got {len(token)}")
+    dims = (*shape, 0, 0, 0, 0)
+    try:
+        return HEADER.pack(
+            MAGIC, VERSION, kind, dtype_code, token, sim_id, time_step, client_id, ndim,
+            _ZERO_RESERVED, dims[0], dims[1], dims[2], dims[3], 0,
+        )
+    except struct.error as error:
+        raise ValueError(
+            f"header field out of range (sim_id u64, time_step/client_id/dims u32, kind/dtype u8): "
+            f"kind={kind} dtype_code={dtype_code} sim_id={sim_id} time_step={time_step} "
+            f"client_id={client_id} shape={tuple(shape)}: {error}"
+        ) from None
+
+
+def _buffer(frame: Any) -> memoryview:
+    """Byte view of a frame (bytes, bytearray, memoryview, zmq.Frame or any buffer) without copying."""
+    view = memoryview(frame)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def decode_header(frame: Any) -> Header:
+    """Unpack and structurally check a header frame; ProtocolError malformed/bad_magic/bad_version."""
+    buffer = _buffer(frame)
+    if buffer.nbytes != HEADER_SIZE:
+        raise ProtocolError(
+            "malformed", f"header frame must be {HEADER_SIZE} bytes, got {buffer.nbytes}"
+        )
+    (magic, version, kind, dtype_code, token, sim_id, time_step, client_id, ndim,
+     reserved, d0, d1, d2, d3, reserved_tail) = HEADER.unpack(buffer)
+    if magic != MAGIC:
+        raise ProtocolError("bad_magic", f"header must start with {MAGIC!r}, got {magic!r}")
+    if version != VERSION:
+        raise ProtocolError(
+            "bad_version", f"protocol version {VERSION} expected, got {version}; "
+            "update the client or the server so both speak the same version"
+        )
+    if kind not in KIND_NAMES:
+        raise ProtocolError("malformed", f"unknown message kind {kind}; known: {KIND_NAMES}")
+    if ndim > MAX_NDIM:
+        raise ProtocolError("malformed", f"ndim must be <= {MAX_NDIM}, got {ndim}")
+    if reserved != _ZERO_RESERVED or reserved_tail:
+        raise ProtocolError("malformed", "reserved header bytes 41-43 and 60-63 must be zero")
+    dims = (d0, d1, d2, d3)
+    if dims[ndim:] != _ZERO_DIMS[ndim:]:
+        raise ProtocolError(
+            "malformed", f"shape entries beyond ndim={ndim} must be zero, got {dims}"
+        )
+    return _new_header((kind, dtype_code, token, sim_id, time_step, client_id, dims[:ndim], version))
+
+
+class _FieldSpec(NamedTuple):
+    """Precomputed per-field expectation used on the hot path."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    dtype_code: int
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Expectation:
+    """What one server rank accepts: run token, steps per simulation, fields, its rank, known simulations."""
+
+    token: bytes
+    n_steps: int
+    fields: Mapping[str, tuple[tuple[int, ...], Any]]  # name -> (shape, wire dtype float32|float64)
+    rank: int
+    n_ranks: int
+    known_simulations: Callable[[int], bool] | Collection[int]  # predicate or container of sim ids
+    _specs: dict[bytes, _FieldSpec] = dataclasses.field(init=False, repr=False, compare=False)
+    _is_known: Callable[[int], bool] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """Check the settings once and precompute the per-field lookup used for every message."""
+        if len(self.token) != TOKEN_BYTES:
+            raise ValueError(f"token must be {TOKEN_BYTES} raw bytes, got {len(self.token)}")
+        if not 1 <= self.n_steps <= MAX_U32 + 1:
+            raise ValueError(f"n_steps must be in [1, 2**32], got {self.n_steps}")
+        if not 0 <= self.rank < self.n_ranks:
+            raise ValueError(f"rank must be in [0, n_ranks={self.n_ranks}), got {self.rank}")
+        specs = {}
+        for name, (shape, dtype) in self.fields.items():
+            encoded = name.encode()
+            if not 0 < len(encoded) <= MAX_FIELD_NAME_BYTES:
+                raise ValueError(
+                    f"field name must be 1..{MAX_FIELD_NAME_BYTES} UTF-8 bytes, got {name!r}"
+                )
+            dtype = np.dtype(dtype).newbyteorder("<")
+            if dtype not in DTYPE_TO_CODE:
+                raise ValueError(
+                    f"field {name!r}: wire dtype must be float32 or float64, got {dtype}"
+                )
+            shape = tuple(int(d) for d in shape)
+            if len(shape) > MAX_NDIM or any(not 0 <= d <= MAX_U32 for d in shape):
+                raise ValueError(f"field {name!r}: shape must have <= {MAX_NDIM} u32 dims, got {shape}")
+            specs[encoded] = _FieldSpec(
+                name, shape, dtype, DTYPE_TO_CODE[dtype], math.prod(shape) * dtype.itemsize
+            )
+        if not specs:
+            raise ValueError("an Expectation needs at least one field")
+        known = self.known_simulations
+        is_known = known if callable(known) else known.__contains__
+        object.__setattr__(self, "_specs", specs)
+        object.__setattr__(self, "_is_known", is_known)
+
+
+def _check_sender(header: Header, expectation: Expectation, allow_any: bool = False) -> None:
+    """Token first (so nothing is revealed to a stranger), then the simulation id."""
+    if not hmac.compare_digest(header.token, expectation.token):
+        raise ProtocolError("bad_token", "token does not match this run's token (JAXSURRO_TOKEN)")
+    if allow_any and header.sim_id == ANY_SIMULATION:
+        return
+    if not expectation._is_known(header.sim_id):
+        raise ProtocolError("unknown_simulation", f"simulation {header.sim_id} is not in this run")
+
+
+def _all_finite(view: np.ndarray) -> bool:
+    """True when the payload holds no NaN or inf (one vectorized pass, ~20 GB/s on one core)."""
+    # Measured: as fast as a float64 sum for float32 payloads and simpler; the temporary bool array is
+    # 1/4 of a float32 payload. 16 KB takes ~1.5 us, 4 MB ~0.2 ms (TCP moves 4 MB in ~2 ms).
+    return bool(np.isfinite(view).all())
+
+
+def validate_data(header: Header, name_frame: Any, payload_frame: Any, expectation: Expectation) -> np.ndarray:
+    """Check one DATA message against `expectation`; return a zero-copy view of its payload.
+
+    Raises ProtocolError whose reason is one of REJECTION_REASONS. Cost: a few microseconds plus one
+    vectorized pass over the payload for the finite check (~20 GB/s).
+    """
+    return _validate_data(header, name_frame, payload_frame, expectation)[1]
+
+
+def _validate_data(
+    header: Header, name_frame: Any, payload_frame: Any, expectation: Expectation
+) -> tuple[_FieldSpec, np.ndarray]:
+    """validate_data, also returning the matched field so callers need not look it up again."""
+    if header.kind != DATA:
+        raise ProtocolError(
+            "malformed", f"DATA expected, got {KIND_NAMES.get(header.kind, header.kind)}"
+        )
+    _check_sender(header, expectation)
+    time_step = header.time_step
+    if time_step >= expectation.n_steps:
+        raise ProtocolError(
+            "time_step_out_of_range",
+            f"time step {time_step} of simulation {header.sim_id} is outside [0, {expectation.n_steps})",
+        )
+    n_ranks = expectation.n_ranks
+    rank = (header.sim_id % n_ranks + time_step % n_ranks) % n_ranks
+    if rank != expectation.rank:
+        raise ProtocolError(
+            "wrong_rank",
+            f"step {time_step} of simulation {header.sim_id} belongs to rank {rank} of {n_ranks}, "
+            f"arrived at rank {expectation.rank}",
+        )
+    name = _buffer(name_frame)
+    if name.nbytes > MAX_FIELD_NAME_BYTES:
+        raise ProtocolError(
+            "malformed", f"field name frame is at most {MAX_FIELD_NAME_BYTES} bytes, got {name.nbytes}"
+        )
+    spec = expectation._specs.get(bytes(name))
+    if spec is None:
+        raise ProtocolError(
+            "unknown_field",
+            f"field {bytes(name)!r} is not expected; expected one of "
+            f"{sorted(s.name for s in expectation._specs.values())}",
+        )
+    if header.dtype_code != spec.dtype_code:
+        got = CODE_TO_DTYPE.get(header.dtype_code, f"unknown code {header.dtype_code}")
+        raise ProtocolError(
+            "bad_dtype",
+            f"field {spec.name!r} travels as {spec.dtype} (code {spec.dtype_code}), got {got}; "
+            "set JAXSURRO_WIRE_DTYPE on the client to match the server",
+        )
+    if header.shape != spec.shape:
+        raise ProtocolError(
+            "bad_shape", f"field {spec.name!r} must have shape {spec.shape}, got {header.shape}"
+        )
+    payload = _buffer(payload_frame)
+    if payload.nbytes != spec.nbytes:
+        raise ProtocolError(
+            "bad_size",
+            f"field {spec.name!r} {spec.shape} {spec.dtype} is {spec.nbytes} bytes, payload has {payload.nbytes}",
+        )
+    view = np.frombuffer(payload, dtype=spec.dtype).reshape(spec.shape)
+    if not _all_finite(view):
+        raise ProtocolError(
+            "non_finite",
+            f"field {spec.name!r} of simulation {header.sim_id} step {time_step} contains NaN or inf",
+        )
+    return spec, view
+
+
+def validate_finish(header: Header, expectation: Expectation) -> int:
+    """Check a FINISH message; return the number of time steps the client says it sent."""
+    if header.kind != FINISH:
+        raise ProtocolError(
+            "malformed", f"FINISH expected, got {KIND_NAMES.get(header.kind, header.kind)}"
+        )
+    _check_sender(header, expectation)
+    if header.time_step > expectation.n_steps:
+        raise ProtocolError(
+            "time_step_out_of_range",
+            f"FINISH of simulation {header.sim_id} claims {header.time_step} steps, "
+            f"at most {expectation.n_steps} exist",
+        )
+    return header.time_step
+
+
+def validate_message(frames: Sequence[Any], expectation: Expectation) -> Received:
+    """Decode and validate one message from a data (PULL) socket: DATA (3 frames) or FINISH (1 frame)."""
+    if not frames:
+        raise ProtocolError("malformed", "empty message")
+    header = decode_header(frames[0])
+    if header.kind == DATA:
+        if len(frames) != 3:
+            raise ProtocolError(
+                "malformed", f"DATA has 3 frames (header, field name, payload), got {len(frames)}"
+            )
+        spec, array = _validate_data(header, frames[1], frames[2], expectation)
+        return Received(DATA, header.sim_id, header.time_step, header.client_id, spec.name, array)
+    if header.kind == FINISH:
+        if len(frames) != 1:
+            raise ProtocolError("malformed", f"FINISH has 1 frame (header), got {len(frames)}")
+        n_steps = validate_finish(header, expectation)
+        return Received(FINISH, header.sim_id, n_steps, header.client_id, None, None)
+    raise ProtocolError(
+        "malformed",
+        f"a data socket takes DATA or FINISH, got {KIND_NAMES[header.kind]}",
+    )
+
+
+def validate_hello(frames: Sequence[Any], expectation: Expectation) -> Header:
+    """Check a HELLO (frames after the ROUTER routing id); sim_id may be ANY_SIMULATION."""
+    if len(frames) != 1:
+        raise ProtocolError("malformed", f"HELLO has 1 frame (header), got {len(frames)}")
+    header = decode_header(frames[0])
+    if header.kind != HELLO:
+        raise ProtocolError(
+            "malformed", f"the control socket takes HELLO, got {KIND_NAMES[header.kind]}"
+        )
+    _check_sender(header, expectation, allow_any=True)
+    return header
+
+
+def encode_hello(token: bytes, sim_id: int, client_id: int) -> list[bytes]:
+    """Frames of a HELLO asking for simulation `sim_id` (or ANY_SIMULATION)."""
+    return [encode_header(HELLO, token, sim_id, client_id=client_id)]
+
+
+def encode_welcome(
+    token: bytes,
+    sim_id: int,
+    client_id: int,
+    addresses: Sequence[str],
+    parameters: np.ndarray,
+    n_steps: int | None = None,
+) -> list[bytes]:
+    """Frames of a WELCOME: header, newline-separated data addresses in rank order, float64 parameters."""
+    parameters = np.ascontiguousarray(parameters, dtype="<f8")
+    if parameters.ndim != 1:
+        raise ValueError(f"parameters must be 1-D, got shape {parameters.shape}")
+    if not addresses or any(not a or "\n" in a for a in addresses):
+        raise ValueError(f"one non-empty address per rank, without newlines, expected; got {addresses!r}")
+    header = encode_header(
+        WELCOME, token, sim_id, n_steps or 0, client_id, DTYPE_FLOAT64, parameters.shape
+    )
+    return [header, "\n".join(addresses).encode(), parameters.tobytes()]
+
+
+def encode_reject(sim_id: int, client_id: int, reason: str, message: str) -> list[bytes]:
+    """Frames of a REJECT; the token field is zero so a refused peer never learns the run token."""
+    return [
+        encode_header(REJECT, _ZERO_TOKEN, sim_id, client_id=client_id),
+        f"{reason}: {message}".encode(),
+    ]
+
+
+def encode_data(
+    token: bytes, sim_id: int, time_step: int, client_id: int, field: bytes, array: np.ndarray
+) -> list[Any]:
+    """Frames of a DATA message; `array` must be C-contiguous float32/float64 and is not copied."""
+    code = DTYPE_TO_CODE.get(array.dtype)
+    if code is None or not array.flags.c_contiguous:
+        raise ValueError(
+            f"payload must be a C-contiguous little-endian float32/float64 array, got {array.dtype} "
+            f"(C-contiguous: {array.flags.c_contiguous})"
+        )
+    return [encode_header(DATA, token, sim_id, time_step, client_id, code, array.shape), field, array]
+
+
+def encode_finish(token: bytes, sim_id: int, client_id: int, n_steps_sent: int) -> list[bytes]:
+    """Frames of a FINISH: the client is done with `sim_id` and sent `n_steps_sent` distinct steps."""
+    return [encode_header(FINISH, token, sim_id, n_steps_sent, client_id)]
+
+
+def decode_reply(frames: Sequence[Any]) -> Welcome | Rejection:
+    """Decode the server's answer to a HELLO (WELCOME or REJECT); ProtocolError if it is neither."""
+    if not frames:
+        raise ProtocolError("malformed", "empty reply to HELLO")
+    header = decode_header(frames[0])
+    if header.kind == REJECT:
+        if len(frames) != 2:
+            raise ProtocolError("malformed", f"REJECT has 2 frames, got {len(frames)}")
+        text = bytes(_buffer(frames[1])).decode("utf-8", errors="replace")
+        reason, separator, _ = text.partition(": ")
+        return Rejection(header.sim_id, header.client_id, reason if separator else "rejected", text)
+    if header.kind != WELCOME:
+        raise ProtocolError("malformed", f"WELCOME or REJECT expected, got {KIND_NAMES[header.kind]}")
+    if len(frames) != 3:
+        raise ProtocolError("malformed", f"WELCOME has 3 frames, got {len(frames)}")
+    if header.dtype_code != DTYPE_FLOAT64 or header.ndim != 1:
+        raise ProtocolError(
+            "malformed",
+            f"WELCOME parameters must be float64 1-D, got dtype code {header.dtype_code} shape {header.shape}",
+        )
+    raw = _buffer(frames[2])
+    if raw.nbytes != 8 * header.shape[0]:
+        raise ProtocolError(
+            "bad_size", f"WELCOME announces {header.shape[0]} parameters, frame has {raw.nbytes} bytes"
+        )
+    try:
+        addresses = tuple(bytes(_buffer(frames[1])).decode().split("\n"))
+    except UnicodeDecodeError as error:
+        raise ProtocolError("malformed", f"WELCOME addresses are not UTF-8: {error}") from None
+    if not all(addresses):
+        raise ProtocolError("malformed", f"WELCOME has an empty data address: {addresses!r}")
+    parameters = np.frombuffer(raw, dtype="<f8").astype(np.float64)  # owned, native-order copy
+    return Welcome(
+        header.sim_id, header.client_id, header.token, header.time_step or None, addresses, parameters
+    )

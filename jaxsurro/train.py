@@ -1,0 +1,186 @@
+"""Pure training and evaluation steps for surrogates (jit at the call site: `jaxsurro.parallel`).
+
+Loss of one sample i (normalized units, so it is O(1) whatever the temperature scale):
+
+    l_i = mean over the field of (û_θ(x_i) − û_i)²,   û = normalize_field(u, model.scaling)
+
+The update minimizes the weighted mean L = Σ_i w_i l_i / Σ_i w_i. Each participant (device
+shard, MPI rank) contributes sums (Σ w_i ∇l_i, Σ w_i l_i, Σ w_i); `reduce_fn` adds them up
+across participants before the division, so every sample counts once whatever the rank
+sizes, and a participant with no samples (all weights 0) contributes nothing. When the
+total weight is 0 the step leaves parameters and optimizer state bitwise unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxsurro.model import normalize_field
+
+__all__ = [
+    "Batch",
+    "EvalStep",
+    "ReduceFn",
+    "TrainState",
+    "TrainStep",
+    "init_train_state",
+    "make_eval_step",
+    "make_optimizer",
+    "make_train_step",
+    "schedule_transition_steps",
+]
+
+Params = Any  # a pytree of float32 arrays (flax variables)
+
+
+class Batch(NamedTuple):
+    """One training batch; padding rows carry weight 0."""
+
+    inputs: jax.Array  # [B, d+1] float32: physical parameters then physical time
+    targets: jax.Array  # [B, *field_shape] float32: physical units
+    weights: jax.Array  # [B] float32: 1 for real rows, 0 for padding
+
+
+class TrainState(NamedTuple):
+    """Everything the training step updates."""
+
+    step: jax.Array  # [] int32: number of updates applied (zero-weight steps do not count)
+    params: Params
+    opt_state: optax.OptState
+
+
+# (grad_sum, loss_sum, weight_sum) -> the same sums added over every participant.
+ReduceFn = Callable[[tuple[Params, jax.Array, jax.Array]], tuple[Params, jax.Array, jax.Array]]
+TrainStep = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array], jax.Array]]
+EvalStep = Callable[[Params, Batch], tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def schedule_transition_steps(batch_size: int, halve_every_samples: int) -> int:
+    """Optimizer steps between two halvings: max(1, halve_every_samples // batch_size)."""
+    if batch_size <= 0 or halve_every_samples <= 0:
+        raise ValueError(
+            f"Expected batch_size > 0 and halve_every_samples > 0; got {batch_size} and "
+            f"{halve_every_samples}."
+        )
+    return max(1, halve_every_samples // batch_size)
+
+
+def make_optimizer(
+    learning_rate: float, batch_size: int, halve_every_samples: int
+) -> optax.GradientTransformation:
+    """Adam whose learning rate halves every `halve_every_samples` samples (the papers' schedule).
+
+    The schedule counts optimizer updates, one per full batch of `batch_size` samples, so the
+    rate at update k is learning_rate · 0.5^floor(k / max(1, halve_every_samples // batch_size)).
+    Steps with zero total weight apply no update and do not advance the schedule. The current
+    rate is kept in the optimizer state (optax.inject_hyperparams) so the step can report it.
+    """
+    if not learning_rate > 0:
+        raise ValueError(f"Expected learning_rate > 0; got {learning_rate}.")
+    schedule = optax.exponential_decay(
+        init_value=learning_rate,
+        transition_steps=schedule_transition_steps(batch_size, halve_every_samples),
+        decay_rate=0.5,
+        staircase=True,
+    )
+    return optax.inject_hyperparams(optax.adam)(learning_rate=schedule)
+
+
+def init_train_state(
+    key: jax.Array, model: nn.Module, optimizer: optax.GradientTransformation, input_dim: int
+) -> TrainState:
+    """Initialize parameters from `key` (same key, same bits) and the optimizer state."""
+    params = model.init(key, jnp.zeros((1, input_dim), dtype=jnp.float32))
+    return TrainState(
+        step=jnp.zeros((), dtype=jnp.int32), params=params, opt_state=optimizer.init(params)
+    )
+
+
+def _per_sample_loss(model: nn.Module, params: Params, batch: Batch) -> jax.Array:
+    """[B] mean over the field of the squared error in normalized units."""
+    predicted = model.apply(params, batch.inputs, normalized_output=True)
+    target = normalize_field(batch.targets.astype(jnp.float32), model.scaling)
+    squared_error = jnp.square(predicted - target)
+    return jnp.mean(squared_error.reshape(squared_error.shape[0], -1), axis=1)
+
+
+def _identity_reduce(
+    sums: tuple[Params, jax.Array, jax.Array],
+) -> tuple[Params, jax.Array, jax.Array]:
+    """Single participant: the local sums are the totals."""
+    return sums
+
+
+def make_train_step(
+    model: nn.Module, optimizer: optax.GradientTransformation, reduce_fn: ReduceFn | None = None
+) -> TrainStep:
+    """Build the pure step (state, batch) -> (new_state, metrics, per_sample_loss [B]).
+
+    metrics: loss (weighted mean over all participants), weight (total weight), learning_rate
+    (the rate of this update; NaN if the optimizer does not expose one through
+    optax.inject_hyperparams), grad_norm (global norm of the averaged gradient). Per-sample
+    losses are returned for every row, padding included; keep the rows with weight > 0.
+    """
+    reduce = _identity_reduce if reduce_fn is None else reduce_fn
+
+    def weighted_loss_sum(params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        per_sample = _per_sample_loss(model, params, batch)
+        return jnp.sum(batch.weights * per_sample), per_sample
+
+    def train_step(
+        state: TrainState, batch: Batch
+    ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
+        (loss_sum, per_sample), grad_sum = jax.value_and_grad(weighted_loss_sum, has_aux=True)(
+            state.params, batch
+        )
+        weight_sum = jnp.sum(batch.weights)
+        grad_sum, loss_sum, weight_sum = reduce((grad_sum, loss_sum, weight_sum))
+        denominator = jnp.maximum(weight_sum, jnp.finfo(jnp.float32).tiny)
+        grads = jax.tree.map(lambda g: g / denominator, grad_sum)
+        updates, candidate_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        candidate_params = optax.apply_updates(state.params, updates)
+
+        has_samples = weight_sum > 0
+
+        def keep_old_if_empty(new: jax.Array, old: jax.Array) -> jax.Array:
+            return jnp.where(has_samples, new, old)
+
+        new_state = TrainState(
+            step=state.step + has_samples.astype(jnp.int32),
+            params=jax.tree.map(keep_old_if_empty, candidate_params, state.params),
+            opt_state=jax.tree.map(keep_old_if_empty, candidate_opt_state, state.opt_state),
+        )
+        learning_rate = optax.tree_utils.tree_get(
+            candidate_opt_state,
+            "learning_rate",
+            filtering=lambda _path, value: isinstance(value, jax.Array),  # not the schedule state
+        )
+        metrics = {
+            "loss": loss_sum / denominator,
+            "weight": weight_sum,
+            "learning_rate": (
+                jnp.asarray(jnp.nan, dtype=jnp.float32)
+                if learning_rate is None
+                else jnp.asarray(learning_rate, dtype=jnp.float32)
+            ),
+            "grad_norm": optax.tree.norm(grads),
+        }
+        return new_state, metrics, per_sample
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module) -> EvalStep:
+    """Build the pure eval_step(params, batch) -> (per_sample_loss [B], Σ w·l, Σ w)."""
+
+    def eval_step(params: Params, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+        per_sample = _per_sample_loss(model, params, batch)
+        return per_sample, jnp.sum(batch.weights * per_sample), jnp.sum(batch.weights)
+
+    return eval_step

@@ -1,0 +1,102 @@
+"""The fixed validation set: Halton parameters run through the same solver and client path, cached.
+
+The set depends only on the solver (its command and the files it names), the
+physics settings, the parameter bounds and the number of simulations, so it is
+cached under a key made of exactly those and reused by later runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxsurro.config import Config
+from jaxsurro.sampling import sample
+
+log = logging.getLogger("jaxsurro.validation")
+
+# The Halton scramble seed of every validation set: fixed, so the set does not move with study.seed.
+VALIDATION_SEED = 20231112
+
+
+class ValidationSet(NamedTuple):
+    parameters: np.ndarray  # [V, d] float64
+    fields: np.ndarray  # [V, T, *field_shape] float32, field after step t at index t
+
+    def inputs(self, dt: float) -> np.ndarray:
+        """Model inputs [V*T, d+1] float32: each simulation's parameters and the time (t+1)*dt."""
+        n_sims, n_steps = self.fields.shape[:2]
+        times = (np.arange(n_steps) + 1) * dt
+        rows = np.empty((n_sims, n_steps, self.parameters.shape[1] + 1), dtype=np.float32)
+        rows[:, :, :-1] = self.parameters[:, None, :]
+        rows[:, :, -1] = times[None, :]
+        return rows.reshape(n_sims * n_steps, -1)
+
+    def targets(self) -> np.ndarray:
+        """Targets [V*T, *field_shape] float32 in the order of :meth:`inputs`."""
+        return self.fields.reshape(-1, *self.fields.shape[2:])
+
+
+def validation_parameters(config: Config) -> np.ndarray:
+    """The Halton parameters of the validation simulations."""
+    return sample("halton", config.train.n_validation, config.solver.low, config.solver.high, VALIDATION_SEED)
+
+
+def cache_key(config: Config, root: Path = Path.cwd()) -> str:
+    """A digest of everything that determines the validation set, solver files' contents included."""
+    solver = config.solver
+    files = {}
+    for part in solver.argv(python="python"):
+        path = root / part
+        if path.is_file():
+            files[part] = hashlib.sha256(path.read_bytes()).hexdigest()
+    description = {
+        "command": list(solver.command), "files": files, "parameters": {k: list(v) for k, v in
+                                                                        solver.parameters.items()},
+        "field": solver.field, "grid_size": solver.grid_size, "n_steps": solver.n_steps, "dt": solver.dt,
+        "wire_dtype": solver.wire_dtype, "n_validation": config.train.n_validation, "seed": VALIDATION_SEED,
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cache_path(config: Config) -> Path:
+    return Path(config.study.cache_dir) / f"validation-{config.study.name}-{cache_key(config)}.npz"
+
+
+def load_cached(config: Config) -> ValidationSet | None:
+    """The cached validation set for this configuration, or None when there is none (or it is unusable)."""
+    path = cache_path(config)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as data:
+            cached = ValidationSet(data["parameters"], data["fields"])
+    except (OSError, KeyError, ValueError) as exc:
+        log.warning("ignoring the unreadable validation cache %s (%s); producing it again", path, exc)
+        return None
+    expected = (config.train.n_validation, config.solver.n_steps, *config.solver.field_shape)
+    if cached.fields.shape != expected or not np.array_equal(cached.parameters, validation_parameters(config)):
+        log.warning("ignoring the validation cache %s: it does not match this configuration", path)
+        return None
+    return cached
+
+
+def save(config: Config, validation: ValidationSet) -> Path:
+    """Writes the set atomically (temporary file, then rename) so an interrupted run leaves no torn cache."""
+    path = cache_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, parameters=validation.parameters, fields=validation.fields)
+    partial.replace(path)
+    return path
+
+
+def mean_field_mse(validation: ValidationSet, field_low: float, field_high: float) -> float:
+    """The baseline: MSE (normalized units) of always predicting the validation set's mean field."""
+    targets = (validation.targets().astype(np.float64) - field_low) / (field_high - field_low)
+    return float(np.mean((targets - targets.mean(axis=0)) ** 2))

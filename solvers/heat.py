@@ -1,0 +1,518 @@
+"""2D heat equation solver (Breed paper, seed 000, appendix B.1), usable standalone or as a jaxsurro client.
+
+Solves, on the unit square [0, 1]^2,
+
+    du/dt = alpha * (d^2u/dx1^2 + d^2u/dx2^2)
+    u = T1 on x1 = 0,  u = T2 on x1 = 1,  u = T3 on x2 = 0,  u = T4 on x2 = 1,
+    u(x, 0) = T0 in the interior,
+
+with second-order 5-point finite differences on an M x M interior grid (h = 1/(M+1),
+x1_i = (i+1) h, x2_j = (j+1) h) and implicit Euler in time. Every step solves
+
+    (I - dt alpha Delta_h) u^{n+1} = u^n + dt alpha b,
+
+exactly, where b holds the boundary temperatures' contributions (T/h^2 on the nodes next to a
+boundary; a corner node gets two). Array convention: ``field[i, j] = u(x1_i, x2_j)``, so axis 0
+runs along x1 and axis 1 along x2. Parameters are ordered (T0, T1, T2, T3, T4). All arithmetic is
+float64.
+
+The solve is a fast diagonalisation: the orthonormal type-I discrete sine transform S (symmetric,
+S @ S = I) diagonalises Delta_h, with eigenvalues -(lambda_k + lambda_l),
+lambda_k = (2 - 2 cos(k pi h)) / h^2 = 4 sin^2(k pi h / 2) / h^2, k = 1..M, so
+
+    u^{n+1} = S [ g * S (u^n + dt alpha b) S ] S,   g_kl = 1 / (1 + dt alpha (lambda_k + lambda_l)).
+
+Two ways apply S, measured with one BLAS thread on this 2-core machine (scripts/bench_heat.py):
+dense products with the M x M sine matrix through BLAS ("matrix", O(M^3)), or scipy.fft.dstn type 1
+("fft"). pocketfft's DST-I runs an FFT of length 2(M+1): fast when that length has only small prime
+factors, very slow otherwise (M = 256, length 2 * 257: 6.6 ms against 1.0 ms for the matrix
+products). The matrix products win below M ~ 110 (M = 64: 15 us against 55 us per transform) and
+whenever 2(M+1) has a large prime factor; the FFT wins from M ~ 110 on when 2(M+1) is 7-smooth
+(M = 255: 0.46 ms against 1.06 ms). "auto" follows that rule; pass transform= to override it.
+
+Run as a script, the solver keeps BLAS to one thread (OPENBLAS_NUM_THREADS=1 unless already set):
+an ensemble runs many solvers per node, and a multi-threaded GEMM that waits for a descheduled
+thread was measured 25x slower (M = 255 step: 62 ms against 2.4 ms) next to one busy process.
+
+``simulate`` runs the recurrence in sine space, u_hat <- g * u_hat + g * S(dt alpha b) S, and
+transforms back once per step: half the work of a full physical step, same result to rounding.
+
+Run ``python solvers/heat.py --help`` for the command line. Importing this module needs only
+numpy (scipy.fft and scipy.sparse are imported when first used), never JAX.
+"""
+
+import os
+
+if __name__ == "__main__":
+    # Before numpy loads BLAS: one thread per solver process (see the module docstring).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
+import functools
+import math
+import numbers
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+PARAMETER_NAMES = ("T0", "T1", "T2", "T3", "T4")
+BOUNDARY_NAMES = PARAMETER_NAMES[1:]
+FIELD_NAME = "temperature"
+DEFAULT_GRID_SIZE = 64
+DEFAULT_STEPS = 100
+DEFAULT_DT = 0.01
+DEFAULT_ALPHA = 1.0
+Transform = Literal["matrix", "fft"]
+TRANSFORMS: tuple[str, ...] = ("auto", "matrix", "fft")
+# The FFT path wins only from this size on, and only for 7-smooth 2(M+1) (see module docstring).
+FFT_MIN_GRID_SIZE = 112
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_count(value: Any, name: str) -> int:
+    """Return ``value`` as an int >= 1, or raise an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= 1, got {value!r} of type {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    return int(value)
+
+
+def _check_positive(value: Any, name: str) -> float:
+    """Return ``value`` as a finite float > 0, or raise an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number > 0, got {value!r} of type {type(value).__name__}")
+    result = float(value)
+    if not (math.isfinite(result) and result > 0.0):
+        raise ValueError(f"{name} must be a finite number > 0, got {result!r}")
+    return result
+
+
+def _check_vector(values: ArrayLike, length: int, name: str, labels: Sequence[str]) -> np.ndarray:
+    """Return ``values`` as a finite float64 vector of ``length`` entries, or raise a clear error."""
+    try:
+        vector = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{name} must be {length} numbers ({', '.join(labels)}), got {values!r}") from error
+    if vector.shape != (length,):
+        raise ValueError(
+            f"{name} must have shape ({length},) ordered ({', '.join(labels)}), got shape {vector.shape}"
+        )
+    if not np.all(np.isfinite(vector)):
+        bad = [label for label, value in zip(labels, vector) if not math.isfinite(value)]
+        raise ValueError(f"{name} must be finite; non-finite entries: {', '.join(bad)} in {vector.tolist()}")
+    return vector
+
+
+def _largest_prime_factor(n: int) -> int:
+    """Largest prime factor of ``n`` >= 2 (trial division; n is a small FFT length)."""
+    largest, factor = 1, 2
+    while factor * factor <= n:
+        while n % factor == 0:
+            largest, n = factor, n // factor
+        factor += 1
+    return max(largest, n)
+
+
+def choose_transform(grid_size: int) -> Transform:
+    """The faster way to apply the DST-I at this grid size (measured; see the module docstring)."""
+    if grid_size >= FFT_MIN_GRID_SIZE and _largest_prime_factor(2 * (grid_size + 1)) <= 7:
+        return "fft"
+    return "matrix"
+
+
+# ----------------------------------------------------------------------------- fast solver
+
+
+def _add_boundary_source(rhs: np.ndarray, boundary: np.ndarray, coefficient: float) -> None:
+    """Add ``coefficient * T`` (coefficient = dt alpha / h^2) to the nodes next to each boundary, in place."""
+    t1, t2, t3, t4 = boundary
+    rhs[0, :] += coefficient * t1  # x1 = 0
+    rhs[-1, :] += coefficient * t2  # x1 = 1
+    rhs[:, 0] += coefficient * t3  # x2 = 0
+    rhs[:, -1] += coefficient * t4  # x2 = 1
+
+
+def sine_matrix(grid_size: int) -> np.ndarray:
+    """The orthonormal, symmetric DST-I matrix S[k, i] = sqrt(2/(M+1)) sin(pi (k+1)(i+1)/(M+1))."""
+    index = np.arange(1, grid_size + 1, dtype=np.int64)
+    period = 2 * (grid_size + 1)
+    # Reduce k*i modulo the period in integers so the sine sees small, exact arguments.
+    phase = np.outer(index, index) % period
+    return math.sqrt(2.0 / (grid_size + 1)) * np.sin(np.pi * phase / (grid_size + 1))
+
+
+def laplacian_eigenvalues(grid_size: int) -> np.ndarray:
+    """lambda_k = (2 - 2 cos(k pi h)) / h^2 for k = 1..M, written as 4 sin^2(k pi h / 2) / h^2."""
+    h = 1.0 / (grid_size + 1)
+    k = np.arange(1, grid_size + 1, dtype=np.float64)
+    return (2.0 * np.sin(0.5 * np.pi * k * h) / h) ** 2
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class HeatStepper:
+    """Everything one implicit-Euler heat step needs for a given (M, dt, alpha), precomputed once.
+
+    Shared between callers (``make_stepper`` caches it), so its arrays are read-only and every
+    method allocates its own scratch: safe to use from several threads.
+    """
+
+    grid_size: int  # M, interior nodes per axis
+    dt: float
+    alpha: float
+    transform: Transform  # how S is applied: "matrix" (BLAS) or "fft" (scipy.fft.dstn type 1)
+    source_coefficient: float  # dt * alpha / h^2, the weight of a boundary temperature in the rhs
+    gain: np.ndarray  # (M, M) float64, g_kl = 1 / (1 + dt alpha (lambda_k + lambda_l))
+    sine: np.ndarray | None  # (M, M) float64 DST-I matrix for "matrix"; None for "fft"
+
+    def _sine_transform(self, values: np.ndarray, scratch: np.ndarray, reuse_input: bool) -> np.ndarray:
+        """Return S @ values @ S; with ``reuse_input`` it may overwrite ``values``; clobbers ``scratch``."""
+        if self.sine is not None:
+            np.matmul(self.sine, values, out=scratch)
+            return np.matmul(scratch, self.sine, out=values if reuse_input else None)
+        import scipy.fft
+
+        return scipy.fft.dstn(values, type=1, norm="ortho", overwrite_x=reuse_input)
+
+    def boundary_source(self, boundary: ArrayLike) -> np.ndarray:
+        """dt alpha b as an (M, M) float64 field, for boundary temperatures (T1, T2, T3, T4)."""
+        temperatures = _check_vector(boundary, 4, "boundary", BOUNDARY_NAMES)
+        source = np.zeros((self.grid_size, self.grid_size))
+        _add_boundary_source(source, temperatures, self.source_coefficient)
+        return source
+
+    def step(self, field: ArrayLike, boundary: ArrayLike) -> np.ndarray:
+        """One implicit-Euler step: solve (I - dt alpha Delta_h) u_new = field + dt alpha b exactly.
+
+        ``field`` is the (M, M) interior field (not modified), ``boundary`` is (T1, T2, T3, T4).
+        Returns a new (M, M) float64 array.
+        """
+        temperatures = _check_vector(boundary, 4, "boundary", BOUNDARY_NAMES)
+        rhs = self._copy_field(field)
+        _add_boundary_source(rhs, temperatures, self.source_coefficient)
+        scratch = np.empty_like(rhs)
+        spectrum = self._sine_transform(rhs, scratch, reuse_input=True)
+        spectrum *= self.gain
+        return self._sine_transform(spectrum, scratch, reuse_input=True)
+
+    def run(self, initial_field: ArrayLike, boundary: ArrayLike, n_steps: int) -> Iterator[np.ndarray]:
+        """Yield the field after steps 1..n_steps from ``initial_field`` (a scalar or an (M, M) array).
+
+        Iterates u_hat <- g * u_hat + g * S(dt alpha b)S in sine space and transforms back once per
+        step; the only per-step allocation is the yielded array, which the caller owns.
+        """
+        steps = _check_count(n_steps, "n_steps")
+        temperatures = _check_vector(boundary, 4, "boundary", BOUNDARY_NAMES)
+        expected = (self.grid_size, self.grid_size)
+        initial = np.asarray(initial_field, dtype=np.float64)
+        if initial.shape not in ((), expected):
+            raise ValueError(f"initial_field must be a scalar or have shape {expected}, got shape {initial.shape}")
+        initial = np.broadcast_to(initial, expected)
+        if not np.all(np.isfinite(initial)):
+            raise ValueError("initial_field must be finite; it contains NaN or infinity")
+        return self._run(np.array(initial), temperatures, steps)
+
+    def _run(self, state: np.ndarray, boundary: np.ndarray, n_steps: int) -> Iterator[np.ndarray]:
+        """Generator behind ``run`` (inputs already validated; ``state`` is a private copy)."""
+        scratch = np.empty_like(state)
+        increment = self._sine_transform(self.boundary_source(boundary), scratch, reuse_input=True)
+        increment *= self.gain
+        state = self._sine_transform(state, scratch, reuse_input=True)
+        for _ in range(n_steps):
+            np.multiply(state, self.gain, out=state)
+            np.add(state, increment, out=state)
+            yield self._sine_transform(state, scratch, reuse_input=False)
+
+    def _copy_field(self, field: ArrayLike) -> np.ndarray:
+        """A fresh C-contiguous float64 copy of an (M, M) field, or a clear error."""
+        copy = np.array(field, dtype=np.float64, order="C")
+        expected = (self.grid_size, self.grid_size)
+        if copy.shape != expected:
+            raise ValueError(f"field must have shape {expected} (the M x M interior grid), got {copy.shape}")
+        return copy
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """Mark ``array`` read-only (it is shared through the stepper cache) and return it."""
+    array.flags.writeable = False
+    return array
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_stepper(grid_size: int, dt: float, alpha: float, transform: Transform) -> HeatStepper:
+    """Build the stepper for validated arguments (cached: built once per (M, dt, alpha, transform))."""
+    eigenvalues = laplacian_eigenvalues(grid_size)
+    gain = 1.0 / (1.0 + dt * alpha * (eigenvalues[:, None] + eigenvalues[None, :]))
+    h = 1.0 / (grid_size + 1)
+    return HeatStepper(
+        grid_size=grid_size,
+        dt=dt,
+        alpha=alpha,
+        transform=transform,
+        source_coefficient=dt * alpha / (h * h),
+        gain=_read_only(gain),
+        sine=_read_only(sine_matrix(grid_size)) if transform == "matrix" else None,
+    )
+
+
+def make_stepper(
+    grid_size: int, dt: float = DEFAULT_DT, alpha: float = DEFAULT_ALPHA, transform: str = "auto"
+) -> HeatStepper:
+    """The (cached) implicit-Euler stepper for an M x M grid; ``transform`` is auto, matrix or fft."""
+    size = _check_count(grid_size, "grid_size")
+    step = _check_positive(dt, "dt")
+    diffusivity = _check_positive(alpha, "alpha")
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
+    chosen: Transform = choose_transform(size) if transform == "auto" else transform  # type: ignore[assignment]
+    return _cached_stepper(size, step, diffusivity, chosen)
+
+
+def simulate(
+    parameters: ArrayLike,
+    grid_size: int,
+    n_steps: int,
+    dt: float = DEFAULT_DT,
+    alpha: float = DEFAULT_ALPHA,
+) -> Iterator[np.ndarray]:
+    """Yield the (M, M) float64 interior field after each step k = 1..n_steps (time k * dt).
+
+    ``parameters`` = (T0, T1, T2, T3, T4): initial interior temperature, then the boundary
+    temperatures on x1 = 0, x1 = 1, x2 = 0, x2 = 1. ``field[i, j]`` is at (x1, x2) = ((i+1)h, (j+1)h).
+    Inputs are checked here, when called, not on first iteration. Each yielded array is new.
+    """
+    temperatures = _check_vector(parameters, 5, "parameters", PARAMETER_NAMES)
+    stepper = make_stepper(grid_size, dt, alpha)
+    return stepper.run(temperatures[0], temperatures[1:], n_steps)
+
+
+# ----------------------------------------------------------------------------- reference system
+
+
+class HeatSystem(NamedTuple):
+    """The implicit-Euler step as a sparse linear system, on the C-order flattened field.
+
+    u_next.ravel() solves ``matrix @ u_next = u.ravel() + boundary_matrix @ (T1, T2, T3, T4)``.
+    """
+
+    matrix: Any  # scipy.sparse.csc_array (M^2, M^2): I - dt alpha Delta_h
+    boundary_matrix: Any  # scipy.sparse.csc_array (M^2, 4): dt alpha b per unit boundary temperature
+
+    def rhs(self, field: ArrayLike, boundary: ArrayLike) -> np.ndarray:
+        """The right-hand side u.ravel() + dt alpha b for an (M, M) field and (T1, T2, T3, T4)."""
+        temperatures = _check_vector(boundary, 4, "boundary", BOUNDARY_NAMES)
+        return np.ravel(field) + self.boundary_matrix @ temperatures
+
+
+def assemble_system(grid_size: int, dt: float = DEFAULT_DT, alpha: float = DEFAULT_ALPHA) -> HeatSystem:
+    """Assemble I - dt alpha Delta_h and the boundary coupling from the 5-point Laplacian on the
+    (M+2) x (M+2) grid including the boundary nodes (independent of the sine-transform solver).
+    """
+    import scipy.sparse as sparse
+
+    size = _check_count(grid_size, "grid_size")
+    step = _check_positive(dt, "dt")
+    diffusivity = _check_positive(alpha, "alpha")
+    padded = size + 2
+    h = 1.0 / (size + 1)
+    second_difference = sparse.diags_array(
+        [np.ones(padded - 1), -2.0 * np.ones(padded), np.ones(padded - 1)], offsets=[-1, 0, 1]
+    ) / (h * h)
+    identity = sparse.eye_array(padded, format="csr")
+    # Delta_h on the padded grid (its rows at boundary nodes are never used below).
+    laplacian = (sparse.kron(second_difference, identity) + sparse.kron(identity, second_difference)).tocsr()
+
+    node = np.arange(padded * padded).reshape(padded, padded)
+    interior = node[1:-1, 1:-1].ravel()
+    sides = (node[0, 1:-1], node[-1, 1:-1], node[1:-1, 0], node[1:-1, -1])  # T1, T2, T3, T4
+    indicator = np.zeros((padded * padded, 4))
+    for column, side in enumerate(sides):
+        indicator[side, column] = 1.0
+
+    interior_rows = laplacian[interior]
+    matrix = sparse.eye_array(size * size, format="csc") - step * diffusivity * interior_rows[:, interior]
+    boundary_matrix = step * diffusivity * (interior_rows @ indicator)
+    return HeatSystem(matrix=sparse.csc_array(matrix), boundary_matrix=sparse.csc_array(boundary_matrix))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def run_client(grid_size: int, n_steps: int, dt: float, alpha: float) -> None:
+    """Take parameters from the jaxsurro server and stream every step's field to it (t = 0..T-1)."""
+    try:
+        from jaxsurro import client
+    except ModuleNotFoundError as error:
+        if error.name not in ("jaxsurro", "jaxsurro.client"):
+            raise
+        raise SystemExit(
+            f"heat.py --client needs the jaxsurro package ({error}); install it with "
+            "`pip install -e .` in the repository, or run without --client"
+        ) from error
+    with client.connect() as sim:
+        parameters = np.asarray(sim.parameters, dtype=np.float64)
+        for t, field in enumerate(simulate(parameters, grid_size, n_steps, dt, alpha)):
+            sim.send(FIELD_NAME, t, field)
+
+
+def write_trajectory(path: Path, fields: Iterator[np.ndarray], n_steps: int, grid_size: int) -> None:
+    """Write the (n_steps, M, M) float64 trajectory to ``path`` (.npy), atomically, step by step."""
+    directory = path.parent if str(path.parent) else Path(".")
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(handle)
+    try:
+        trajectory = np.lib.format.open_memmap(
+            temporary, mode="w+", dtype=np.float64, shape=(n_steps, grid_size, grid_size)
+        )
+        for t, field in enumerate(fields):
+            trajectory[t] = field
+        trajectory.flush()
+        del trajectory
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _parse_count(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _parse_finite(text: str) -> float:
+    """argparse type: a finite float."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _parse_positive(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    value = _parse_finite(text)
+    if value <= 0.0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser; every option is documented in --help."""
+    parser = argparse.ArgumentParser(
+        prog="heat.py",
+        description=(
+            "2D heat equation du/dt = alpha * Laplacian(u) on the unit square, implicit Euler in time, "
+            "5-point finite differences on an M x M interior grid (h = 1/(M+1)), Dirichlet boundaries. "
+            "Field convention: field[i, j] = u(x1=(i+1)h, x2=(j+1)h)."
+        ),
+        epilog=(
+            "Without --output or --client, prints a one-line summary of the final field. "
+            "Example: python solvers/heat.py --parameters 300 100 500 200 400 --steps 100 --output run.npy"
+        ),
+    )
+    parser.add_argument(
+        "--parameters",
+        nargs=5,
+        type=_parse_finite,
+        metavar=PARAMETER_NAMES,
+        help=(
+            "initial interior temperature T0, then boundary temperatures T1 (x1=0), T2 (x1=1), "
+            "T3 (x2=0), T4 (x2=1); required unless --client (then the server provides them)"
+        ),
+    )
+    parser.add_argument(
+        "--grid-size",
+        type=_parse_count,
+        default=DEFAULT_GRID_SIZE,
+        metavar="M",
+        help=f"interior grid points per axis, an integer >= 1 (default {DEFAULT_GRID_SIZE})",
+    )
+    parser.add_argument(
+        "--steps",
+        type=_parse_count,
+        default=DEFAULT_STEPS,
+        metavar="T",
+        help=f"number of time steps, an integer >= 1 (default {DEFAULT_STEPS})",
+    )
+    parser.add_argument(
+        "--dt", type=_parse_positive, default=DEFAULT_DT, help=f"time step, > 0 (default {DEFAULT_DT})"
+    )
+    parser.add_argument(
+        "--alpha",
+        type=_parse_positive,
+        default=DEFAULT_ALPHA,
+        help=f"thermal diffusivity, > 0 (default {DEFAULT_ALPHA})",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE.npy",
+        help="write the (T, M, M) float64 trajectory (field after steps 1..T) to this .npy file; "
+        "nothing is written unless given",
+    )
+    parser.add_argument(
+        "--client",
+        action="store_true",
+        help="run as a jaxsurro client: take the parameters from the training server (settings from the "
+        f"launcher's environment variables) and send every step as field {FIELD_NAME!r}, t = 0..T-1",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: simulate, then summarise, write a trajectory or stream to a server."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.client:
+        if args.parameters is not None:
+            parser.error("argument --parameters: not allowed with --client (the server provides the parameters)")
+        if args.output is not None:
+            parser.error("argument --output: not allowed with --client (the fields go to the server)")
+        run_client(args.grid_size, args.steps, args.dt, args.alpha)
+        return 0
+    if args.parameters is None:
+        parser.error("argument --parameters: required (five numbers T0 T1 T2 T3 T4) unless --client is given")
+    if args.output is not None:
+        directory = args.output.parent if str(args.output.parent) else Path(".")
+        if not directory.is_dir():
+            parser.error(f"argument --output: directory {str(directory)!r} does not exist; create it first")
+        if args.output.is_dir():
+            parser.error(f"argument --output: {str(args.output)!r} is a directory; give a file name")
+
+    start = time.perf_counter()
+    fields = simulate(args.parameters, args.grid_size, args.steps, args.dt, args.alpha)
+    if args.output is not None:
+        write_trajectory(args.output, fields, args.steps, args.grid_size)
+        return 0
+    final = None
+    for final in fields:
+        pass
+    elapsed = time.perf_counter() - start
+    assert final is not None  # n_steps >= 1
+    print(
+        f"heat: M={args.grid_size} steps={args.steps} dt={args.dt:g} alpha={args.alpha:g} "
+        f"final t={args.steps * args.dt:g}: min={final.min():.6g} mean={final.mean():.6g} "
+        f"max={final.max():.6g} ({elapsed * 1e3 / args.steps:.3f} ms/step)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
