@@ -70,6 +70,10 @@ class BufferStats(NamedTuple):
     reception_over: bool
 
 
+class ReceptionOver(RuntimeError):
+    """A put after end_reception(): the sample arrived after the study declared reception over."""
+
+
 class BufferClosed(RuntimeError):
     """Raised in a waiting or later put/get_batch once close() has aborted the buffer."""
 
@@ -197,7 +201,7 @@ class Buffer:
             if self._closed:
                 raise BufferClosed(f"{self.kind} buffer was closed; put of sample {sample_id} abandoned")
             if self._reception_over:
-                raise RuntimeError(
+                raise ReceptionOver(
                     f"{self.kind} buffer: put of sample {sample_id} after end_reception(); "
                     f"end reception only once every sample has been put"
                 )

@@ -236,6 +236,14 @@ class Config:
     def check(self, errors: list[str]) -> None:
         for section in dataclasses.fields(self):
             getattr(self, section.name).check(errors)
+        if self.buffer.kind == "firo" and self.buffer.watermark >= self.buffer.capacity:
+            errors.append(f"buffer.watermark ({self.buffer.watermark}) must be below buffer.capacity "
+                          f"({self.buffer.capacity}) for a FIRO buffer: it releases batches only above the "
+                          "watermark, and it cannot hold more than its capacity")
+        if self.buffer.kind in ("fifo", "firo") and self.train.batch_size > self.buffer.capacity:
+            errors.append(f"train.batch_size ({self.train.batch_size}) must not exceed buffer.capacity "
+                          f"({self.buffer.capacity}) for a {self.buffer.kind.upper()} buffer: a full batch "
+                          "would never fit")
         if self.buffer.kind == "reservoir" and self.buffer.watermark < 1:
             errors.append("buffer.watermark (0) must be at least 1 for a reservoir: it draws from stored samples")
 

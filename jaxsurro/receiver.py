@@ -21,6 +21,7 @@ import numpy as np
 import zmq
 
 from jaxsurro import protocol
+from jaxsurro.buffers import BufferClosed, ReceptionOver
 from jaxsurro.launcher.table import SimState, SimulationTable
 
 log = logging.getLogger("jaxsurro.receiver")
@@ -28,6 +29,8 @@ log = logging.getLogger("jaxsurro.receiver")
 # Messages queued per socket before ZeroMQ pushes back on the clients; small, since a 4 MB
 # field times a large queue would hold gigabytes that the buffer's capacity is meant to bound.
 RECEIVE_QUEUE_MESSAGES = 16
+# Counted with the protocol's rejection reasons: a valid time step that came after reception ended.
+LATE = "after_end_of_reception"
 
 
 class Sink(Protocol):
@@ -150,12 +153,18 @@ class Receiver:
             with self._lock:
                 self.duplicates += 1
             return
-        while not self.sink.accept(sim_id, step, message.array, timeout=0.1):
-            # The sink is full: keep answering HELLOs so new clients are not refused meanwhile.
-            if self._stop.is_set():
-                return
-            if self.control is not None and self.control.poll(0):
-                self._serve_control()
+        try:
+            while not self.sink.accept(sim_id, step, message.array, timeout=0.1):
+                # The sink is full: keep answering HELLOs so new clients are not refused meanwhile.
+                if self._stop.is_set():
+                    return
+                if self.control is not None and self.control.poll(0):
+                    self._serve_control()
+        except (BufferClosed, ReceptionOver) as exc:  # a straggler after the study ended
+            with self._lock:
+                self.rejected[LATE] += 1
+            log.warning("time step %d of simulation %d arrived after reception ended: %s", step, sim_id, exc)
+            return
         self.stored[sim_id, step] = True
         now = time.monotonic()
         with self._lock:

@@ -121,3 +121,19 @@ def test_solver_argv_fills_placeholders():
     argv = config.solver.argv(python="/usr/bin/python3")
     assert argv[0] == "/usr/bin/python3"
     assert str(config.solver.grid_size) in argv and str(config.solver.n_steps) in argv
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        ({"buffer": {"kind": "firo", "capacity": 100, "watermark": 100}},
+         "buffer.watermark (100) must be below buffer.capacity (100) for a FIRO buffer"),
+        ({"buffer": {"kind": "fifo", "capacity": 100}, "train": {"batch_size": 128}},
+         "train.batch_size (128) must not exceed buffer.capacity (100) for a FIFO buffer"),
+        ({"buffer": {"kind": "reservoir", "watermark": 0}}, "buffer.watermark (0) must be at least 1"),
+    ],
+)
+def test_cross_section_rules_are_checked_at_load(sections, expected):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(_minimal(**sections))
+    assert expected in str(info.value)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import subprocess
+import time
 import sys
 import types
 from pathlib import Path
@@ -214,39 +215,37 @@ def test_bad_inputs_raise_clear_errors_at_call_time(call, error: type, match: st
 # ----------------------------------------------------------------------------- client branch
 
 
-class _RecordingSimulation:
-    """Stands in for the server connection: hands out parameters and records what is sent."""
+def test_client_mode_streams_every_step_to_a_real_server() -> None:
+    """heat.py --client, a real process, sends t = 0..T-1 equal to simulate() with the server's parameters."""
+    import os
 
-    def __init__(self, parameters: np.ndarray) -> None:
-        self.parameters = parameters
-        self.sent: list[tuple[str, int, np.ndarray]] = []
-        self.closed = False
+    from jaxsurro import client, protocol
+    from jaxsurro.launcher import SimState, SimulationTable
+    from jaxsurro.receiver import Receiver, ValidationSink
 
-    def __enter__(self) -> "_RecordingSimulation":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.closed = True
-
-    def send(self, field_name: str, t: int, field: np.ndarray) -> None:
-        self.sent.append((field_name, t, field.copy()))
-
-
-def test_run_client_streams_every_step_with_server_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
-    """run_client sends field 'temperature' for t = 0..T-1, equal to simulate() with the server's parameters."""
-    import jaxsurro
-
-    simulation = _RecordingSimulation(PAPER_PARAMETERS.copy())
-    client_module = types.ModuleType("jaxsurro.client")
-    client_module.connect = lambda: simulation  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "jaxsurro.client", client_module)
-    monkeypatch.setattr(jaxsurro, "client", client_module, raising=False)
-
-    heat.run_client(9, 4, 0.01, 1.0)
-
-    assert simulation.closed
-    assert [(name, t) for name, t, _ in simulation.sent] == [("temperature", t) for t in range(4)]
-    np.testing.assert_array_equal(np.stack([field for *_, field in simulation.sent]), _trajectory(PAPER_PARAMETERS, 9, 4))
+    grid, steps = 9, 4
+    table = SimulationTable(PAPER_PARAMETERS[None, :].copy())
+    table[0].attempts, table[0].state = 1, SimState.SUBMITTED
+    sink = ValidationSink(1, steps, (grid, grid))
+    receiver = Receiver(table=table, sink=sink, token=protocol.new_token(), field="temperature",
+                        field_shape=(grid, grid), wire_dtype="float64", n_steps=steps, host="127.0.0.1")
+    receiver.start()
+    try:
+        env = {**os.environ, client.ENV_SERVER: receiver.control_address, client.ENV_TOKEN: receiver.token.hex(),
+               client.ENV_SIM_ID: "0", client.ENV_TIMEOUT: "20", client.ENV_WIRE_DTYPE: "float64"}
+        result = subprocess.run([sys.executable, str(HEAT_PATH), "--client", "--grid-size", str(grid), "--steps",
+                                 str(steps)], env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+        deadline = time.monotonic() + 20
+        while table[0].steps_finished is None:  # the FINISH may still be in the receiver's queue
+            assert time.monotonic() < deadline, "no FINISH within 20 s"
+            time.sleep(0.01)
+        assert table[0].steps_finished == steps
+    finally:
+        receiver.stop()
+    assert receiver.unique_received == steps and not receiver.rejected
+    np.testing.assert_array_equal(sink.fields.astype(np.float64)[0], _trajectory(PAPER_PARAMETERS, grid, steps)
+                                  .astype(np.float32))
 
 
 # ----------------------------------------------------------------------------- command line

@@ -39,6 +39,7 @@ class Launcher:
         self._on_done = on_done  # called from the launcher thread once every simulation has ended
         self._stop = threading.Event()
         self.done = threading.Event()  # set once every simulation is terminal
+        self.rounds = 0  # poll-and-submit rounds done so far
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="launcher", daemon=True)
         self._logs: dict[int, Path] = {}
@@ -92,7 +93,10 @@ class Launcher:
             self.done.set()
 
     def step(self) -> None:
-        """One round: poll active jobs, settle the ended ones, submit up to the concurrency limit."""
+        """One round: poll active jobs, settle the ended ones, submit up to the concurrency limit.
+
+        Called by the launcher's own thread only; it is not meant to run concurrently with itself.
+        """
         with self.table.lock:
             active = {r.job_id: r.sim_id for r in self.table if r.state == SimState.SUBMITTED}
         statuses = self.scheduler.poll(list(active)) if active else {}
@@ -118,6 +122,7 @@ class Launcher:
         self._expire_missing_finish()
         self._submit_pending()
         with self.table.lock:
+            self.rounds += 1
             self.table.changed.notify_all()
 
     def _expire_missing_finish(self) -> None:
@@ -154,7 +159,7 @@ class Launcher:
             for record in chosen:
                 record.attempts += 1
                 record.state = SimState.SUBMITTED  # parameters are frozen from here on
-                record.started_at = record.ended_at = record.exit_code = None
+                record.started_at = record.ended_at = record.exit_code = record.steps_finished = None
         for record in chosen:
             job = self._job_for(record.sim_id, record.attempts)
             self._logs[record.sim_id] = job.log_path

@@ -1,0 +1,134 @@
+"""The local launcher with real subprocesses: concurrency limit, retries, missing FINISH, cancellation."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxsurro.launcher import JobSpec, Launcher, LocalScheduler, SimState, SimulationTable
+
+GATED_JOB = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.01)\nsys.exit(int(sys.argv[2]))"
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)  # polling interval of a condition with a deadline
+
+
+def make_launcher(tmp_path: Path, n_sims: int, argv_for, **kwargs) -> Launcher:
+    table = SimulationTable(np.zeros((n_sims, 1)))
+
+    def job_for(sim_id: int, attempt: int) -> JobSpec:
+        return JobSpec(f"sim-{sim_id}", tuple(argv_for(sim_id, attempt)), {"ATTEMPT": str(attempt)},
+                       tmp_path / f"sim-{sim_id}.log", tmp_path)
+
+    options = {"max_concurrent": 2, "max_attempts": 2, "poll_interval": 0.02, "finish_grace": 30.0} | kwargs
+    return Launcher(table, LocalScheduler(kill_grace=2.0), job_for, **options)
+
+
+def submitted(launcher: Launcher) -> int:
+    return launcher.table.counts()["submitted"]
+
+
+def test_at_most_m_simulations_run_and_all_complete(tmp_path):
+    gate = tmp_path / "gate"
+    launcher = make_launcher(tmp_path, 5, lambda i, a: [sys.executable, "-c", GATED_JOB, str(gate), "0"])
+    peak = 0
+
+    def observe() -> None:
+        """Records the peak, and plays the receiver: a running simulation's FINISH has arrived."""
+        nonlocal peak
+        with launcher.table.lock:
+            peak = max(peak, submitted(launcher))
+            for record in launcher.table:
+                if record.state == SimState.SUBMITTED and record.steps_finished is None:
+                    launcher.table.mark_finished(record.sim_id, 1)
+
+    launcher.start()
+    try:
+        wait_until(lambda: submitted(launcher) == 2, 10, "two simulations to be submitted")
+        rounds = launcher.rounds
+        wait_until(lambda: observe() or launcher.rounds >= rounds + 20, 10, "twenty launcher rounds")
+        gate.touch()
+        wait_until(lambda: observe() or launcher.done.is_set(), 20, "every simulation to end")
+    finally:
+        launcher.shutdown()
+    assert peak == 2
+    assert launcher.table.counts()["completed"] == 5
+    assert all(r.attempts == 1 and r.exit_code == 0 and r.job_id for r in launcher.table)
+
+
+def test_a_failing_simulation_is_retried_with_the_same_parameters_then_given_up(tmp_path, caplog):
+    script = "import os, sys; print('attempt', os.environ['ATTEMPT'], 'failing'); sys.exit(5)"
+    launcher = make_launcher(tmp_path, 1, lambda i, a: [sys.executable, "-c", script], max_attempts=3)
+    launcher.table[0].parameters[:] = 42.0
+    launcher.start()
+    assert launcher.done.wait(20)
+    launcher.shutdown()
+    record = launcher.table[0]
+    assert (record.state, record.attempts, record.exit_code) == (SimState.FAILED, 3, 5)
+    assert record.parameters[0] == 42.0
+    assert "attempt 3/3 failed with exit code 5" in caplog.text
+    assert "attempt 3 failing" in caplog.text  # the tail of the output is in the report
+
+
+def test_an_exit_without_finish_counts_as_a_failed_attempt(tmp_path):
+    launcher = make_launcher(tmp_path, 1, lambda i, a: [sys.executable, "-c", "pass"], finish_grace=0.1)
+    launcher.start()
+    assert launcher.done.wait(20)
+    launcher.shutdown()
+    record = launcher.table[0]
+    assert (record.state, record.attempts) == (SimState.FAILED, 2)
+    assert "FINISH message did not arrive" in record.error
+
+
+def test_a_job_that_cannot_be_started_is_reported(tmp_path):
+    launcher = make_launcher(tmp_path, 1, lambda i, a: [str(tmp_path / "no-such-solver")])
+    launcher.start()
+    assert launcher.done.wait(20)
+    launcher.shutdown()
+    assert launcher.table[0].state == SimState.FAILED
+    assert "could not be submitted" in launcher.table[0].error and "no-such-solver" in launcher.table[0].error
+
+
+def test_shutdown_cancels_running_jobs_and_their_children(tmp_path):
+    # The job starts a child of its own: cancelling must reach the whole process group.
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {GATED_JOB!r}, '{tmp_path}/never', '0'])"
+    launcher = make_launcher(tmp_path, 3, lambda i, a: [sys.executable, "-c", child])
+    launcher.start()
+    wait_until(lambda: submitted(launcher) == 2, 10, "two running simulations")
+    wait_until(lambda: len(_descendants_running(tmp_path)) == 2, 10, "the jobs' children to start")
+    launcher.shutdown()
+    assert launcher.table.counts() == {"pending": 1, "submitted": 0, "exited": 0, "completed": 0, "failed": 0,
+                                       "cancelled": 2}
+    wait_until(lambda: _descendants_running(tmp_path) == [], 10, "the children to be gone")
+
+
+def _descendants_running(tmp_path: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            if f"{tmp_path}/never".encode() in cmdline and b"subprocess" not in cmdline and "State:\tZ" not in status:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_unknown_scheduler_lists_the_available_ones():
+    from jaxsurro.launcher import make_scheduler
+
+    with pytest.raises(ValueError, match="available: local"):
+        make_scheduler("pbs")
+    assert os.environ.get("ATTEMPT") is None  # job environments never leak into the launcher's

@@ -1,0 +1,146 @@
+"""The server's receiver against real ZeroMQ peers: validation, rejection counts, deduplication, handshake."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from jaxsurro import client, protocol
+from jaxsurro.buffers import FIFOBuffer
+from jaxsurro.launcher import SimState, SimulationTable
+from jaxsurro.receiver import LATE, BufferSink, Receiver, ValidationSink
+
+N_SIMS, N_STEPS, SHAPE = 3, 4, (5, 5)
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)  # polling interval of a condition with a deadline
+
+
+@pytest.fixture
+def table():
+    table = SimulationTable(np.arange(N_SIMS * 2, dtype=float).reshape(N_SIMS, 2))
+    for record in list(table)[:2]:  # simulations 0 and 1 are submitted; 2 is still pending
+        record.attempts, record.state = 1, SimState.SUBMITTED
+    return table
+
+
+@pytest.fixture
+def receiver(table):
+    sink = ValidationSink(N_SIMS, N_STEPS, SHAPE)
+    receiver = Receiver(table=table, sink=sink, token=protocol.new_token(), field="u", field_shape=SHAPE,
+                        wire_dtype="float32", n_steps=N_STEPS, host="127.0.0.1")
+    receiver.start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture
+def push(receiver):
+    context = zmq.Context.instance()
+    socket = context.socket(zmq.PUSH)
+    socket.setsockopt(zmq.LINGER, 1000)
+    socket.connect(receiver.data_address)
+    yield socket
+    socket.close()
+
+
+def field(value: float, shape=SHAPE, dtype=np.float32) -> np.ndarray:
+    return np.full(shape, value, dtype=dtype)
+
+
+def test_bad_messages_are_counted_by_reason_and_the_receiver_keeps_going(receiver, push):
+    token = receiver.token
+    bad = {
+        "bad_token": protocol.encode_data(protocol.new_token(), 0, 0, 1, b"u", field(1.0)),
+        "unknown_simulation": protocol.encode_data(token, 2, 0, 1, b"u", field(1.0)),  # never submitted
+        "time_step_out_of_range": protocol.encode_data(token, 0, N_STEPS, 1, b"u", field(1.0)),
+        "unknown_field": protocol.encode_data(token, 0, 0, 1, b"v", field(1.0)),
+        "bad_shape": protocol.encode_data(token, 0, 0, 1, b"u", field(1.0, shape=(25,))),
+        "bad_dtype": protocol.encode_data(token, 0, 0, 1, b"u", field(1.0, dtype=np.float64)),
+        "non_finite": protocol.encode_data(token, 0, 0, 1, b"u", field(np.nan)),
+        "bad_magic": [b"XXXX" + bytes(60)],
+        "malformed": [b"short"],
+    }
+    for frames in bad.values():
+        push.send_multipart(frames)
+    push.send_multipart(protocol.encode_data(token, 0, 1, 1, b"u", field(7.0)))  # one good message after all
+    wait_until(lambda: receiver.unique_received == 1, 10, "the good message")
+    assert receiver.stats()["rejected"] == {reason: 1 for reason in bad}
+    assert set(bad) <= set(protocol.REJECTION_REASONS)
+    np.testing.assert_array_equal(receiver.sink.fields[0, 1], field(7.0))
+    assert receiver.stored.sum() == 1
+    receiver.check()  # the thread is still healthy
+
+
+def test_a_time_step_sent_twice_is_stored_once(receiver, push):
+    for value in (1.0, 2.0):  # a restarted client resends step 0 (here with other bits, to tell them apart)
+        push.send_multipart(protocol.encode_data(receiver.token, 1, 0, 1, b"u", field(value)))
+    push.send_multipart(protocol.encode_finish(receiver.token, 1, 1, 1))
+    wait_until(lambda: receiver.finishes == 1, 10, "the FINISH")
+    assert (receiver.unique_received, receiver.duplicates) == (1, 1)
+    np.testing.assert_array_equal(receiver.sink.fields[1, 0], field(1.0))  # the first copy is kept
+    assert receiver.table[1].steps_finished == 1
+
+
+def test_handshake_welcomes_submitted_simulations_and_refuses_others(receiver, table):
+    with client.connect(server=receiver.control_address, token=receiver.token, sim_id=1, timeout=5) as sim:
+        np.testing.assert_array_equal(sim.parameters, table[1].parameters)
+        assert sim.n_ranks == 1
+        for t in range(N_STEPS):
+            sim.send("u", t, np.full(SHAPE, t, dtype=np.float64))  # float64 goes out as float32
+    wait_until(lambda: receiver.finishes == 1, 10, "the FINISH")
+    assert receiver.unique_received == N_STEPS
+    np.testing.assert_array_equal(receiver.sink.fields[1, :, 0, 0], np.arange(N_STEPS))
+
+    with pytest.raises(client.SimulationRejected, match="unknown_simulation: simulation 2 is not in this run"):
+        client.connect(server=receiver.control_address, token=receiver.token, sim_id=2, timeout=5)
+    with pytest.raises(client.SimulationRejected, match="bad_token"):
+        client.connect(server=receiver.control_address, token=protocol.new_token(), sim_id=0, timeout=5)
+    assert receiver.stats()["rejected"] == {"unknown_simulation": 1, "bad_token": 1}
+
+
+def test_a_full_buffer_blocks_the_client_without_losing_data(table):
+    # Capacity 2 and nobody reading: the receiver stops reading, the queues fill and send() blocks.
+    buffer = FIFOBuffer(capacity=2, watermark=0, input_dim=3, field_size=int(np.prod(SHAPE)), seed=0)
+    receiver = Receiver(table=table, sink=BufferSink(buffer, table, N_STEPS, 0.1), token=protocol.new_token(),
+                        field="u", field_shape=SHAPE, wire_dtype="float32", n_steps=N_STEPS, host="127.0.0.1")
+    receiver.start()
+    try:
+        with client.connect(server=receiver.control_address, token=receiver.token, sim_id=0, timeout=5) as sim:
+            for t in range(N_STEPS):
+                sim.send("u", t, field(t))
+            wait_until(lambda: buffer.stats().population == 2, 10, "the buffer to fill")
+            assert receiver.unique_received == 2  # the rest waits in ZeroMQ's queues, not dropped
+            drained = [buffer.get_batch(2, timeout=5) for _ in range(2)]
+        wait_until(lambda: receiver.finishes == 1, 10, "the FINISH")
+        ids = np.concatenate([batch.sample_ids for batch in drained])
+        np.testing.assert_array_equal(np.sort(ids), np.arange(N_STEPS))  # sim 0: ids 0..3, each once
+        np.testing.assert_allclose(drained[0].inputs[0], [0.0, 1.0, 0.1])  # parameters, then time (t+1)*dt
+    finally:
+        receiver.stop()
+
+
+def test_a_time_step_arriving_after_reception_ended_is_counted_not_stored(table):
+    buffer = FIFOBuffer(capacity=8, watermark=0, input_dim=3, field_size=int(np.prod(SHAPE)), seed=0)
+    buffer.end_reception()
+    receiver = Receiver(table=table, sink=BufferSink(buffer, table, N_STEPS, 0.1), token=protocol.new_token(),
+                        field="u", field_shape=SHAPE, wire_dtype="float32", n_steps=N_STEPS, host="127.0.0.1")
+    receiver.start()
+    try:
+        socket = zmq.Context.instance().socket(zmq.PUSH)
+        socket.connect(receiver.data_address)
+        socket.send_multipart(protocol.encode_data(receiver.token, 0, 0, 1, b"u", field(1.0)))
+        wait_until(lambda: receiver.stats()["rejected"].get(LATE) == 1, 10, "the late message to be counted")
+        socket.close(linger=0)
+        assert receiver.unique_received == 0
+        receiver.check()
+    finally:
+        receiver.stop()
