@@ -47,8 +47,13 @@ def validation_parameters(config: Config) -> np.ndarray:
     return sample("halton", config.train.n_validation, config.solver.low, config.solver.high, VALIDATION_SEED)
 
 
-def cache_key(config: Config, root: Path = Path.cwd()) -> str:
-    """A digest of everything that determines the validation set, solver files' contents included."""
+def cache_key(config: Config, root: Path | None = None) -> str:
+    """A digest of everything that determines the validation set, solver files' contents included.
+
+    Command arguments that name files (relative to ``root``, default the working directory, where
+    the launcher starts the solvers) enter by content, so editing the solver invalidates the cache.
+    """
+    root = Path.cwd() if root is None else root
     solver = config.solver
     files = {}
     for part in solver.argv(python="python"):
