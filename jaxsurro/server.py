@@ -152,17 +152,17 @@ def plan_simulations(config: Config) -> SimulationTable:
 
 
 def train_online(config: Config, table: SimulationTable, validation: ValidationSet, run_dir: Path,
-                 progress: Progress, log_every: int = 20) -> TrainingResult:
+                 progress: Progress, log_interval: float = 0.5) -> TrainingResult:
     """Runs the study: the ensemble streams into the buffer while the trainer learns from it."""
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     try:
-        return _train_online(config, table, validation, run_dir, progress, log_every, metrics_log)
+        return _train_online(config, table, validation, run_dir, progress, log_interval, metrics_log)
     finally:
         metrics_log.close()
 
 
 def _train_online(config: Config, table: SimulationTable, validation: ValidationSet, run_dir: Path,
-                  progress: Progress, log_every: int, metrics_log: MetricsLog) -> TrainingResult:
+                  progress: Progress, log_interval: float, metrics_log: MetricsLog) -> TrainingResult:
     solver = config.solver
     n_samples_total = config.study.n_simulations * solver.n_steps
     buffer = make_buffer(config.buffer.kind, capacity=config.buffer.capacity, watermark=config.buffer.watermark,
@@ -231,12 +231,13 @@ def _train_online(config: Config, table: SimulationTable, validation: Validation
                 pending_metrics.append(metrics)
                 batches += 1
                 samples_trained += len(batch.sample_ids)
-                if batches % log_every == 0:
+                due = time.monotonic() - last["time"] >= log_interval
+                if due:
                     ensemble.poll()
                 if batches % config.train.validation_every == 0:
                     val_mse = trainer.evaluate(val_inputs, val_targets)
                     show(record("validation", val_mse=val_mse))
-                elif batches % log_every == 0:
+                elif due:
                     show(record("train"))
             ensemble.poll()
         finally:
