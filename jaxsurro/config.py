@@ -198,13 +198,16 @@ class LauncherConfig:
 class ServerConfig:
     """The training server's network side."""
 
-    host: str = "127.0.0.1"  # address the server binds and gives to clients
+    host: str = "127.0.0.1"  # address each server rank binds and gives to clients; "auto": its host name
+    startup_timeout: float = 3600.0  # seconds the other ranks wait for rank 0 to prepare (validation set)
     client_timeout: float = 60.0  # seconds a client waits for the server before failing
     receive_timeout: float = 600.0  # seconds without any message before the server reports a stall
 
     def check(self, errors: list[str]) -> None:
         if not self.client_timeout > 0:
             errors.append(f"server.client_timeout ({self.client_timeout}) must be positive (seconds)")
+        if not self.startup_timeout > 0:
+            errors.append(f"server.startup_timeout ({self.startup_timeout}) must be positive (seconds)")
         if not self.receive_timeout > 0:
             errors.append(f"server.receive_timeout ({self.receive_timeout}) must be positive (seconds)")
 

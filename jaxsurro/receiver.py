@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -45,7 +46,8 @@ class Receiver:
 
     def __init__(self, *, table: SimulationTable, sink: Sink, token: bytes, field: str,
                  field_shape: Sequence[int], wire_dtype: str, n_steps: int, host: str,
-                 rank: int = 0, n_ranks: int = 1, context: zmq.Context | None = None):
+                 rank: int = 0, n_ranks: int = 1, context: zmq.Context | None = None,
+                 known_simulations: Callable[[int], bool] | None = None):
         self.table = table
         self.sink = sink
         self.token = token
@@ -53,20 +55,21 @@ class Receiver:
         self.rank, self.n_ranks = rank, n_ranks
         self.expectation = protocol.Expectation(
             token=token, n_steps=n_steps, fields={field: (tuple(field_shape), np.dtype(wire_dtype))},
-            rank=rank, n_ranks=n_ranks, known_simulations=table.is_known)
+            rank=rank, n_ranks=n_ranks, known_simulations=known_simulations or table.is_known)
         self._context = context or zmq.Context.instance()
         self.data = self._context.socket(zmq.PULL)
         self.data.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE_MESSAGES)
         self.data.setsockopt(zmq.LINGER, 0)
-        port = self.data.bind_to_random_port(f"tcp://{host}")
-        self.data_address = f"tcp://{host}:{port}"
+        bind_host, advertised_host = _hosts(host)
+        port = self.data.bind_to_random_port(f"tcp://{bind_host}")
+        self.data_address = f"tcp://{advertised_host}:{port}"
         self.control = None
         self.control_address = ""
         if rank == 0:
             self.control = self._context.socket(zmq.ROUTER)
             self.control.setsockopt(zmq.LINGER, 0)
-            port = self.control.bind_to_random_port(f"tcp://{host}")
-            self.control_address = f"tcp://{host}:{port}"
+            port = self.control.bind_to_random_port(f"tcp://{bind_host}")
+            self.control_address = f"tcp://{advertised_host}:{port}"
         self.addresses: tuple[str, ...] = (self.data_address,)  # every rank's, in rank order
         # Which (simulation, step) pairs were stored: the deduplication record, O(S x T) bits.
         self.stored = np.zeros((len(table), n_steps), dtype=bool)
@@ -205,6 +208,13 @@ class Receiver:
             parameters = record.parameters.copy()
         return protocol.encode_welcome(self.token, header.sim_id, header.client_id, self.addresses,
                                        parameters, self.n_steps)
+
+
+def _hosts(host: str) -> tuple[str, str]:
+    """(address to bind, address to give clients): ``auto`` binds every interface, advertises the host name."""
+    if host == "auto":
+        return "*", socket.getfqdn()
+    return host, host
 
 
 def _sim_id_or_zero(frames: list[bytes]) -> int:

@@ -21,7 +21,10 @@ from typing import Any
 from jaxsurro import validation as validation_cache
 from jaxsurro.config import Config, ConfigError, dumps, load_config
 from jaxsurro.progress import Progress
-from jaxsurro.server import plan_simulations, produce_validation_set, train_online
+from jaxsurro.distributed import World
+from jaxsurro.online import train_online
+from jaxsurro.server import plan_simulations, produce_validation_set
+from jaxsurro.validation import ValidationSet
 
 log = logging.getLogger("jaxsurro")
 
@@ -46,11 +49,11 @@ def make_run_dir(config: Config) -> Path:
 
 
 @contextlib.contextmanager
-def logging_to(run_dir: Path, verbose: bool = False) -> Iterator[None]:
-    """Sends the run's log to ``run_dir/server.log`` for the duration of the block."""
+def logging_to(run_dir: Path, name: str = "server.log", verbose: bool = False) -> Iterator[None]:
+    """Sends the run's log to ``run_dir/name`` for the duration of the block."""
     root = logging.getLogger("jaxsurro")
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    handler = logging.FileHandler(run_dir / "server.log")
+    handler = logging.FileHandler(run_dir / name)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     try:
@@ -68,38 +71,42 @@ def console_logging() -> None:
     logging.getLogger("jaxsurro").addHandler(console)
 
 
-def run(config: Config, run_dir: Path | None = None, show_progress: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Runs a study; returns its run directory and summary."""
-    run_dir = run_dir or make_run_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(dumps(config))
-    with logging_to(run_dir):
-        return run_dir, _run(config, run_dir, show_progress)
+def run(config: Config, run_dir: Path | None = None, show_progress: bool = True,
+        world: World | None = None) -> tuple[Path, dict[str, Any] | None]:
+    """Runs a study on this server rank; returns the run directory and, on rank 0, the summary.
+
+    Under ``mpirun -n R`` / ``srun -n R`` every rank calls this; rank 0 also runs the launcher,
+    validates and writes the run directory's files.
+    """
+    world = world or World.detect()
+    if world.is_root:
+        run_dir = run_dir or make_run_dir(config)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(dumps(config))
+    run_dir = world.broadcast(run_dir, config.server.startup_timeout, "the run directory")
+    log_name = "server.log" if world.is_root else f"server-rank{world.rank}.log"
+    with logging_to(run_dir, log_name):
+        return run_dir, _run(config, run_dir, show_progress and world.is_root, world)
 
 
-def _run(config: Config, run_dir: Path, show_progress: bool) -> dict[str, Any]:
+def _run(config: Config, run_dir: Path, show_progress: bool, world: World) -> dict[str, Any] | None:
     started = time.monotonic()
-    log.info("run directory %s", run_dir)
-    total = config.study.n_simulations * config.solver.n_steps
-    validation = validation_cache.load_cached(config)
-    if validation is None:
-        progress = Progress(config.train.n_validation * config.solver.n_steps, enabled=show_progress)
-        try:
-            validation = produce_validation_set(config, run_dir / "logs", progress)
-        finally:
-            progress.close()
-        path = validation_cache.save(config, validation)
-        log.info("validation set produced and cached in %s", path)
-    else:
-        log.info("validation set loaded from %s", validation_cache.cache_path(config))
+    log.info("run directory %s, server rank %d of %d", run_dir, world.rank, world.size)
+    validation = None
+    if world.is_root:
+        validation = _validation_set(config, run_dir, show_progress)
+    # The other ranks wait here while rank 0 prepares; a dead rank 0 ends the MPI job.
+    world.broadcast(None, config.server.startup_timeout, "rank 0's validation set (server.startup_timeout)")
     table = plan_simulations(config)
-    progress = Progress(total, enabled=show_progress)
+    progress = Progress(config.study.n_simulations * config.solver.n_steps, enabled=show_progress)
     try:
-        result = train_online(config, table, validation, run_dir, progress)
+        result = train_online(config, table, validation, run_dir, progress, world)
     finally:
         progress.close()
-        # Written even when the run fails or is interrupted, so that the table shows what happened.
-        table.write_csv(run_dir / "simulations.csv", config.solver.parameter_names)
+        if world.is_root:  # written even when the run fails or is interrupted: the table shows what happened
+            table.write_csv(run_dir / "simulations.csv", config.solver.parameter_names)
+    if not world.is_root:
+        return None
     (run_dir / "params.msgpack").write_bytes(result.trainer.params_bytes())
     summary = result.summary
     summary["mean_field_validation_mse"] = validation_cache.mean_field_mse(validation, *config.output_range)
@@ -107,6 +114,22 @@ def _run(config: Config, run_dir: Path, show_progress: bool) -> dict[str, Any]:
     summary["run_dir"] = str(run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _validation_set(config: Config, run_dir: Path, show_progress: bool) -> ValidationSet:
+    """The cached validation set, or a new one produced through the solver and cached."""
+    validation = validation_cache.load_cached(config)
+    if validation is not None:
+        log.info("validation set loaded from %s", validation_cache.cache_path(config))
+        return validation
+    progress = Progress(config.train.n_validation * config.solver.n_steps, enabled=show_progress)
+    try:
+        validation = produce_validation_set(config, run_dir / "logs", progress)
+    finally:
+        progress.close()
+    path = validation_cache.save(config, validation)
+    log.info("validation set produced and cached in %s", path)
+    return validation
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -139,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:  # a stall, a failed validation set, a dead thread: said in one message
         print(f"[jaxsurro] error: {exc}", file=sys.stderr)
         return 1
+    if summary is None:  # a server rank other than 0: rank 0 reports for everyone
+        return 0
     print(f"[jaxsurro] finished {summary['simulations_finished']}/{summary['simulations_planned']} simulations, "
           f"{summary['unique_samples_received']} samples received, {summary['samples_trained']} trained; "
           f"validation MSE {summary['final_validation_mse']:.4g} (mean-field baseline "

@@ -1,0 +1,126 @@
+"""The server's ranks: who they are and how they agree, over MPI or alone.
+
+One server is R processes (``mpirun -n R`` or ``srun -n R``); outside MPI it is one.
+:class:`World` wraps the communicator: host-side agreement uses non-blocking MPI
+calls polled against a deadline, so that no wait can hang silently, and the
+gradient reduction inside the jitted step uses mpi4jax (:func:`gradient_allreduce`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("jaxsurro.distributed")
+
+# Environment variables that MPI launchers set in every rank; their presence means "started by mpirun/srun".
+_LAUNCHER_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+POLL_INTERVAL = 0.0005  # seconds between tests of a pending non-blocking MPI request
+
+
+def launched_by_mpi() -> bool:
+    """Whether this process was started by an MPI launcher (so importing mpi4py is wanted)."""
+    if any(name in os.environ for name in _LAUNCHER_SIZE_VARIABLES):
+        return True
+    return "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+class CollectiveTimeout(TimeoutError):
+    """A rank did not join a collective in time: it is stuck or dead."""
+
+
+@dataclasses.dataclass
+class World:
+    """This rank and its peers; ``comm`` is None for a single-process server."""
+
+    comm: Any = None  # mpi4py.MPI.Comm
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def detect(cls) -> World:
+        """COMM_WORLD when started by an MPI launcher, else a world of one (mpi4py is not imported)."""
+        if not launched_by_mpi():
+            return cls()
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        return cls(comm, comm.Get_rank(), comm.Get_size())
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    # -- host-side collectives, each with a deadline ---------------------------------------
+    def _wait(self, request: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not request.Test():
+            if time.monotonic() > deadline:
+                raise CollectiveTimeout(f"rank {self.rank}: no agreement on {what} within {timeout:.0f} s; a peer "
+                                        f"rank is stuck or dead (see its log)")
+            time.sleep(POLL_INTERVAL)
+
+    def sum(self, values: np.ndarray, timeout: float, what: str) -> np.ndarray:
+        """Element-wise sum of an int64 or float64 vector over the ranks."""
+        values = np.ascontiguousarray(values)
+        if not self.distributed:
+            return values.copy()
+        from mpi4py import MPI
+
+        total = np.empty_like(values)
+        self._wait(self.comm.Iallreduce(values, total, op=MPI.SUM), timeout, what)
+        return total
+
+    def broadcast(self, value: Any, timeout: float, what: str) -> Any:
+        """The root's ``value`` on every rank (any picklable object)."""
+        if not self.distributed:
+            return value
+        self._wait(self.comm.Ibarrier(), timeout, what)  # everyone is here: the blocking bcast cannot hang
+        return self.comm.bcast(value, root=0)
+
+    def gather(self, value: Any, timeout: float, what: str) -> list[Any] | None:
+        """Every rank's ``value`` on the root, in rank order (None elsewhere)."""
+        if not self.distributed:
+            return [value]
+        self._wait(self.comm.Ibarrier(), timeout, what)
+        return self.comm.gather(value, root=0)
+
+    def allgather(self, value: Any, timeout: float, what: str) -> list[Any]:
+        if not self.distributed:
+            return [value]
+        self._wait(self.comm.Ibarrier(), timeout, what)
+        return self.comm.allgather(value)
+
+
+def gradient_allreduce(world: World):
+    """The train step's ``reduce_fn``: sums (grads, loss, weight) over the ranks inside the jitted step.
+
+    Each rank contributes the sums over its own batch, so a rank with an empty batch
+    (weight 0) contributes nothing. The sums travel as one flat vector, reduced on rank 0
+    and broadcast: every rank receives the very same bits (an all-reduce may add in a
+    different order on different ranks), applies the same update, and the parameters stay
+    bitwise identical.
+    """
+    if not world.distributed:
+        return None
+    import mpi4jax
+    from jax.flatten_util import ravel_pytree
+    from mpi4py import MPI
+
+    comm = world.comm
+
+    def reduce(sums):
+        flat, unravel = ravel_pytree(sums)
+        total = mpi4jax.reduce(flat, op=MPI.SUM, root=0, comm=comm)
+        return unravel(mpi4jax.bcast(total, root=0, comm=comm))
+
+    return reduce
