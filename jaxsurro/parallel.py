@@ -18,11 +18,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsurro.train import Batch, EvalStep, TrainStep
+from jaxsurro.train import (Batch, EvalStep, ReduceFn, TrainStep, make_apply_sums, make_gradient_sums,
+                            make_train_step)
 
 __all__ = [
     "DATA_AXIS",
     "jit_eval_step",
+    "jit_reduced_train_step",
     "jit_train_step",
     "make_data_mesh",
     "pad_batch",
@@ -115,3 +117,34 @@ def jit_eval_step(eval_step: EvalStep, mesh: Mesh) -> EvalStep:
         in_shardings=(replicated, data_sharded),
         out_shardings=(data_sharded, replicated, replicated),
     )
+
+
+def jit_reduced_train_step(
+    model: Any, optimizer: Any, reduce_fn: ReduceFn | None, mesh: Mesh
+) -> TrainStep:
+    """The train step with a cross-process ``reduce_fn`` (mpi4jax), jitted for this mesh.
+
+    On a one-device mesh (one GPU per rank) it is a single jitted step with the reduction
+    inside. mpi4jax's ordered effects cannot run inside a computation over several devices,
+    so on a multi-device mesh the step is three jitted pieces: the gradient sums, sharded
+    over the local devices and summed by XLA; the reduction across ranks, run on one device;
+    the update, replicated. The result is the same step, bit for bit on every rank.
+    """
+    if reduce_fn is None or mesh.devices.size == 1:
+        return jit_train_step(make_train_step(model, optimizer, reduce_fn), mesh)
+    replicated = NamedSharding(mesh, P())
+    data_sharded = NamedSharding(mesh, P(DATA_AXIS))
+    gradient_sums = jax.jit(make_gradient_sums(model), in_shardings=(replicated, data_sharded),
+                            out_shardings=(replicated, data_sharded))
+    reduce_on_one_device = jax.jit(reduce_fn)
+    apply_sums = jax.jit(make_apply_sums(optimizer), in_shardings=(replicated, replicated),
+                         out_shardings=(replicated, replicated), donate_argnums=0)
+
+    def train_step(state, batch):
+        sums, per_sample = gradient_sums(state.params, batch)
+        one_copy = jax.tree.map(lambda x: x.addressable_shards[0].data, sums)  # replicated: any shard is the value
+        totals = jax.device_put(reduce_on_one_device(one_copy), replicated)
+        state, metrics = apply_sums(state, totals)
+        return state, metrics, per_sample
+
+    return train_step

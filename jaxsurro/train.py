@@ -117,30 +117,37 @@ def _identity_reduce(
     return sums
 
 
-def make_train_step(
-    model: nn.Module, optimizer: optax.GradientTransformation, reduce_fn: ReduceFn | None = None
-) -> TrainStep:
-    """Build the pure step (state, batch) -> (new_state, metrics, per_sample_loss [B]).
+Sums = tuple[Params, jax.Array, jax.Array]  # (Σ w·∇l, Σ w·l, Σ w)
 
-    metrics: loss (weighted mean over all participants), weight (total weight), learning_rate
-    (the rate of this update; NaN if the optimizer does not expose one through
-    optax.inject_hyperparams), grad_norm (global norm of the averaged gradient). Per-sample
-    losses are returned for every row, padding included; keep the rows with weight > 0.
+
+def make_gradient_sums(model: nn.Module) -> Callable[[Params, Batch], tuple[Sums, jax.Array]]:
+    """Build the pure (params, batch) -> ((Σ w·∇l, Σ w·l, Σ w), per_sample_loss [B]).
+
+    Sums, not means, so that participants (devices, ranks) combine by adding and each
+    counts in proportion to its samples.
     """
-    reduce = _identity_reduce if reduce_fn is None else reduce_fn
 
     def weighted_loss_sum(params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
         per_sample = _per_sample_loss(model, params, batch)
         return jnp.sum(batch.weights * per_sample), per_sample
 
-    def train_step(
-        state: TrainState, batch: Batch
-    ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
-        (loss_sum, per_sample), grad_sum = jax.value_and_grad(weighted_loss_sum, has_aux=True)(
-            state.params, batch
-        )
-        weight_sum = jnp.sum(batch.weights)
-        grad_sum, loss_sum, weight_sum = reduce((grad_sum, loss_sum, weight_sum))
+    def gradient_sums(params: Params, batch: Batch) -> tuple[Sums, jax.Array]:
+        (loss_sum, per_sample), grad_sum = jax.value_and_grad(weighted_loss_sum, has_aux=True)(params, batch)
+        return (grad_sum, loss_sum, jnp.sum(batch.weights)), per_sample
+
+    return gradient_sums
+
+
+def make_apply_sums(
+    optimizer: optax.GradientTransformation,
+) -> Callable[[TrainState, Sums], tuple[TrainState, dict[str, jax.Array]]]:
+    """Build the pure (state, total sums) -> (new_state, metrics): one optimizer update from the mean gradient.
+
+    With a total weight of 0 the state is returned unchanged (nobody had samples).
+    """
+
+    def apply_sums(state: TrainState, sums: Sums) -> tuple[TrainState, dict[str, jax.Array]]:
+        grad_sum, loss_sum, weight_sum = sums
         denominator = jnp.maximum(weight_sum, jnp.finfo(jnp.float32).tiny)
         grads = jax.tree.map(lambda g: g / denominator, grad_sum)
         updates, candidate_opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -171,6 +178,32 @@ def make_train_step(
             ),
             "grad_norm": optax.tree.norm(grads),
         }
+        return new_state, metrics
+
+    return apply_sums
+
+
+def make_train_step(
+    model: nn.Module, optimizer: optax.GradientTransformation, reduce_fn: ReduceFn | None = None
+) -> TrainStep:
+    """Build the pure step (state, batch) -> (new_state, metrics, per_sample_loss [B]).
+
+    It is gradient sums, then ``reduce_fn`` over the sums (identity by default; a sum
+    across MPI ranks in a multi-rank server), then one update from the totals.
+    metrics: loss (weighted mean over all participants), weight (total weight), learning_rate
+    (the rate of this update; NaN if the optimizer does not expose one through
+    optax.inject_hyperparams), grad_norm (global norm of the averaged gradient). Per-sample
+    losses are returned for every row, padding included; keep the rows with weight > 0.
+    """
+    reduce = _identity_reduce if reduce_fn is None else reduce_fn
+    gradient_sums = make_gradient_sums(model)
+    apply_sums = make_apply_sums(optimizer)
+
+    def train_step(
+        state: TrainState, batch: Batch
+    ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
+        sums, per_sample = gradient_sums(state.params, batch)
+        new_state, metrics = apply_sums(state, reduce(sums))
         return new_state, metrics, per_sample
 
     return train_step

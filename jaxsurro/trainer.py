@@ -16,8 +16,8 @@ from flax import serialization
 from jaxsurro.buffers import SampleBatch
 from jaxsurro.config import Config
 from jaxsurro.model import Scaling, make_model
-from jaxsurro.parallel import jit_eval_step, jit_train_step, make_data_mesh, put_batch, replicate
-from jaxsurro.train import Batch, init_train_state, make_eval_step, make_optimizer, make_train_step
+from jaxsurro.parallel import jit_eval_step, jit_reduced_train_step, make_data_mesh, put_batch, replicate
+from jaxsurro.train import Batch, init_train_state, make_eval_step, make_optimizer
 
 EVAL_CHUNK_ROWS = 1024  # rows per validation call; a fixed shape, so one compilation
 
@@ -44,7 +44,7 @@ class Trainer:
         key = jax.random.key(config.study.seed)
         state = init_train_state(key, self.model, optimizer, len(config.solver.parameters) + 1)
         self.state = replicate(state, self.mesh)
-        self._train_step = jit_train_step(make_train_step(self.model, optimizer, reduce_fn), self.mesh)
+        self._train_step = jit_reduced_train_step(self.model, optimizer, reduce_fn, self.mesh)
         self._eval_step = jit_eval_step(make_eval_step(self.model), self.mesh)
         self._ones = np.ones(self.batch_size, dtype=np.float32)
 

@@ -9,12 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 MPIRUN = shutil.which("mpirun") or "mpirun (missing: run scripts/setup.sh, which installs OpenMPI)"
 N_SIMS, N_STEPS = 10, 12
 
 
-def mpirun(n_ranks: int, tmp_path: Path, *overrides: str, timeout: float = 240) -> dict:
+def mpirun(n_ranks: int, tmp_path: Path, *overrides: str, timeout: float = 240, devices_per_rank: int = 1) -> dict:
     """Runs a tiny study with ``mpirun -n n_ranks python -m jaxsurro.run`` and returns its summary."""
     run_dir = tmp_path / f"run-{n_ranks}"
     settings = [f"study.n_simulations={N_SIMS}", f"solver.n_steps={N_STEPS}", "solver.grid_size=8",
@@ -23,7 +25,8 @@ def mpirun(n_ranks: int, tmp_path: Path, *overrides: str, timeout: float = 240) 
                 "train.batch_timeout=60.0", *overrides]
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1"}
-    env.pop("XLA_FLAGS", None)  # one device per rank, as on a node with one GPU per rank
+    # One device per rank, as on a node with one GPU per rank, or several (sharded within the rank).
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_rank}"
     command = [MPIRUN, "-n", str(n_ranks), sys.executable, "-m", "jaxsurro.run",
                str(ROOT / "experiments/heat.toml"), "--no-progress", "--run-dir", str(run_dir),
                *[arg for o in settings for arg in ("--set", o)]]
@@ -33,9 +36,10 @@ def mpirun(n_ranks: int, tmp_path: Path, *overrides: str, timeout: float = 240) 
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def test_two_ranks_share_the_stream_and_keep_identical_parameters(tmp_path):
-    summary = mpirun(2, tmp_path)
-    assert summary["server_ranks"] == 2
+@pytest.mark.parametrize("devices_per_rank", [1, 2])
+def test_two_ranks_share_the_stream_and_keep_identical_parameters(tmp_path, devices_per_rank):
+    summary = mpirun(2, tmp_path, devices_per_rank=devices_per_rank)
+    assert summary["server_ranks"] == 2 and summary["devices_per_rank"] == devices_per_rank
     assert summary["simulations_finished"] == N_SIMS
     assert summary["unique_samples_received"] == N_SIMS * N_STEPS  # every time step exactly once, over ranks
     per_rank = [r["unique_samples_received"] for r in summary["ranks"]]

@@ -1,0 +1,54 @@
+"""The reduced train step on a multi-device mesh equals the single-jit step; a world of one is trivial."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsurro.distributed import World, gradient_allreduce, launched_by_mpi
+from jaxsurro.model import Scaling, make_model
+from jaxsurro.parallel import jit_reduced_train_step, jit_train_step, make_data_mesh, put_batch, replicate
+from jaxsurro.train import Batch, init_train_state, make_optimizer, make_train_step
+
+
+def twice(sums):
+    """Stands for the sum over two ranks that hold the same batch."""
+    return jax.tree.map(lambda x: 2 * x, sums)
+
+
+def test_split_step_on_several_devices_matches_the_single_jitted_step():
+    assert jax.device_count() == 2
+    scaling = Scaling((0.0, 0.0), (1.0, 1.0), 1.0, 0.0, 1.0)
+    model = make_model("mlp", hidden=16, layers=2, field_shape=(3, 3), scaling=scaling)
+    optimizer = make_optimizer(1e-2, 8, 1000)
+    mesh = make_data_mesh()
+    rng = np.random.default_rng(0)
+    batch = Batch(rng.random((8, 3), dtype=np.float32), rng.random((8, 3, 3), dtype=np.float32),
+                  np.ones(8, np.float32))
+    state = init_train_state(jax.random.key(0), model, optimizer, 3)
+    split = jit_reduced_train_step(model, optimizer, twice, mesh)
+    single = jit_train_step(make_train_step(model, optimizer, twice), make_data_mesh(jax.devices()[:1]))
+    state_split, state_single = replicate(state, mesh), replicate(state, make_data_mesh(jax.devices()[:1]))
+    for _ in range(3):
+        state_split, metrics_split, _ = split(state_split, put_batch(batch, mesh))
+        state_single, metrics_single, _ = single(state_single, put_batch(batch, make_data_mesh(jax.devices()[:1])))
+    np.testing.assert_allclose(metrics_split["loss"], metrics_single["loss"], rtol=1e-5)
+    assert float(metrics_split["weight"]) == 16.0  # both "ranks" counted
+    for a, b in zip(jax.tree.leaves(state_split.params), jax.tree.leaves(state_single.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_world_of_one_needs_no_mpi(monkeypatch):
+    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert not launched_by_mpi()
+    world = World.detect()
+    assert (world.rank, world.size, world.is_root, world.distributed) == (0, 1, True, False)
+    np.testing.assert_array_equal(world.sum(np.array([1, 2]), 1.0, "x"), [1, 2])
+    assert world.broadcast("v", 1.0, "x") == "v" and world.gather(3, 1.0, "x") == [3]
+    assert gradient_allreduce(world) is None
+
+
+@pytest.mark.parametrize("variable", ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+def test_mpi_launchers_are_recognised(monkeypatch, variable):
+    monkeypatch.setenv(variable, "2")
+    assert launched_by_mpi()
