@@ -8,10 +8,10 @@ import math
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from jaxsurro.config import load_config
 from jaxsurro.run import run
@@ -115,14 +115,6 @@ def test_simulation_failing_every_attempt_is_reported(tmp_path):
     assert "validation simulation(s) did not complete" in result.stderr
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)  # polling interval of a condition with a deadline, not a wait for an event
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_interrupting_the_run_cancels_every_simulation(tmp_path, sig):
     # Long simulations (many steps, a reservoir that fills): the run is interrupted mid-study.
@@ -135,7 +127,7 @@ def test_interrupting_the_run_cancels_every_simulation(tmp_path, sig):
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # The validation simulation is long too: interrupting during it must cancel it as well.
-        wait_for(lambda: len(list((run_dir / "logs").glob("*.log"))) >= 1 if (run_dir / "logs").exists()
+        wait_until(lambda: len(list((run_dir / "logs").glob("*.log"))) >= 1 if (run_dir / "logs").exists()
                  else False, 60, "a simulation to start")
         process.send_signal(sig)
         _, stderr = process.communicate(timeout=60)

@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import wait_until
 
-from jaxsurro.launcher import JobSpec, Launcher, LocalScheduler, SimState, SimulationTable
+from jaxsurro.launcher import (
+    JobSpec,
+    Launcher,
+    LocalScheduler,
+    SimState,
+    SimulationTable,
+)
 
 GATED_JOB = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.01)\nsys.exit(int(sys.argv[2]))"
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)  # polling interval of a condition with a deadline
 
 
 def make_launcher(tmp_path: Path, n_sims: int, argv_for, **kwargs) -> Launcher:

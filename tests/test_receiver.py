@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import zmq
+from waiting import wait_until
 
 from jaxsurro import client, protocol
 from jaxsurro.buffers import FIFOBuffer
@@ -14,14 +13,6 @@ from jaxsurro.launcher import SimState, SimulationTable
 from jaxsurro.receiver import LATE, BufferSink, Receiver, ValidationSink
 
 N_SIMS, N_STEPS, SHAPE = 3, 4, (5, 5)
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)  # polling interval of a condition with a deadline
 
 
 @pytest.fixture
