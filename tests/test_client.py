@@ -533,11 +533,9 @@ class FakeCommunicator:
 
 
 def test_communicator_of_one_rank_only(environment):
-    """A size-1 communicator works; a larger one is refused clearly until MPI assembly exists."""
+    """A size-1 communicator gives a plain client (multi-rank clients: tests/test_mpi_client.py)."""
     with fake_server(n_ranks=1, n_steps=1) as server:
         environment(server)
-        with pytest.raises(ValueError, match="not implemented yet"):
-            client.connect(comm=FakeCommunicator(4))
         with client.connect(comm=FakeCommunicator(1)) as sim:
             sim.send("temperature", 0, np.zeros((4, 4)))
         server.wait_for(lambda: server.finished_ranks() == 1, "FINISH")

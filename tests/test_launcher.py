@@ -130,3 +130,15 @@ def test_unknown_scheduler_lists_the_available_ones():
     with pytest.raises(ValueError, match="available: local"):
         make_scheduler("pbs")
     assert os.environ.get("ATTEMPT") is None  # job environments never leak into the launcher's
+
+
+def test_jobs_do_not_inherit_the_server_ranks_mpi_identity(monkeypatch):
+    from jaxsurro.launcher.local import job_environment
+
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("PMIX_RANK", "1")
+    monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    monkeypatch.setenv("SOLVER_LICENSE", "x")
+    env = job_environment()
+    assert "OMPI_COMM_WORLD_SIZE" not in env and "PMIX_RANK" not in env
+    assert env["OMPI_ALLOW_RUN_AS_ROOT"] == "1" and env["SOLVER_LICENSE"] == "x"

@@ -25,7 +25,7 @@ class LocalScheduler:
         with open(job.log_path, "ab") as log:
             try:
                 process = subprocess.Popen(
-                    list(job.argv), cwd=job.cwd, env={**os.environ, **job.env}, stdout=log,
+                    list(job.argv), cwd=job.cwd, env={**job_environment(), **job.env}, stdout=log,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
             except OSError as exc:
                 raise RuntimeError(f"cannot start job {job.name!r}: {exc} (command: {list(job.argv)})") from exc
@@ -65,6 +65,17 @@ class LocalScheduler:
             except subprocess.TimeoutExpired:
                 _signal_group(process, signal.SIGKILL)
                 process.wait(timeout=self._kill_grace)
+
+
+# A server rank started by mpirun or srun carries its MPI launcher's variables; a solver that
+# inherited them would believe it is that rank and fail to start its own MPI (or hang).
+_LAUNCHER_PREFIXES = ("OMPI_", "PMIX_", "PMI_", "SLURM_STEP_", "HYDRA_", "MPI_LOCAL")
+_USER_SETTINGS = ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM")  # a user's, kept for the solver
+
+
+def job_environment() -> dict[str, str]:
+    """The launcher's environment minus the MPI launcher's variables of the server rank itself."""
+    return {k: v for k, v in os.environ.items() if k in _USER_SETTINGS or not k.startswith(_LAUNCHER_PREFIXES)}
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
