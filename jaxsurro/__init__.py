@@ -9,7 +9,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = frozenset({
-    "buffers", "client", "config", "launcher", "model", "parallel", "plot", "progress", "protocol", "receiver",
+    "buffers", "cli", "client", "config", "distributed", "launcher", "model", "online", "parallel",
+    "parallel_client", "plot", "progress", "protocol", "receiver",
     "reservoir", "run", "sampling", "server", "train", "trainer", "validation",
 })
 
