@@ -18,16 +18,15 @@ import numpy as np
 
 log = logging.getLogger("jaxsurro.distributed")
 
-# Environment variables that MPI launchers set in every rank; their presence means "started by mpirun/srun".
-_LAUNCHER_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+# Environment variables that MPI launchers set in every rank, holding the number of ranks:
+# mpirun (OpenMPI), PMI-1/2 (MPICH, srun --mpi=pmi2), srun's own step size (srun --mpi=pmix).
+_LAUNCHER_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
 POLL_INTERVAL = 0.0005  # seconds between tests of a pending non-blocking MPI request
 
 
 def launched_by_mpi() -> bool:
     """Whether this process was started by an MPI launcher (so importing mpi4py is wanted)."""
-    if any(name in os.environ for name in _LAUNCHER_SIZE_VARIABLES):
-        return True
-    return "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    return any(name in os.environ for name in _LAUNCHER_SIZE_VARIABLES) or "PMIX_RANK" in os.environ
 
 
 class CollectiveTimeout(TimeoutError):
