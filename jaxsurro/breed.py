@@ -1,0 +1,495 @@
+"""Breed (seed 000, §3): loss-deviation statistics and AMIS resampling as pure, jittable JAX functions.
+
+Like :mod:`jaxsurro.reservoir` and optax, nothing here is jitted: state is a NamedTuple pytree,
+functions take and return it, and the caller jits at the call site. Shapes are static.
+
+**Loss-deviation statistics** (paper eqs. 4-6). For each training batch i with per-sample losses
+l and weights w (padding rows have w = 0), μ and σ are the weighted mean and standard deviation
+(ddof = 0) of the losses of the rows with w > 0, and every such row of simulation j at time step t
+gives a deviation
+
+    δ_jt^(i) = max(l_jt^(i) − μ^(i), 0) / σ^(i).
+
+The statistic keeps, per (simulation, time step), the sum and count of its δ (the running mean is
+sum / count), so that merging the statistics of several server ranks is adding (see
+:func:`combine_loss_stats` and :class:`LossMoments`). The score of simulation j is
+
+    Q_j = mean over the time steps t of j that have a δ of (δ-sum_jt / δ-count_jt).
+
+Memory is O(S × T) scalars; updates consume the per-sample losses the training step already
+returns, so they cost no extra forward or backward pass.
+
+**AMIS resampling** (paper §3.2, eqs. 9-12). From a window of N simulations with locations λ_j
+and scores Q_j, parents are drawn multinomially with weights w_j = Q_j / mean(Q) (optionally
+divided by the proposal density: true importance weights), and each of K children is drawn from
+N(parent, σ²I) in the unit cube that the bounds map to. A child out of bounds is redrawn with
+σ ← σ·shrink (0.3), at most ``max_retries`` (5) times, then takes its parent's location; its final
+σ is returned so it can be passed on. Each pending simulation then gets a child with probability
+r(s) = min(r_s + s·(r_e − r_s)/r_c, r_e), else a uniform draw (:func:`mixing_ratio`, :func:`mix`;
+the paper prints max(...), which cannot be meant, ARCHITECTURE.md §4.5).
+
+Jit with ``jax.jit(amis_resample, static_argnames=AMIS_STATIC_ARGNAMES)`` and
+``jax.jit(recent_window, static_argnames=("size",))``; the other functions take no static
+arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+__all__ = [
+    "AMIS_STATIC_ARGNAMES",
+    "AmisDraw",
+    "BreedSettings",
+    "LossMoments",
+    "LossStatsState",
+    "amis_resample",
+    "combine_loss_stats",
+    "delta_mean",
+    "init_loss_stats",
+    "loss_moments",
+    "mix",
+    "mixing_ratio",
+    "proposal_density",
+    "recent_window",
+    "simulation_scores",
+    "unit_sigma",
+    "update_loss_stats",
+]
+
+AMIS_STATIC_ARGNAMES = ("n_children", "importance_weights", "max_retries")
+
+# A batch whose losses are all equal up to float32 rounding (σ <= this × |μ|) has no deviation.
+_RELATIVE_SIGMA_FLOOR = 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BreedSettings:
+    """Breed hyperparameters; defaults are the paper's Table 1, studies (2) and (3).
+
+    ``sigma_unit`` is the proposal width in unit-cube units: the paper's σ = 5.0 on the temperature
+    scale with bounds [100, 500] is 5 / 400 = 0.0125 (use :func:`unit_sigma` to convert).
+    ``window`` is N (the last N simulations whose score was updated), ``period`` is P (training
+    batches between resampling rounds), (``r_start``, ``r_end``, ``r_cycles``) = (r_s, r_e, r_c) the
+    concentrate-explore schedule of :func:`mixing_ratio`. ``importance_weights`` divides the scores
+    by the proposal density (the paper omits it, footnote 1). ``max_retries`` and ``shrink`` are the
+    out-of-bounds rule (σ ← 0.3 σ, at most 5 times, then the parent's location).
+    """
+
+    sigma_unit: float = 0.0125  # = 5.0 temperature units / (500 − 100)
+    window: int = 200
+    period: int = 200
+    r_start: float = 0.5
+    r_end: float = 0.9
+    r_cycles: float = 3.0
+    importance_weights: bool = False
+    max_retries: int = 5
+    shrink: float = 0.3
+
+    def __post_init__(self) -> None:
+        """Reject values the algorithm cannot use, naming the field and the valid range."""
+        problems = []
+        if not (math.isfinite(self.sigma_unit) and self.sigma_unit > 0):
+            problems.append(f"sigma_unit must be a finite number > 0, got {self.sigma_unit}")
+        if self.window < 1:
+            problems.append(f"window must be >= 1, got {self.window}")
+        if self.period < 1:
+            problems.append(f"period must be >= 1, got {self.period}")
+        for name in ("r_start", "r_end"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                problems.append(f"{name} must be in [0, 1], got {value}")
+        if not self.r_cycles > 0:
+            problems.append(f"r_cycles must be > 0, got {self.r_cycles}")
+        if self.max_retries < 0:
+            problems.append(f"max_retries must be >= 0, got {self.max_retries}")
+        if not 0.0 < self.shrink < 1.0:
+            problems.append(f"shrink must be in (0, 1), got {self.shrink}")
+        if problems:
+            raise ValueError("BreedSettings: " + "; ".join(problems))
+
+
+def unit_sigma(physical_sigma: float, low: Sequence[float], high: Sequence[float]) -> float:
+    """Convert a proposal width in physical units to unit-cube units (all bounds must share one span)."""
+    spans = [float(h) - float(l) for l, h in zip(low, high, strict=True)]
+    if not spans or any(not s > 0 for s in spans):
+        raise ValueError(f"unit_sigma: expected non-empty bounds with low < high, got low={list(low)}, "
+                         f"high={list(high)}")
+    if max(spans) - min(spans) > 1e-9 * max(spans):
+        raise ValueError(
+            f"unit_sigma: a physical σ is isotropic in the unit cube only when every parameter has the same "
+            f"span, got spans {spans}; give sigma_unit directly instead"
+        )
+    return float(physical_sigma) / spans[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss-deviation statistics
+# ----------------------------------------------------------------------------------------------
+
+
+class LossStatsState(NamedTuple):
+    """Additive per-(simulation, time step) sums of loss deviations δ, and when each simulation was last updated."""
+
+    delta_sum: Array  # [S, T] float32, Σ δ over every occurrence of (sim, t) in a batch
+    delta_count: Array  # [S, T] int32, number of δ summed in delta_sum
+    last_update: Array  # [S] int32, n_updates value of the last update touching the simulation, -1 never
+    n_updates: Array  # [] int32, update_loss_stats calls so far (one per training step, rows or not)
+
+
+class LossMoments(NamedTuple):
+    """Weighted moments of one batch's losses; additive, so ranks can all-reduce them (three scalars)."""
+
+    weight_sum: Array  # [] float32, Σ w over rows with w > 0
+    loss_sum: Array  # [] float32, Σ w·l
+    square_sum: Array  # [] float32, Σ w·l²
+
+
+def init_loss_stats(n_simulations: int, n_steps: int) -> LossStatsState:
+    """Empty statistics for S simulations of T time steps each."""
+    if n_simulations < 1 or n_steps < 1:
+        raise ValueError(f"init_loss_stats: n_simulations and n_steps must be >= 1, got "
+                         f"n_simulations={n_simulations}, n_steps={n_steps}")
+    return LossStatsState(
+        delta_sum=jnp.zeros((n_simulations, n_steps), jnp.float32),
+        delta_count=jnp.zeros((n_simulations, n_steps), jnp.int32),
+        last_update=jnp.full((n_simulations,), -1, jnp.int32),
+        n_updates=jnp.zeros((), jnp.int32),
+    )
+
+
+def _check_batch(name: str, per_sample_loss: Array, sample_ids: Array, weights: Array) -> None:
+    """Trace-time check that losses, ids and weights are three vectors of one length B."""
+    shapes = (per_sample_loss.shape, sample_ids.shape, weights.shape)
+    if per_sample_loss.ndim != 1 or len(set(shapes)) != 1:
+        raise ValueError(f"{name}: expected per_sample_loss, sample_ids and weights of one shape [B], got "
+                         f"{per_sample_loss.shape}, {sample_ids.shape} and {weights.shape}")
+
+
+def loss_moments(per_sample_loss: Array, weights: Array) -> LossMoments:
+    """(Σw, Σw·l, Σw·l²) over the rows with weight > 0; add them across ranks for global batch μ and σ."""
+    losses = jnp.asarray(per_sample_loss, jnp.float32)
+    weights = jnp.asarray(weights, jnp.float32)
+    use = weights > 0
+    w = jnp.where(use, weights, 0.0)
+    l = jnp.where(use, losses, 0.0)
+    return LossMoments(weight_sum=jnp.sum(w), loss_sum=jnp.sum(w * l), square_sum=jnp.sum(w * l * l))
+
+
+def _mean_std_from_moments(moments: LossMoments) -> tuple[Array, Array]:
+    """Weighted mean and standard deviation (ddof = 0) of a batch from its summed moments."""
+    total = jnp.maximum(moments.weight_sum, jnp.finfo(jnp.float32).tiny)
+    mean = moments.loss_sum / total
+    variance = jnp.maximum(moments.square_sum / total - mean * mean, 0.0)
+    return mean, jnp.sqrt(variance)
+
+
+def _local_mean_std(losses: Array, weights: Array) -> tuple[Array, Array]:
+    """Weighted mean and standard deviation (ddof = 0) of the rows with weight > 0, in two passes."""
+    use = weights > 0
+    w = jnp.where(use, weights, 0.0)
+    total = jnp.maximum(jnp.sum(w), jnp.finfo(jnp.float32).tiny)
+    mean = jnp.sum(w * jnp.where(use, losses, 0.0)) / total
+    centred = jnp.where(use, losses - mean, 0.0)
+    return mean, jnp.sqrt(jnp.sum(w * centred * centred) / total)
+
+
+def update_loss_stats(state: LossStatsState, per_sample_loss: Array, sample_ids: Array, weights: Array,
+                      moments: LossMoments | None = None) -> LossStatsState:
+    """Add one batch's deviations δ = max(l − μ, 0)/σ to the per-(simulation, time step) sums.
+
+    ``sample_ids`` [B] int are ``sim_id * n_steps + t``; ``weights`` [B] mark real rows (> 0) and
+    padding (0). μ and σ are the weighted batch mean and standard deviation (ddof = 0) over the real
+    rows; pass ``moments`` (the :func:`loss_moments` of every rank's rows, added up) to use the global
+    batch of a data-parallel step instead of this rank's rows. Each real row adds its δ once, so a
+    sample appearing several times in a batch adds several δ (scatter-add). Rows with weight 0, or
+    with an id outside [0, S·T) (such as the reservoir's -1 padding ids), change nothing. A batch
+    whose losses are all equal (σ <= 1e-6·|μ|, float32 rounding) has δ = 0. Every call advances
+    ``n_updates`` by one and stamps the touched simulations' ``last_update`` with its old value.
+    """
+    losses = jnp.asarray(per_sample_loss, jnp.float32)
+    sample_ids = jnp.asarray(sample_ids)
+    weights = jnp.asarray(weights, jnp.float32)
+    _check_batch("update_loss_stats", losses, sample_ids, weights)
+    n_simulations, n_steps = state.delta_sum.shape
+    size = n_simulations * n_steps
+
+    if moments is None:
+        mean, std = _local_mean_std(losses, weights)
+    else:
+        mean, std = _mean_std_from_moments(moments)
+    has_spread = jnp.isfinite(std) & (std > _RELATIVE_SIGMA_FLOOR * jnp.abs(mean)) & (std > 0)
+    safe_std = jnp.where(has_spread, std, 1.0)
+    delta = jnp.where(has_spread, jnp.maximum(losses - mean, 0.0) / safe_std, 0.0)
+
+    ids = sample_ids.astype(jnp.int32)
+    real = (weights > 0) & (ids >= 0) & (ids < size)
+    delta = jnp.where(real & jnp.isfinite(delta), delta, 0.0)
+    flat_ids = jnp.where(real, ids, size)  # out of range: dropped by the scatters
+    delta_sum = state.delta_sum.reshape(size).at[flat_ids].add(delta, mode="drop").reshape(n_simulations, n_steps)
+    delta_count = state.delta_count.reshape(size).at[flat_ids].add(real.astype(jnp.int32), mode="drop")
+    simulations = jnp.where(real, ids // n_steps, n_simulations)
+    last_update = state.last_update.at[simulations].set(state.n_updates, mode="drop")
+    return LossStatsState(
+        delta_sum=delta_sum,
+        delta_count=delta_count.reshape(n_simulations, n_steps),
+        last_update=last_update,
+        n_updates=state.n_updates + 1,
+    )
+
+
+def delta_mean(state: LossStatsState) -> Array:
+    """Running mean of δ per (simulation, time step), [S, T] float32; 0 where no δ was recorded."""
+    counts = state.delta_count
+    return jnp.where(counts > 0, state.delta_sum / jnp.maximum(counts, 1).astype(jnp.float32), 0.0)
+
+
+def simulation_scores(state: LossStatsState) -> tuple[Array, Array]:
+    """(Q [S] float32, has_score [S] bool): Q_j is the mean of δ-means over j's time steps that have a δ."""
+    recorded = state.delta_count > 0
+    steps_recorded = jnp.sum(recorded, axis=1)
+    has_score = steps_recorded > 0
+    total = jnp.sum(jnp.where(recorded, delta_mean(state), 0.0), axis=1)
+    scores = jnp.where(has_score, total / jnp.maximum(steps_recorded, 1).astype(jnp.float32), 0.0)
+    return scores, has_score
+
+
+def combine_loss_stats(states: Sequence[LossStatsState]) -> LossStatsState:
+    """Merge several ranks' statistics: sums and counts add, last_update and n_updates take the maximum.
+
+    With every rank calling :func:`update_loss_stats` once per (lockstep) training step with the
+    global batch's ``moments``, the merged state equals one state updated with the union of the
+    ranks' rows. Across MPI, the same merge is an all-reduce: SUM of ``delta_sum`` and
+    ``delta_count``, MAX of ``last_update`` and ``n_updates``.
+    """
+    states = list(states)
+    if not states:
+        raise ValueError("combine_loss_stats: expected at least one LossStatsState, got none")
+    shapes = {tuple(s.delta_sum.shape) for s in states}
+    if len(shapes) != 1:
+        raise ValueError(f"combine_loss_stats: every state must have the same [S, T] shape, got {sorted(shapes)}")
+    return LossStatsState(
+        delta_sum=sum((s.delta_sum for s in states[1:]), start=states[0].delta_sum),
+        delta_count=sum((s.delta_count for s in states[1:]), start=states[0].delta_count),
+        last_update=jnp.max(jnp.stack([s.last_update for s in states]), axis=0),
+        n_updates=jnp.max(jnp.stack([s.n_updates for s in states])),
+    )
+
+
+def recent_window(state: LossStatsState, size: int, eligible: Array | None = None) -> tuple[Array, Array]:
+    """(sim_ids [size] int32, valid [size] bool): the ``size`` most recently updated scored simulations.
+
+    The paper's window: the last N simulations in order of Q updates, most recent first, among those
+    with a score and (when given) ``eligible`` [S] bool (e.g. finished simulations). When fewer
+    qualify, the tail rows are invalid (``valid`` False, id of an arbitrary simulation). ``size`` is
+    static.
+    """
+    n_simulations = state.last_update.shape[0]
+    if not 1 <= size:
+        raise ValueError(f"recent_window: size must be >= 1, got {size}")
+    _, has_score = simulation_scores(state)
+    qualifies = has_score & (state.last_update >= 0)
+    if eligible is not None:
+        eligible = jnp.asarray(eligible, bool)
+        if eligible.shape != (n_simulations,):
+            raise ValueError(f"recent_window: expected eligible of shape ({n_simulations},), got {eligible.shape}")
+        qualifies = qualifies & eligible
+    order_key = jnp.where(qualifies, state.last_update, -1)
+    take = min(size, n_simulations)
+    _, ids = jax.lax.top_k(order_key, take)
+    valid = qualifies[ids]
+    if size > n_simulations:
+        pad = size - n_simulations
+        ids = jnp.concatenate([ids, jnp.zeros((pad,), ids.dtype)])
+        valid = jnp.concatenate([valid, jnp.zeros((pad,), bool)])
+    return ids.astype(jnp.int32), valid
+
+
+# ----------------------------------------------------------------------------------------------
+# AMIS resampling
+# ----------------------------------------------------------------------------------------------
+
+
+class AmisDraw(NamedTuple):
+    """K children of one AMIS round, their parents in the window and their final proposal widths."""
+
+    children: Array  # [K, d] float32, physical units, within [low, high]
+    parents: Array  # [K] int32, index into the window (rows of `locations`)
+    sigma: Array  # [K] float32, unit-cube σ each child was accepted with (σ·shrink^retries)
+    uniform_fallback: Array  # [] bool, True when no usable weight existed and parents were drawn uniformly
+
+
+def _parent_weights(scores: Array, valid: Array, importance_weights: bool,
+                    proposal_density: Array | None) -> tuple[Array, Array]:
+    """Normalized multinomial weights over the window, and whether the uniform fallback was used."""
+    q = jnp.where(valid & jnp.isfinite(scores), jnp.maximum(scores, 0.0), 0.0)
+    if importance_weights:
+        usable_density = jnp.isfinite(proposal_density) & (proposal_density > 0)
+        q = jnp.where(usable_density, q / jnp.where(usable_density, proposal_density, 1.0), 0.0)
+        q = jnp.where(jnp.isfinite(q), q, 0.0)
+    # w_j = Q_j / mean(Q); the multinomial only needs them up to a constant, so normalize to sum 1.
+    total = jnp.sum(q)
+    fallback = ~(jnp.isfinite(total) & (total > 0))
+    uniform = valid.astype(jnp.float32)
+    uniform = jnp.where(jnp.any(valid), uniform, 1.0)
+    weights = jnp.where(fallback, uniform, q)
+    return weights / jnp.sum(weights), fallback
+
+
+def _multinomial(key: Array, probabilities: Array, count: int) -> Array:
+    """``count`` iid indices with the given probabilities (inverse CDF; zero-probability rows never drawn)."""
+    cumulative = jnp.cumsum(probabilities)
+    # u in (0, 1]: the first index whose cumulative sum reaches u·total has positive probability.
+    u = 1.0 - jax.random.uniform(key, (count,), jnp.float32)
+    picks = jnp.searchsorted(cumulative, u * cumulative[-1], side="left")
+    return jnp.minimum(picks, probabilities.shape[0] - 1).astype(jnp.int32)
+
+
+def _check_bounds(name: str, locations: Array, low: Array, high: Array) -> None:
+    """Trace-time check that locations are [N, d] and bounds are [d]."""
+    if locations.ndim != 2 or low.shape != (locations.shape[1],) or high.shape != (locations.shape[1],):
+        raise ValueError(f"{name}: expected locations [N, d] and low, high [d], got {locations.shape}, "
+                         f"{low.shape} and {high.shape}")
+
+
+def amis_resample(key: Array, locations: Array, scores: Array, n_children: int, sigma: float | Array,
+                  low: Array, high: Array, importance_weights: bool = False,
+                  proposal_density: Array | None = None, max_retries: int = 5, shrink: float | Array = 0.3,
+                  valid: Array | None = None) -> AmisDraw:
+    """Draw K = ``n_children`` children from the score-weighted Gaussian mixture around the window.
+
+    ``locations`` [N, d] are the window's parameters (physical units, within [low, high]); ``scores``
+    [N] their Q. Parents are drawn multinomially with weights Q_j / mean(Q), or with
+    ``importance_weights`` Q_j / ``proposal_density``_j (true importance weights; the density [N] is
+    then required). Negative, non-finite or masked-out (``valid`` [N] bool False) scores weigh 0, as
+    do entries with a non-positive or non-finite density. When no weight is left (all Q are 0 or
+    non-finite), parents are drawn uniformly among the valid entries (among all N if none is valid)
+    and ``uniform_fallback`` is True.
+
+    Each child is parent + σ·z, z ~ N(0, I), in the unit cube [low, high] maps to; ``sigma`` is a
+    unit-cube width, a scalar or [N] per window entry (a child starts from its parent's σ). A child
+    out of the cube is redrawn with σ ← σ·``shrink``, at most ``max_retries`` times; if every draw
+    fails it takes its parent's location and σ·shrink^max_retries. All K children and all
+    1 + max_retries rounds are drawn at once (no loop over samples). ``n_children``,
+    ``importance_weights`` and ``max_retries`` are static (:data:`AMIS_STATIC_ARGNAMES`); the
+    children are iid given the window, so to avoid a compile per K draw a fixed K and use the first
+    rows.
+    """
+    locations = jnp.asarray(locations, jnp.float32)
+    scores = jnp.asarray(scores, jnp.float32)
+    low = jnp.asarray(low, jnp.float32)
+    high = jnp.asarray(high, jnp.float32)
+    _check_bounds("amis_resample", locations, low, high)
+    n_window, dim = locations.shape
+    if scores.shape != (n_window,):
+        raise ValueError(f"amis_resample: expected scores of shape ({n_window},) (one per location), got "
+                         f"{scores.shape}")
+    if n_children < 1:
+        raise ValueError(f"amis_resample: n_children must be >= 1, got {n_children}")
+    if max_retries < 0:
+        raise ValueError(f"amis_resample: max_retries must be >= 0, got {max_retries}")
+    if importance_weights and proposal_density is None:
+        raise ValueError("amis_resample: importance_weights=True divides the scores by the proposal density; "
+                         "pass proposal_density [N] (see proposal_density())")
+    if not importance_weights and proposal_density is not None:
+        raise ValueError("amis_resample: proposal_density is only used with importance_weights=True; "
+                         "set importance_weights=True or drop proposal_density")
+    if proposal_density is not None:
+        proposal_density = jnp.asarray(proposal_density, jnp.float32)
+        if proposal_density.shape != (n_window,):
+            raise ValueError(f"amis_resample: expected proposal_density of shape ({n_window},), got "
+                             f"{proposal_density.shape}")
+    valid = jnp.ones((n_window,), bool) if valid is None else jnp.asarray(valid, bool)
+    if valid.shape != (n_window,):
+        raise ValueError(f"amis_resample: expected valid of shape ({n_window},), got {valid.shape}")
+    window_sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (n_window,))
+
+    key_parents, key_noise = jax.random.split(key)
+    probabilities, fallback = _parent_weights(scores, valid, importance_weights, proposal_density)
+    parents = _multinomial(key_parents, probabilities, n_children)
+
+    span = high - low
+    parent_physical = locations[parents]  # [K, d]
+    parent_unit = (parent_physical - low) / span
+    # Round r (0 = first draw, then max_retries retries) uses σ·shrink^r; take each child's first success.
+    rounds = jnp.arange(max_retries + 1, dtype=jnp.float32)
+    round_sigma = window_sigma[parents][None, :] * jnp.asarray(shrink, jnp.float32) ** rounds[:, None]  # [R+1, K]
+    noise = jax.random.normal(key_noise, (max_retries + 1, n_children, dim), jnp.float32)
+    candidates = parent_unit[None] + round_sigma[..., None] * noise  # [R+1, K, d]
+    inside = jnp.all((candidates >= 0.0) & (candidates <= 1.0), axis=-1)  # [R+1, K]
+    accepted = jnp.any(inside, axis=0)
+    first = jnp.argmax(inside, axis=0)  # the first successful round (0 when none; masked below)
+    chosen_unit = jnp.take_along_axis(candidates, first[None, :, None], axis=0)[0]
+    chosen = jnp.clip(low + chosen_unit * span, low, high)
+    children = jnp.where(accepted[:, None], chosen, parent_physical)
+    final_sigma = jnp.where(accepted, round_sigma[first, jnp.arange(n_children)], round_sigma[-1])
+    return AmisDraw(children=children, parents=parents, sigma=final_sigma, uniform_fallback=fallback)
+
+
+def proposal_density(points: Array, centres: Array, sigmas: Array | float, low: Array, high: Array,
+                     ratio: float | Array = 1.0) -> Array:
+    """Density [M] of the unit-cube proposal r·(1/K)Σ_k N(·|centre_k, σ_k²I) + (1 − r)·U at ``points`` [M, d].
+
+    For ``importance_weights``: evaluate the window's locations under the previous round's proposal
+    (its children as ``centres`` [K, d] physical, their ``sigmas`` [K] unit-cube, its mixing ratio).
+    The Gaussians are not renormalized for the out-of-bounds retries (a close approximation while σ
+    is small against the cube). Computed in log space; float32, so extreme σ^-d may overflow to inf,
+    which :func:`amis_resample` treats as weight 0.
+    """
+    points = jnp.asarray(points, jnp.float32)
+    centres = jnp.asarray(centres, jnp.float32)
+    low = jnp.asarray(low, jnp.float32)
+    high = jnp.asarray(high, jnp.float32)
+    _check_bounds("proposal_density", points, low, high)
+    _check_bounds("proposal_density", centres, low, high)
+    dim = points.shape[1]
+    sigmas = jnp.broadcast_to(jnp.asarray(sigmas, jnp.float32), (centres.shape[0],))
+    span = high - low
+    x = (points - low) / span
+    c = (centres - low) / span
+    squared = jnp.sum((x[:, None, :] - c[None, :, :]) ** 2, axis=-1)  # [M, K]
+    log_gauss = -0.5 * squared / sigmas**2 - dim * jnp.log(sigmas) - 0.5 * dim * jnp.log(2.0 * jnp.pi)
+    log_mixture = jax.nn.logsumexp(log_gauss, axis=1) - jnp.log(float(centres.shape[0]))
+    ratio = jnp.asarray(ratio, jnp.float32)
+    return ratio * jnp.exp(log_mixture) + (1.0 - ratio)
+
+
+# ----------------------------------------------------------------------------------------------
+# Concentrate-explore mixing
+# ----------------------------------------------------------------------------------------------
+
+
+def mixing_ratio(s: int | Array, r_start: float, r_end: float, r_cycles: float) -> Array:
+    """r(s) = min(r_s + s·(r_e − r_s)/r_c, r_e): the probability that resampling round s uses a child.
+
+    Written as r_s + min(s/r_c, 1)·(r_e − r_s), which is the same for r_e >= r_s and also moves a
+    decreasing schedule (r_e < r_s) monotonically to r_e. The paper prints max(...), which would be
+    r_e or more from the start (ARCHITECTURE.md §4.5). Returns a [] float32 array.
+    """
+    if isinstance(r_cycles, (int, float)) and not r_cycles > 0:
+        raise ValueError(f"mixing_ratio: r_cycles (r_c) must be > 0, got {r_cycles}")
+    progress = jnp.minimum(jnp.asarray(s, jnp.float32) / jnp.asarray(r_cycles, jnp.float32), 1.0)
+    return jnp.asarray(r_start, jnp.float32) + progress * (jnp.asarray(r_end, jnp.float32) - r_start)
+
+
+def mix(key: Array, children: Array, uniform: Array, ratio: float | Array) -> tuple[Array, Array]:
+    """(points [K, d], is_child [K] bool): each row is the child with probability ``ratio``, else the uniform draw."""
+    children = jnp.asarray(children)
+    uniform = jnp.asarray(uniform)
+    if children.shape != uniform.shape or children.ndim != 2:
+        raise ValueError(f"mix: expected children and uniform of one shape [K, d], got {children.shape} and "
+                         f"{uniform.shape}")
+    is_child = jax.random.bernoulli(key, jnp.asarray(ratio, jnp.float32), (children.shape[0],))
+    return jnp.where(is_child[:, None], children, uniform.astype(children.dtype)), is_child

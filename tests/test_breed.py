@@ -1,0 +1,416 @@
+"""Breed: loss-deviation statistics against a NumPy reference, and the AMIS draw's distribution and rules."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from jaxsurro import breed
+
+P_MIN = 1e-3  # fixed keys make every statistical test deterministic; this is the bar each one clears
+
+amis = jax.jit(breed.amis_resample, static_argnames=breed.AMIS_STATIC_ARGNAMES)
+update = jax.jit(breed.update_loss_stats)
+scores_of = jax.jit(breed.simulation_scores)
+window_of = jax.jit(breed.recent_window, static_argnames=("size",))
+mix = jax.jit(breed.mix)
+
+LOW = np.full(5, 100.0, np.float32)
+HIGH = np.full(5, 500.0, np.float32)
+
+
+def as_numpy(draw: breed.AmisDraw) -> tuple[np.ndarray, ...]:
+    return tuple(np.asarray(x) for x in draw)
+
+
+# ----------------------------------------------------------------------------------------------
+# AMIS
+# ----------------------------------------------------------------------------------------------
+
+
+def test_fixed_key_is_bitwise_reproducible_and_keys_differ() -> None:
+    rng = np.random.default_rng(0)
+    locations = rng.uniform(100.0, 500.0, (40, 5)).astype(np.float32)
+    scores = rng.exponential(1.0, 40).astype(np.float32)
+    first = as_numpy(amis(jax.random.key(3), locations, scores, 64, 0.05, LOW, HIGH))
+    second = as_numpy(amis(jax.random.key(3), locations, scores, 64, 0.05, LOW, HIGH))
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = as_numpy(amis(jax.random.key(4), locations, scores, 64, 0.05, LOW, HIGH))
+    assert not np.array_equal(first[0], other[0])
+
+
+def test_every_child_lies_within_bounds_and_sigma_follows_the_shrink_rule() -> None:
+    rng = np.random.default_rng(1)
+    low = np.array([0.0, -1.0, 10.0], np.float32)
+    high = np.array([1.0, 1.0, 12.0], np.float32)
+    # Half the window sits on the faces and corners of the box, so many first draws fall outside.
+    unit = rng.uniform(0.0, 1.0, (50, 3))
+    unit[:25] = rng.integers(0, 2, (25, 3))
+    locations = (low + unit * (high - low)).astype(np.float32)
+    sigma = 0.2
+    children, parents, sigmas, fallback = as_numpy(
+        amis(jax.random.key(0), locations, np.ones(50, np.float32), 4000, sigma, low, high)
+    )
+    assert children.shape == (4000, 3) and parents.shape == (4000,) and sigmas.shape == (4000,)
+    assert np.all(children >= low) and np.all(children <= high)
+    assert not fallback
+    allowed = sigma * 0.3 ** np.arange(6)
+    assert np.all(np.min(np.abs(sigmas[:, None] - allowed[None, :]), axis=1) <= 1e-7)
+    assert np.any(sigmas < sigma) and np.any(sigmas == np.float32(sigma))  # some retried, some did not
+    kept_parent = np.all(children == locations[parents], axis=1)
+    # Only children that exhausted every retry may sit exactly on their parent.
+    assert np.all(np.isclose(sigmas[kept_parent], sigma * 0.3**5))
+
+
+def test_children_match_the_gaussian_mixture_they_are_drawn_from() -> None:
+    """No truncation (parents >= 8σ from every face): children ~ Σ_j w_j N(λ_j, σ²) in the unit cube."""
+    rng = np.random.default_rng(2)
+    n_window, dim, count, sigma = 6, 3, 6000, 0.03
+    unit_locations = rng.uniform(0.25, 0.75, (n_window, dim))
+    low = np.array([100.0, 0.0, -5.0])
+    high = np.array([500.0, 1.0, 5.0])
+    locations = (low + unit_locations * (high - low)).astype(np.float32)
+    scores = np.array([1.0, 3.0, 0.5, 2.0, 0.0, 4.0], np.float32)
+    children, parents, sigmas, _ = as_numpy(amis(jax.random.key(7), locations, scores, count, sigma, low, high))
+    np.testing.assert_array_equal(sigmas, np.float32(sigma))  # nothing retried
+    child_unit = (children - low) / (high - low)
+
+    reference_rng = np.random.default_rng(12345)
+    reference_parents = reference_rng.choice(n_window, size=count, p=scores / scores.sum())
+    reference = unit_locations[reference_parents] + sigma * reference_rng.standard_normal((count, dim))
+    for axis in range(dim):
+        result = scipy_stats.ks_2samp(child_unit[:, axis], reference[:, axis])
+        assert result.pvalue > P_MIN, f"coordinate {axis}: KS p = {result.pvalue}"
+    # Given the parents, the offsets are N(0, σ²) in every coordinate.
+    offsets = (child_unit - (locations[parents] - low) / (high - low)) / sigma
+    result = scipy_stats.kstest(offsets.ravel(), "norm")
+    assert result.pvalue > P_MIN, f"offsets/σ vs N(0, 1): KS p = {result.pvalue}"
+
+
+def test_parents_are_drawn_in_proportion_to_the_scores() -> None:
+    scores = np.array([1.0, 2.0, 0.0, 3.0, 4.0, 10.0, 0.0, 0.5], np.float32)
+    locations = np.full((8, 5), 300.0, np.float32)
+    count = 20000
+    _, parents, _, fallback = as_numpy(amis(jax.random.key(11), locations, scores, count, 0.01, LOW, HIGH))
+    assert not fallback
+    observed = np.bincount(parents, minlength=8)
+    assert observed[2] == 0 and observed[6] == 0  # zero score: never a parent
+    positive = scores > 0
+    expected = count * scores[positive] / scores[positive].sum()
+    result = scipy_stats.chisquare(observed[positive], expected)
+    assert result.pvalue > P_MIN, f"chi-square p = {result.pvalue}, observed {observed}"
+
+
+def test_importance_weights_divide_the_scores_by_the_proposal_density() -> None:
+    scores = np.array([2.0, 2.0, 1.0, 4.0], np.float32)
+    density = np.array([1.0, 4.0, 0.5, 2.0], np.float32)
+    locations = np.full((4, 5), 300.0, np.float32)
+    count = 20000
+    _, parents, _, _ = as_numpy(amis(jax.random.key(5), locations, scores, count, 0.01, LOW, HIGH,
+                                     importance_weights=True, proposal_density=density))
+    weights = scores / density  # [2, 0.5, 2, 2]
+    result = scipy_stats.chisquare(np.bincount(parents, minlength=4), count * weights / weights.sum())
+    assert result.pvalue > P_MIN
+    # Without the option the same scores give different frequencies (the density matters).
+    _, plain, _, _ = as_numpy(amis(jax.random.key(5), locations, scores, count, 0.01, LOW, HIGH))
+    assert scipy_stats.chisquare(np.bincount(plain, minlength=4), count * weights / weights.sum()).pvalue < 1e-6
+    with pytest.raises(ValueError, match="pass proposal_density"):
+        breed.amis_resample(jax.random.key(0), locations, scores, 4, 0.01, LOW, HIGH, importance_weights=True)
+    with pytest.raises(ValueError, match="only used with importance_weights=True"):
+        breed.amis_resample(jax.random.key(0), locations, scores, 4, 0.01, LOW, HIGH, proposal_density=density)
+
+
+def test_out_of_bounds_after_every_retry_keeps_the_parent_location() -> None:
+    """A parent at a corner with a huge σ: all six draws leave the cube, so child = parent, σ = σ·0.3^5."""
+    low = np.zeros(3, np.float32)
+    high = np.ones(3, np.float32)
+    corner = np.array([[0.0, 0.0, 1.0]], np.float32)
+    sigma = 1e6
+    children, parents, sigmas, _ = as_numpy(amis(jax.random.key(0), corner, np.ones(1, np.float32), 256, sigma,
+                                                 low, high))
+    np.testing.assert_array_equal(parents, 0)
+    np.testing.assert_array_equal(children, np.broadcast_to(corner, (256, 3)))
+    np.testing.assert_allclose(sigmas, sigma * 0.3**5, rtol=1e-6)
+    # max_retries = 0: one draw, then the parent, with σ unchanged.
+    children, _, sigmas, _ = as_numpy(amis(jax.random.key(0), corner, np.ones(1, np.float32), 16, sigma, low, high,
+                                           max_retries=0))
+    np.testing.assert_array_equal(children, np.broadcast_to(corner, (16, 3)))
+    np.testing.assert_array_equal(sigmas, np.float32(sigma))
+
+
+def test_per_location_sigma_is_inherited_by_the_children() -> None:
+    locations = np.full((2, 5), 300.0, np.float32)
+    window_sigma = np.array([0.01, 0.001], np.float32)
+    children, parents, sigmas, _ = as_numpy(amis(jax.random.key(2), locations, np.ones(2, np.float32), 500,
+                                                 window_sigma, LOW, HIGH))
+    np.testing.assert_array_equal(sigmas, window_sigma[parents])
+    spread = [np.std((children[parents == j] - 300.0) / 400.0) for j in (0, 1)]
+    np.testing.assert_allclose(spread, window_sigma, rtol=0.1)
+
+
+@pytest.mark.parametrize("scores", [np.zeros(5), np.full(5, np.nan), np.array([np.inf, 0, 0, 0, 0]),
+                                    np.array([-1.0, -2, 0, 0, 0])])
+def test_all_zero_or_non_finite_scores_fall_back_to_uniform_parents(scores: np.ndarray) -> None:
+    locations = np.full((5, 5), 300.0, np.float32)
+    count = 10000
+    _, parents, _, fallback = as_numpy(amis(jax.random.key(8), locations, scores.astype(np.float32), count, 0.01,
+                                            LOW, HIGH))
+    assert fallback
+    assert scipy_stats.chisquare(np.bincount(parents, minlength=5)).pvalue > P_MIN
+
+
+def test_non_finite_and_masked_scores_weigh_nothing() -> None:
+    locations = np.full((5, 5), 300.0, np.float32)
+    scores = np.array([1.0, np.nan, 1.0, 5.0, np.inf], np.float32)
+    valid = np.array([True, True, True, False, True])
+    _, parents, _, fallback = as_numpy(amis(jax.random.key(9), locations, scores, 5000, 0.01, LOW, HIGH, valid=valid))
+    assert not fallback
+    assert set(np.unique(parents)) == {0, 2}
+    # Nothing usable and only two valid rows: uniform among the valid ones.
+    _, parents, _, fallback = as_numpy(amis(jax.random.key(9), locations, np.zeros(5, np.float32), 5000, 0.01, LOW,
+                                            HIGH, valid=np.array([False, True, False, False, True])))
+    assert fallback and set(np.unique(parents)) == {1, 4}
+
+
+def test_jitted_amis_compiles_once_for_fixed_shapes() -> None:
+    traces = []
+
+    @functools.wraps(breed.amis_resample)  # the signature lets jit map static_argnames to positions
+    def counted(*args, **kwargs):
+        traces.append(1)
+        return breed.amis_resample(*args, **kwargs)
+
+    jitted = jax.jit(counted, static_argnames=breed.AMIS_STATIC_ARGNAMES)
+    rng = np.random.default_rng(3)
+    for round_index in range(4):
+        locations = rng.uniform(100.0, 500.0, (30, 5)).astype(np.float32)
+        scores = rng.exponential(1.0, 30).astype(np.float32)
+        draw = jitted(jax.random.fold_in(jax.random.key(0), round_index), locations, scores, 20,
+                      jnp.float32(0.0125 * (round_index + 1)), LOW, HIGH)
+        jax.block_until_ready(draw)
+    assert len(traces) == 1 and jitted._cache_size() == 1
+
+
+def test_amis_rejects_mismatched_shapes_with_a_clear_message() -> None:
+    locations = np.full((4, 5), 300.0, np.float32)
+    with pytest.raises(ValueError, match=r"scores of shape \(4,\)"):
+        breed.amis_resample(jax.random.key(0), locations, np.ones(3), 2, 0.01, LOW, HIGH)
+    with pytest.raises(ValueError, match=r"low, high \[d\]"):
+        breed.amis_resample(jax.random.key(0), locations, np.ones(4), 2, 0.01, LOW[:3], HIGH[:3])
+
+
+def test_proposal_density_matches_a_scipy_mixture() -> None:
+    rng = np.random.default_rng(4)
+    low = np.array([0.0, 100.0])
+    high = np.array([2.0, 500.0])
+    centres_unit = rng.uniform(0.2, 0.8, (7, 2))
+    sigmas = rng.uniform(0.05, 0.2, 7)
+    points_unit = rng.uniform(0.0, 1.0, (11, 2))
+    ratio = 0.7
+    density = np.asarray(breed.proposal_density(low + points_unit * (high - low), low + centres_unit * (high - low),
+                                                sigmas, low, high, ratio))
+    gaussians = np.stack([scipy_stats.multivariate_normal(c, s**2 * np.eye(2)).pdf(points_unit)
+                          for c, s in zip(centres_unit, sigmas, strict=True)])
+    np.testing.assert_allclose(density, ratio * gaussians.mean(axis=0) + (1 - ratio), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixing
+# ----------------------------------------------------------------------------------------------
+
+
+def test_mixing_ratio_follows_the_corrected_schedule() -> None:
+    values = [float(breed.mixing_ratio(s, 0.5, 0.9, 3)) for s in range(6)]
+    np.testing.assert_allclose(values, [0.5, 0.5 + 0.4 / 3, 0.5 + 0.8 / 3, 0.9, 0.9, 0.9], rtol=1e-6)
+    # Traceable: a round counter inside jit gives the same values.
+    np.testing.assert_allclose(jax.jit(breed.mixing_ratio)(jnp.arange(6), 0.5, 0.9, 3.0), values, rtol=1e-6)
+    # A decreasing schedule moves monotonically down to r_e and stays there.
+    np.testing.assert_allclose([float(breed.mixing_ratio(s, 1.0, 0.1, 5)) for s in (0, 5, 9)], [1.0, 0.1, 0.1],
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="r_cycles"):
+        breed.mixing_ratio(1, 0.5, 0.9, 0)
+
+
+def test_mix_takes_a_child_with_probability_ratio() -> None:
+    count = 20000
+    children = np.zeros((count, 2), np.float32)
+    uniform = np.ones((count, 2), np.float32)
+    points, is_child = (np.asarray(x) for x in mix(jax.random.key(0), children, uniform, 0.7))
+    np.testing.assert_array_equal(points[is_child], 0.0)
+    np.testing.assert_array_equal(points[~is_child], 1.0)
+    assert scipy_stats.binomtest(int(is_child.sum()), count, 0.7).pvalue > P_MIN
+    _, all_children = mix(jax.random.key(1), children, uniform, 1.0)
+    _, no_children = mix(jax.random.key(1), children, uniform, 0.0)
+    assert bool(jnp.all(all_children)) and not bool(jnp.any(no_children))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss-deviation statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def reference_stats(batches, n_simulations: int, n_steps: int):
+    """Straightforward NumPy loops over rows: the paper's eqs. 4-6 with per-(sim, t) lists of δ."""
+    deltas: dict[tuple[int, int], list[float]] = {}
+    last_update = np.full(n_simulations, -1)
+    for step, (losses, ids, weights) in enumerate(batches):
+        rows = [i for i in range(len(losses)) if weights[i] > 0]
+        w = np.array([weights[i] for i in rows], np.float64)
+        l = np.array([losses[i] for i in rows], np.float64)
+        mean = np.sum(w * l) / np.sum(w) if rows else 0.0
+        std = np.sqrt(np.sum(w * (l - mean) ** 2) / np.sum(w)) if rows else 0.0
+        for i in rows:
+            if not 0 <= ids[i] < n_simulations * n_steps:
+                continue
+            sim, t = divmod(int(ids[i]), n_steps)
+            delta = max(losses[i] - mean, 0.0) / std if std > 0 else 0.0
+            deltas.setdefault((sim, t), []).append(delta)
+            last_update[sim] = step
+    delta_sum = np.zeros((n_simulations, n_steps))
+    delta_count = np.zeros((n_simulations, n_steps), int)
+    for (sim, t), values in deltas.items():
+        delta_sum[sim, t] = sum(values)
+        delta_count[sim, t] = len(values)
+    scores = np.zeros(n_simulations)
+    has_score = np.zeros(n_simulations, bool)
+    for sim in range(n_simulations):
+        means = [np.mean(deltas[(sim, t)]) for t in range(n_steps) if (sim, t) in deltas]
+        if means:
+            scores[sim] = np.mean(means)
+            has_score[sim] = True
+    return delta_sum, delta_count, last_update, scores, has_score
+
+
+def random_batches(rng: np.random.Generator, count: int, batch_size: int, n_ids: int):
+    """Batches with repeated ids, padding rows (weight 0) and a few out-of-range ids (-1, as the reservoir pads)."""
+    batches = []
+    for _ in range(count):
+        losses = rng.exponential(1.0, batch_size).astype(np.float32)
+        ids = rng.integers(0, n_ids // 2, batch_size)  # half the id range: many repeats
+        ids[rng.random(batch_size) < 0.05] = -1
+        weights = (rng.random(batch_size) < 0.85).astype(np.float32)
+        batches.append((losses, ids.astype(np.int32), weights))
+    return batches
+
+
+def test_loss_stats_match_a_numpy_reference_with_repeated_ids() -> None:
+    rng = np.random.default_rng(5)
+    n_simulations, n_steps = 9, 7
+    batches = random_batches(rng, 30, 48, n_simulations * n_steps)
+    state = breed.init_loss_stats(n_simulations, n_steps)
+    for batch in batches:
+        state = update(state, *batch)
+    delta_sum, delta_count, last_update, scores, has_score = reference_stats(batches, n_simulations, n_steps)
+    np.testing.assert_array_equal(np.asarray(state.delta_count), delta_count)
+    np.testing.assert_allclose(np.asarray(state.delta_sum), delta_sum, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(state.last_update), last_update)
+    assert int(state.n_updates) == len(batches)
+    got_scores, got_has_score = scores_of(state)
+    np.testing.assert_array_equal(np.asarray(got_has_score), has_score)
+    assert has_score.any() and not has_score.all()  # the test covers both cases
+    np.testing.assert_allclose(np.asarray(got_scores), scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(breed.delta_mean(state)),
+                               np.where(delta_count > 0, delta_sum / np.maximum(delta_count, 1), 0.0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_batch_statistics_and_degenerate_batches() -> None:
+    state = breed.init_loss_stats(2, 2)
+    # Weighted μ and σ: weight 3 on loss 0 and 1 on loss 4 -> μ = 1, σ = √3; δ(4) = 3/√3 = √3.
+    state = update(state, np.array([0.0, 4.0], np.float32), np.array([0, 3], np.int32),
+                   np.array([3.0, 1.0], np.float32))
+    np.testing.assert_allclose(np.asarray(state.delta_sum), [[0.0, 0.0], [0.0, np.sqrt(3.0)]], rtol=1e-6)
+    # Equal losses (σ = 0) and an all-padding batch add counts with δ = 0, or nothing, and no NaN.
+    state = update(state, np.full(3, 0.7, np.float32), np.array([1, 1, 2], np.int32), np.ones(3, np.float32))
+    state = update(state, np.array([5.0, 1.0], np.float32), np.array([0, 1], np.int32), np.zeros(2, np.float32))
+    np.testing.assert_array_equal(np.asarray(state.delta_count), [[1, 2], [1, 1]])
+    assert np.all(np.isfinite(np.asarray(state.delta_sum)))
+    np.testing.assert_array_equal(np.asarray(state.last_update), [1, 1])
+    assert int(state.n_updates) == 3
+
+
+def test_merging_two_ranks_equals_computing_on_the_union() -> None:
+    """Each step's global batch is split between two ranks that share its moments (an all-reduce of 3 scalars)."""
+    rng = np.random.default_rng(6)
+    n_simulations, n_steps = 6, 5
+    batches = random_batches(rng, 25, 40, n_simulations * n_steps)
+    union = breed.init_loss_stats(n_simulations, n_steps)
+    ranks = [breed.init_loss_stats(n_simulations, n_steps) for _ in range(2)]
+    moments_of = jax.jit(breed.loss_moments)
+    for losses, ids, weights in batches:
+        union = update(union, losses, ids, weights)
+        parts = [slice(0, 17), slice(17, None)]  # unequal shares
+        local = [moments_of(losses[p], weights[p]) for p in parts]
+        total = jax.tree.map(lambda a, b: a + b, *local)
+        ranks = [update(state, losses[p], ids[p], weights[p], total) for state, p in zip(ranks, parts, strict=True)]
+    merged = breed.combine_loss_stats(ranks)
+    np.testing.assert_array_equal(np.asarray(merged.delta_count), np.asarray(union.delta_count))
+    np.testing.assert_allclose(np.asarray(merged.delta_sum), np.asarray(union.delta_sum), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(merged.last_update), np.asarray(union.last_update))
+    assert int(merged.n_updates) == int(union.n_updates) == len(batches)
+    np.testing.assert_allclose(np.asarray(scores_of(merged)[0]), np.asarray(scores_of(union)[0]), rtol=1e-4,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="same"):
+        breed.combine_loss_stats([union, breed.init_loss_stats(3, 5)])
+
+
+def test_recent_window_takes_the_most_recently_updated_scored_simulations() -> None:
+    state = breed.init_loss_stats(6, 2)
+    for sim in (4, 1, 5, 0):  # update order; simulations 2 and 3 are never seen
+        state = update(state, np.array([1.0, 3.0], np.float32), np.array([2 * sim, 2 * sim + 1], np.int32),
+                       np.ones(2, np.float32))
+    ids, valid = (np.asarray(x) for x in window_of(state, size=3))
+    np.testing.assert_array_equal(ids, [0, 5, 1])
+    assert valid.all()
+    ids, valid = (np.asarray(x) for x in window_of(state, size=8))
+    np.testing.assert_array_equal(ids[valid], [0, 5, 1, 4])
+    assert valid.sum() == 4 and ids.shape == (8,)
+    eligible = np.array([False, True, True, True, True, True])
+    ids, valid = (np.asarray(x) for x in window_of(state, size=2, eligible=eligible))
+    np.testing.assert_array_equal(ids, [5, 1])
+
+
+def test_loss_stats_update_compiles_once_and_rejects_bad_shapes() -> None:
+    traces = []
+
+    def counted(*args):
+        traces.append(1)
+        return breed.update_loss_stats(*args)
+
+    jitted = jax.jit(counted)
+    state = breed.init_loss_stats(4, 3)
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        state = jitted(state, rng.random(8, np.float32), rng.integers(0, 12, 8).astype(np.int32),
+                       np.ones(8, np.float32))
+    assert len(traces) == 1
+    with pytest.raises(ValueError, match=r"one shape \[B\]"):
+        breed.update_loss_stats(state, np.ones(8), np.zeros(7, np.int32), np.ones(8))
+    with pytest.raises(ValueError, match="n_simulations"):
+        breed.init_loss_stats(0, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------
+
+
+def test_settings_defaults_are_table_1_and_validate() -> None:
+    settings = breed.BreedSettings()
+    assert (settings.window, settings.period, settings.r_start, settings.r_end, settings.r_cycles) == (
+        200, 200, 0.5, 0.9, 3.0)
+    assert (settings.max_retries, settings.shrink, settings.importance_weights) == (5, 0.3, False)
+    assert settings.sigma_unit == pytest.approx(breed.unit_sigma(5.0, [100.0] * 5, [500.0] * 5)) == 0.0125
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.window = 3  # type: ignore[misc]
+    with pytest.raises(ValueError, match="r_end must be in"):
+        breed.BreedSettings(r_end=1.5)
+    with pytest.raises(ValueError, match="same span"):
+        breed.unit_sigma(5.0, [0.0, 0.0], [1.0, 2.0])
