@@ -113,11 +113,46 @@ class SolverConfig:
 class SamplerConfig:
     """How simulation parameters are drawn within the solver's bounds."""
 
-    kind: Literal["uniform", "halton", "lhs"] = "halton"
+    kind: Literal["uniform", "halton", "lhs", "breed"] = "halton"  # "breed": see the [breed] section
     seed: int | None = None  # defaults to study.seed
 
     def check(self, errors: list[str]) -> None:
         pass
+
+
+@dataclasses.dataclass(frozen=True)
+class BreedConfig:
+    """Breed active learning (sampler.kind = "breed"); defaults from the Breed paper's Table 1.
+
+    sigma is the proposal width in the parameters' physical units: 5.0 on the temperature
+    scale, which is 5.0 / (500 - 100) = 0.0125 in the unit cube the bounds map to (the
+    parameters must then share one span). sigma_unit gives the unit-cube width directly.
+    """
+
+    sigma: float = 5.0  # proposal width, physical units (all parameters must share one span)
+    sigma_unit: float | None = None  # proposal width in the unit cube; overrides sigma when given
+    window: int = 200  # N: the last N simulations whose score was updated
+    period: int = 200  # P: training batches between resampling rounds
+    r_start: float = 0.5  # r_s: share of bred points at the first round
+    r_end: float = 0.9  # r_e: share of bred points once the schedule has grown
+    r_cycles: float = 3.0  # r_c: rounds for the share to grow from r_s to r_e
+    base_sampler: Literal["uniform", "halton", "lhs"] = "uniform"  # draws the points that are not bred
+    min_finished: int = 10  # completed simulations needed before the first resampling round
+    importance_weights: bool = False  # divide the scores by the proposal density (true importance weights)
+
+    def check(self, errors: list[str]) -> None:
+        if not (self.sigma > 0 and math.isfinite(self.sigma)):
+            errors.append(f"breed.sigma ({self.sigma}) must be a positive number (physical units)")
+        if self.sigma_unit is not None and not 0 < self.sigma_unit <= 1:
+            errors.append(f"breed.sigma_unit ({self.sigma_unit}) must be in (0, 1] (unit-cube units)")
+        _at_least(errors, "breed.window", self.window, 1)
+        _at_least(errors, "breed.period", self.period, 1)
+        for name in ("r_start", "r_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                errors.append(f"breed.{name} ({getattr(self, name)}) must be within [0, 1]")
+        if not self.r_cycles > 0:
+            errors.append(f"breed.r_cycles ({self.r_cycles}) must be positive")
+        _at_least(errors, "breed.min_finished", self.min_finished, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,10 +259,19 @@ class Config:
     train: TrainConfig
     launcher: LauncherConfig
     server: ServerConfig
+    breed: BreedConfig
 
     @property
     def sampler_seed(self) -> int:
         return self.study.seed if self.sampler.seed is None else self.sampler.seed
+
+    @property
+    def breed_sigma_unit(self) -> float:
+        """Breed's proposal width in the unit cube."""
+        if self.breed.sigma_unit is not None:
+            return self.breed.sigma_unit
+        lo, hi = next(iter(self.solver.parameters.values()))
+        return self.breed.sigma / (hi - lo)
 
     @property
     def output_range(self) -> tuple[float, float]:
@@ -247,6 +291,14 @@ class Config:
             errors.append(f"train.batch_size ({self.train.batch_size}) must not exceed buffer.capacity "
                           f"({self.buffer.capacity}) for a {self.buffer.kind.upper()} buffer: a full batch "
                           "would never fit")
+        if self.sampler.kind == "breed" and self.breed.sigma_unit is None:
+            spans = sorted({round(hi - lo, 12) for lo, hi in self.solver.parameters.values()})
+            if len(spans) > 1:
+                errors.append(f"breed.sigma ({self.breed.sigma}) is in physical units, which needs every parameter "
+                              f"to share one span; the spans are {spans}: give breed.sigma_unit (unit cube) instead")
+        if self.sampler.kind == "breed" and self.breed.min_finished > self.study.n_simulations:
+            errors.append(f"breed.min_finished ({self.breed.min_finished}) must not exceed study.n_simulations "
+                          f"({self.study.n_simulations})")
         if self.buffer.kind == "reservoir" and self.buffer.watermark < 1:
             errors.append("buffer.watermark (0) must be at least 1 for a reservoir: it draws from stored samples")
 

@@ -29,6 +29,7 @@ from jaxsurro.launcher import SimState, SimulationTable
 from jaxsurro.progress import Progress
 from jaxsurro.receiver import BufferSink
 from jaxsurro.server import Ensemble, StallError
+from jaxsurro.steering import Steering
 from jaxsurro.trainer import Trainer
 from jaxsurro.validation import ValidationSet
 
@@ -98,6 +99,7 @@ class OnlineTraining:
                                   watermark=config.buffer.watermark, input_dim=len(solver.parameters) + 1,
                                   field_size=int(np.prod(solver.field_shape)), seed=config.study.seed + world.rank)
         self.trainer = Trainer(config, reduce_fn=gradient_allreduce(world))
+        self.steering = Steering(config, world, table, self.trainer.mesh) if config.sampler.kind == "breed" else None
         if world.is_root:
             if validation is None:
                 raise ValueError("rank 0 validates for every rank: it needs the validation set")
@@ -174,10 +176,14 @@ class OnlineTraining:
                 self._record("train")
 
     def _train(self, batch: SampleBatch) -> None:
-        metrics, _ = self.trainer.step(batch)
+        metrics, per_sample_loss = self.trainer.step(batch)
         self._pending_metrics.append(metrics)
         self.steps += 1
         self.samples_trained += len(batch.sample_ids)
+        if self.steering is not None:
+            self.steering.observe(per_sample_loss, batch.sample_ids)
+            if self.steering.due(self.steps):
+                self.steering.resample()
         if self.steps % self.config.train.validation_every == 0:
             if self.world.is_root:
                 self.val_mse = self.trainer.evaluate(self.val_inputs, self.val_targets)
@@ -297,6 +303,9 @@ class OnlineTraining:
                                  "samples_trained": r["samples_trained"], "parameter_digest": r["parameter_digest"]}
                                 for i, r in enumerate(ranks)]
         summary["parameter_digest"] = ranks[0]["parameter_digest"]
+        if self.steering is not None:
+            summary["breed_rounds"] = self.steering.history
+            summary["simulations_bred"] = sum(1 for r in self.table if r.bred)
         return summary
 
 

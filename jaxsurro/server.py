@@ -146,5 +146,6 @@ def produce_validation_set(config: Config, log_dir: Path, progress: Progress) ->
 def plan_simulations(config: Config) -> SimulationTable:
     """The study's simulation table, parameters drawn by the configured sampler (the same on every rank)."""
     solver = config.solver
-    sampler = BoxSampler(config.sampler.kind, solver.low, solver.high, config.sampler_seed)
+    kind = config.breed.base_sampler if config.sampler.kind == "breed" else config.sampler.kind
+    sampler = BoxSampler(kind, solver.low, solver.high, config.sampler_seed)
     return SimulationTable(sampler.draw(config.study.n_simulations))

@@ -46,6 +46,7 @@ class SimulationRecord:
     generation: int = 0  # Breed resampling round that produced the parameters
     bred: bool = False
     parent: int = -1  # the simulation whose parameters were the parent, -1 if none
+    score: float | None = None  # Breed's Q: mean loss deviation over the simulation's time steps
     error: str = ""
 
 
@@ -68,6 +69,11 @@ class SimulationTable:
 
     def __iter__(self) -> Iterator[SimulationRecord]:
         return iter(self._records)
+
+    def pending_ids(self) -> list[int]:
+        """Simulations never submitted: the ones whose parameters Breed may still replace."""
+        with self.lock:
+            return [r.sim_id for r in self._records if r.state == SimState.PENDING and r.attempts == 0]
 
     def parameters_of(self, sim_id: int) -> np.ndarray:
         with self.lock:
@@ -117,7 +123,7 @@ class SimulationTable:
     def write_csv(self, path: Path, parameter_names: Sequence[str]) -> None:
         """Writes one row per simulation, parameters as named columns."""
         columns = ["sim_id", *parameter_names, "state", "attempts", "job_id", "submitted_at", "started_at",
-                   "ended_at", "exit_code", "steps_finished", "generation", "bred", "parent", "error"]
+                   "ended_at", "exit_code", "steps_finished", "generation", "bred", "parent", "score", "error"]
         with self.lock, open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(columns)
@@ -126,7 +132,8 @@ class SimulationTable:
                                  r.job_id, _stamp(r.submitted_at), _stamp(r.started_at), _stamp(r.ended_at),
                                  "" if r.exit_code is None else r.exit_code,
                                  "" if r.steps_finished is None else r.steps_finished,
-                                 r.generation, int(r.bred), r.parent, r.error])
+                                 r.generation, int(r.bred), r.parent,
+                                 "" if r.score is None else repr(float(r.score)), r.error])
 
 
 def _stamp(seconds: float | None) -> str:
