@@ -154,3 +154,19 @@ def _solver_pids() -> list[str]:
         if b"200000" in cmdline and any(part.endswith(b"heat.py") for part in cmdline) and "State:\tZ" not in status:
             pids.append(entry.name)
     return pids
+
+
+def test_breed_steers_pending_simulations_and_accounts_for_every_step(tmp_path):
+    config = load_config(ROOT / "experiments/heat.toml", tiny(
+        tmp_path, "study.n_simulations=12", "sampler.kind=breed", "breed.period=5", "breed.window=10",
+        "breed.min_finished=2", "launcher.max_concurrent=1"))
+    run_dir, summary = run(config, show_progress=False)
+    assert summary["simulations_finished"] == 12
+    assert summary["unique_samples_received"] == 12 * N_STEPS
+    assert summary["breed_rounds"], "no resampling round happened"
+    rows = read_csv(run_dir / "simulations.csv")
+    bred = [r for r in rows if r["bred"] == "1"]
+    assert bred and summary["simulations_bred"] == len(bred)
+    for row in bred:  # a bred simulation started after its parent had completed
+        assert int(row["parent"]) < int(row["sim_id"]) and int(row["generation"]) >= 1
+    assert any(r["score"] for r in rows)

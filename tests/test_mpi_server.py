@@ -60,3 +60,12 @@ def test_a_starved_rank_neither_deadlocks_nor_drifts(tmp_path):
     assert summary["ranks"][1]["samples_trained"] == 0  # it took part in every step with zero weight
     assert summary["batches"] > 0
     assert len({r["parameter_digest"] for r in summary["ranks"]}) == 1
+
+
+def test_breed_across_two_ranks_keeps_ranks_in_step(tmp_path):
+    summary = mpirun(2, tmp_path, "study.n_simulations=24", "sampler.kind=breed", "breed.period=3",
+                     "breed.window=10", "breed.min_finished=2", "launcher.max_concurrent=1")
+    assert summary["simulations_finished"] == 24
+    assert summary["unique_samples_received"] == 24 * N_STEPS
+    assert summary["breed_rounds"] and summary["simulations_bred"] > 0
+    assert len({r["parameter_digest"] for r in summary["ranks"]}) == 1

@@ -1,0 +1,477 @@
+"""Trainer steps/s while clients stream, against the same jitted step on batches already on the device.
+
+What is measured (ARCHITECTURE.md section 5), with one ``jaxsurro.trainer.Trainer`` built from an
+experiment file (``--config``, default experiments/heat.toml, with ``--set section.key=value``
+overrides):
+
+* the limit: a few batches are put on the device once (``jaxsurro.parallel.put_batch``), then the
+  trainer's jitted step (``trainer._train_step``) runs on them, blocking on the state at the end.
+* ours: a real streaming set-up. A ``Receiver`` (control and data sockets, validation,
+  deduplication) feeds a ``BufferSink`` into the configured buffer (a Reservoir in heat.toml); sender
+  processes connect with ``jaxsurro.client.connect(...)`` (explicit arguments, one HELLO/WELCOME and
+  FINISH per simulation) and send random fields at a fixed pace (``--send-rate`` messages/s in
+  all). Once the buffer holds its watermark, the main thread draws batches with
+  ``buffer.get_batch`` and calls ``trainer.step(batch)`` (host-to-device copy included), blocking
+  on the state at the end.
+* for the diagnosis, "no streaming": the same get_batch + trainer.step loop on a full buffer of the
+  same kind with nothing streaming, which separates the cost of preparing batches on the host from
+  the cost of the streaming itself. With ``--proposed``, also a prototype loop (``run_prefetching``)
+  whose thread draws and puts the next batches on the device while the current step runs.
+
+To keep outside load (other jobs on a shared machine) from biasing the ratio, the variants run
+interleaved in blocks of ``--block`` steps until each has run ``--steps`` steps; the senders are
+paused during the limit and no-streaming blocks, so those see no streaming at all. Printed: steps/s
+of each variant and its ratio to the limit (target: ours / limit >= 0.95 while production keeps up,
+i.e. while the buffer population stays above the watermark, checked and printed), the host time
+per step spent in get_batch and in the step call, the samples received, and the senders' CPU.
+
+On the 2-core machine this project is developed on, XLA's compute threads use both cores, so the
+host work of the training loop, the receiver thread, ZeroMQ's I/O threads and the senders all take
+CPU from the step: the ratio here is a lower bound for a machine with spare cores. The senders are
+paced (default 1000 messages/s in all, a few percent of a core) rather than sending flat out, which
+would take a whole core from XLA and measure CPU sharing rather than starvation; a Reservoir keeps
+serving batches above its watermark whatever the production rate.
+
+Usage: python scripts/bench_starvation.py [--config experiments/heat.toml] [--set train.batch_size=128 ...]
+       [--steps 400] [--block 25] [--send-rate 1000] [--senders 1] [--proposed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.process
+import multiprocessing.synchronize
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import zmq
+
+from jaxsurro import client, protocol
+from jaxsurro.buffers import Buffer, make_buffer
+from jaxsurro.config import Config, load_config
+from jaxsurro.launcher.table import SimState, SimulationTable
+from jaxsurro.parallel import put_batch
+from jaxsurro.receiver import BufferSink, Receiver
+from jaxsurro.train import Batch
+from jaxsurro.trainer import Trainer
+
+TARGET_RATIO = 0.95
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "heat.toml"
+DEVICE_BATCHES = 4  # distinct device-resident batches the limit cycles through
+PREFETCH_DEPTH = 2  # device batches the proposed loop prepares ahead
+WARMUP_STEPS = 10
+DEADLINE_S = 60.0  # for the watermark to be reached, a batch to come, a sender to report
+STREAM_SECONDS_PLANNED = 120.0  # the simulation table holds enough simulations to stream this long
+CLIENT_TIMEOUT_S = 30.0
+
+
+# --- the senders -------------------------------------------------------------------------------
+
+
+def stream_fields(server: str, token: bytes, sim_ids: Sequence[int], field: str, n_steps: int,
+                  field_shape: tuple[int, ...], low: float, high: float, rate: float,
+                  sending: multiprocessing.synchronize.Event, stop: multiprocessing.synchronize.Event,
+                  report: multiprocessing.connection.Connection, cores: set[int] | None) -> None:
+    """Sender process: for each simulation, HELLO, then paced random fields, then FINISH; report CPU.
+
+    Sends only while ``sending`` is set (the limit is timed with the senders paused) and ends when
+    ``stop`` is set. With ``cores``, the process runs on those cores only.
+    """
+    if cores:
+        os.sched_setaffinity(0, cores)
+    rng = np.random.default_rng(sim_ids[0] if sim_ids else 0)
+    pool = [rng.uniform(low, high, size=field_shape).astype(np.float32) for _ in range(8)]
+    interval = 1.0 / rate
+    sent = 0
+    cpu_start = time.process_time()
+    next_send = time.monotonic()
+    for sim_id in sim_ids:
+        if stop.is_set():
+            break
+        with client.connect(server=server, token=token, sim_id=sim_id, timeout=CLIENT_TIMEOUT_S) as simulation:
+            for time_step in range(n_steps):
+                if not sending.is_set():  # paused: resume at the set pace, without a burst to catch up
+                    while not sending.wait(0.1) and not stop.is_set():
+                        pass
+                    next_send = time.monotonic()
+                if stop.is_set():
+                    break
+                simulation.send(field, time_step, pool[(sim_id + time_step) % len(pool)])
+                sent += 1
+                next_send += interval
+                delay = next_send - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)  # pacing: this sender's share of --send-rate
+                elif delay < -0.1:  # fell far behind (the machine is busy): do not send a burst to catch up
+                    next_send = time.monotonic()
+    report.send((sent, time.process_time() - cpu_start))
+
+
+class Senders(NamedTuple):
+    """Running sender processes, their pause and stop signals and their report pipes."""
+
+    processes: list[multiprocessing.process.BaseProcess]
+    reports: list[multiprocessing.connection.Connection]
+    sending: multiprocessing.synchronize.Event
+    stop: multiprocessing.synchronize.Event
+
+
+def start_senders(config: Config, receiver: Receiver, n_senders: int, rate: float,
+                  cores: set[int] | None) -> Senders:
+    """Spawn the senders (sending); sender k streams simulations k, k + n_senders, ... of the table."""
+    context = multiprocessing.get_context("spawn")
+    sending, stop = context.Event(), context.Event()
+    sending.set()
+    processes, reports = [], []
+    solver = config.solver
+    low, high = config.output_range
+    n_simulations = len(receiver.table)
+    for k in range(n_senders):
+        report, child_end = context.Pipe(duplex=False)
+        process = context.Process(
+            target=stream_fields,
+            args=(receiver.control_address, receiver.token, list(range(k, n_simulations, n_senders)), solver.field,
+                  solver.n_steps, solver.field_shape, low, high, rate / n_senders, sending, stop, child_end, cores),
+            daemon=True)
+        process.start()
+        child_end.close()
+        processes.append(process)
+        reports.append(report)
+    return Senders(processes, reports, sending, stop)
+
+
+def stop_senders(senders: Senders) -> tuple[int, float]:
+    """Signal the senders to stop; return the messages they sent and their CPU seconds, in all."""
+    senders.stop.set()
+    senders.sending.set()
+    sent = cpu_seconds = 0
+    for process, report in zip(senders.processes, senders.reports, strict=True):
+        if not report.poll(DEADLINE_S):
+            process.kill()
+            raise RuntimeError(f"a sender process (exit code {process.exitcode}) did not report within "
+                               f"{DEADLINE_S:.0f} s of being told to stop; its traceback, if any, is above")
+        count, cpu = report.recv()
+        process.join(DEADLINE_S)
+        sent += count
+        cpu_seconds += cpu
+    return sent, cpu_seconds
+
+
+def check_senders(senders: Senders) -> None:
+    """Fail fast when a sender died."""
+    for process in senders.processes:
+        if process.exitcode not in (None, 0):
+            raise RuntimeError(f"a sender process ended with exit code {process.exitcode}; its traceback is above")
+
+
+# --- the measurements --------------------------------------------------------------------------
+
+
+class Blocks:
+    """Accumulated timing of one variant over its interleaved blocks of steps."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.seconds = 0.0
+        self.wait_s = 0.0  # in get_batch (or waiting for a prefetched batch)
+        self.step_s = 0.0  # in trainer.step / the jitted step call
+        self.received = 0  # unique samples stored during the blocks
+        self.min_population = math.inf  # smallest buffer population seen before a draw
+
+    @property
+    def per_s(self) -> float:
+        """Steps per second over all blocks."""
+        return self.steps / self.seconds
+
+
+def device_batches(trainer: Trainer, config: Config, rng: np.random.Generator) -> list[Batch]:
+    """A few random batches of the configured shapes, put on the device once (padded as trainer.step pads)."""
+    solver = config.solver
+    low, high = config.output_range
+    batches = []
+    for _ in range(DEVICE_BATCHES):
+        parameters = rng.uniform(solver.low, solver.high, size=(trainer.batch_size, len(solver.parameters)))
+        times = rng.uniform(0.0, solver.n_steps * solver.dt, size=(trainer.batch_size, 1))
+        host = Batch(inputs=np.concatenate([parameters, times], axis=1).astype(np.float32),
+                     targets=rng.uniform(low, high, size=(trainer.batch_size, *solver.field_shape)).astype(np.float32),
+                     weights=np.ones(trainer.batch_size, dtype=np.float32))
+        batches.append(put_batch(host, trainer.mesh, min_size=trainer.batch_size))
+    return batches
+
+
+def filled_buffer(config: Config, rng: np.random.Generator) -> Buffer:
+    """A buffer of the configured kind filled to capacity with random samples, for the no-streaming variant."""
+    solver = config.solver
+    low, high = config.output_range
+    buffer = make_buffer(config.buffer.kind, capacity=config.buffer.capacity, watermark=config.buffer.watermark,
+                         input_dim=len(solver.parameters) + 1, field_size=math.prod(solver.field_shape),
+                         seed=config.study.seed + 1)
+    fields = rng.uniform(low, high, size=(64, math.prod(solver.field_shape))).astype(np.float32)
+    inputs = rng.uniform(low, high, size=(64, len(solver.parameters) + 1)).astype(np.float32)
+    for sample in range(buffer.capacity):
+        buffer.put(sample, inputs[sample % 64], fields[sample % 64], timeout=1.0)
+    return buffer
+
+
+def run_limit(trainer: Trainer, batches: list[Batch], steps: int, into: Blocks) -> None:
+    """``steps`` jitted steps on device-resident batches, blocking on the state at the end."""
+    start = time.perf_counter()
+    for k in range(steps):
+        trainer.state, _, _ = trainer._train_step(trainer.state, batches[k % len(batches)])
+    jax.block_until_ready(trainer.state)
+    into.steps += steps
+    into.seconds += time.perf_counter() - start
+
+
+def run_from_buffer(trainer: Trainer, buffer: Buffer, receiver: Receiver | None, steps: int, into: Blocks) -> None:
+    """``steps`` of get_batch + trainer.step (the server's loop), blocking on the state at the end."""
+    received_before = receiver.unique_received if receiver is not None else 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        into.min_population = min(into.min_population, buffer.population)
+        drawn = time.perf_counter()
+        batch = buffer.get_batch(trainer.batch_size, timeout=DEADLINE_S)
+        stepped = time.perf_counter()
+        trainer.step(batch)
+        into.wait_s += stepped - drawn
+        into.step_s += time.perf_counter() - stepped
+    jax.block_until_ready(trainer.state)
+    into.steps += steps
+    into.seconds += time.perf_counter() - start
+    if receiver is not None:
+        into.received += receiver.unique_received - received_before
+
+
+def run_prefetching(trainer: Trainer, buffer: Buffer, receiver: Receiver, steps: int, into: Blocks,
+                    cores: set[int] | None) -> None:
+    """Proposed loop: a thread draws and puts the next batches on the device while the current step runs.
+
+    With ``cores``, the prefetching thread runs there (off the cores XLA computes on).
+    """
+    ready: queue.Queue = queue.Queue(maxsize=PREFETCH_DEPTH)
+    ones = np.ones(trainer.batch_size, dtype=np.float32)
+
+    def prefetch() -> None:
+        try:
+            if cores:
+                os.sched_setaffinity(0, cores)
+            for _ in range(steps):
+                batch = buffer.get_batch(trainer.batch_size, timeout=DEADLINE_S)
+                n = len(batch.sample_ids)
+                host = Batch(batch.inputs, batch.targets.reshape(n, *trainer.field_shape), ones[:n])
+                ready.put(put_batch(host, trainer.mesh, min_size=trainer.batch_size))
+        except BaseException as exc:  # surfaced in the main thread
+            ready.put(exc)
+
+    received_before = receiver.unique_received
+    start = time.perf_counter()
+    worker = threading.Thread(target=prefetch, name="prefetch", daemon=True)
+    worker.start()
+    for _ in range(steps):
+        into.min_population = min(into.min_population, buffer.population)
+        waited = time.perf_counter()
+        device_batch = ready.get(timeout=DEADLINE_S)
+        if isinstance(device_batch, BaseException):
+            raise RuntimeError(f"the prefetch thread failed: {device_batch}") from device_batch
+        stepped = time.perf_counter()
+        trainer.state, _, _ = trainer._train_step(trainer.state, device_batch)
+        into.wait_s += stepped - waited
+        into.step_s += time.perf_counter() - stepped
+    jax.block_until_ready(trainer.state)
+    into.steps += steps
+    into.seconds += time.perf_counter() - start
+    worker.join(DEADLINE_S)
+    into.received += receiver.unique_received - received_before
+
+
+def ready_population(kind: str, watermark: int, batch_size: int) -> int:
+    """The population at which the buffer releases a batch without waiting (jaxsurro.buffers' rules)."""
+    if kind == "reservoir":
+        return max(watermark, 1)
+    if kind == "firo":
+        return max(watermark + 1, batch_size)
+    return batch_size  # fifo
+
+
+def split_cores() -> tuple[set[int], set[int]]:
+    """The first usable core for the trainer, the others for the ingest side."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit(f"--pin needs at least 2 usable cores, this process may use {cores}")
+    return {cores[0]}, set(cores[1:])
+
+
+def start_on(start: Callable[[], None], cores: set[int] | None) -> None:
+    """Call ``start`` from a helper thread restricted to ``cores``, so threads it starts inherit them."""
+    def pinned_start() -> None:
+        if cores:
+            os.sched_setaffinity(0, cores)  # 0 = the calling thread
+        start()
+
+    helper = threading.Thread(target=pinned_start, name="pinned-start")
+    helper.start()
+    helper.join()
+
+
+def submitted_table(config: Config, n_simulations: int, rng: np.random.Generator) -> SimulationTable:
+    """Simulations with parameters in the configured bounds, all submitted so that their clients are welcome."""
+    solver = config.solver
+    table = SimulationTable(rng.uniform(solver.low, solver.high, size=(n_simulations, len(solver.parameters))))
+    for record in table:
+        record.attempts = 1
+        record.state = SimState.SUBMITTED
+    return table
+
+
+def wait_for_watermark(buffer: Buffer, receiver: Receiver, senders: Senders) -> float:
+    """Block until the buffer holds its watermark; return the seconds it took."""
+    start = time.monotonic()
+    while buffer.population < max(buffer.watermark, 1):
+        receiver.check()
+        check_senders(senders)
+        if time.monotonic() - start > DEADLINE_S:
+            raise RuntimeError(f"the buffer did not reach its watermark ({buffer.watermark}) within {DEADLINE_S:.0f} "
+                               f"s: {buffer.stats()}; receiver {receiver.stats()}")
+        time.sleep(0.01)  # a script polling a counter
+    return time.monotonic() - start
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options: experiment file and overrides, steps, sender pace and count, the prototype."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="Target: ours / limit >= 0.95 while production keeps up "
+                                            "(ARCHITECTURE.md section 5).")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment TOML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one configuration value (repeatable), e.g. train.batch_size=128")
+    parser.add_argument("--steps", type=int, default=400, help="timed steps K per variant")
+    parser.add_argument("--block", type=int, default=25, help="steps per interleaved block")
+    parser.add_argument("--send-rate", type=float, default=1000.0, help="messages per second, all senders together")
+    parser.add_argument("--senders", type=int, default=1, help="sender processes")
+    parser.add_argument("--proposed", action="store_true",
+                        help="also time the prefetching training loop prototyped in this script")
+    parser.add_argument("--pin", action="store_true",
+                        help="give the trainer (XLA and the training loop) the first core and the receiver "
+                             "thread, its ZeroMQ I/O thread and the senders the others, as on a node whose "
+                             "clients run elsewhere")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.block < 1 or args.send_rate <= 0 or args.senders < 1:
+        parser.error("--steps, --block and --senders must be >= 1 and --send-rate > 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Interleave the limit and the streaming loop in blocks; print both rates and their ratio."""
+    args = parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    solver = config.solver
+    rng = np.random.default_rng(args.seed)
+    total_start = time.perf_counter()
+    trainer_cores, ingest_cores = split_cores() if args.pin else (None, None)
+    if trainer_cores:
+        os.sched_setaffinity(0, trainer_cores)  # before XLA's thread pool exists, so it is sized and placed here
+
+    trainer = Trainer(config)
+    batches = device_batches(trainer, config, rng)
+    idle_buffer = filled_buffer(config, rng) if config.buffer.kind == "reservoir" else None
+    warmup = Blocks()
+    run_limit(trainer, batches, WARMUP_STEPS, warmup)  # compiles the step
+    n_simulations = math.ceil(args.send_rate * STREAM_SECONDS_PLANNED / solver.n_steps) + args.senders
+    table = submitted_table(config, n_simulations, rng)
+    buffer = make_buffer(config.buffer.kind, capacity=config.buffer.capacity, watermark=config.buffer.watermark,
+                         input_dim=len(solver.parameters) + 1, field_size=math.prod(solver.field_shape),
+                         seed=config.study.seed)
+    context = zmq.Context(io_threads=1)
+    for core in sorted(ingest_cores or ()):
+        context.set(zmq.THREAD_AFFINITY_CPU_ADD, core)  # the I/O thread is started with the first socket
+    receiver = Receiver(table=table, sink=BufferSink(buffer, table, solver.n_steps, solver.dt),
+                        token=protocol.new_token(), field=solver.field, field_shape=solver.field_shape,
+                        wire_dtype=solver.wire_dtype, n_steps=solver.n_steps, host=config.server.host,
+                        context=context)
+    names = ["limit (device-resident batches)"]
+    if idle_buffer is not None:
+        names.append("no streaming (full buffer)")
+    names.append("ours (live streaming)")
+    if args.proposed:
+        names.append("proposed: prefetch thread")
+    blocks = {name: Blocks() for name in names}
+    start_on(receiver.start, ingest_cores)  # the receiver thread inherits the starting thread's cores
+    senders_started = time.perf_counter()
+    senders = start_senders(config, receiver, args.senders, args.send_rate, ingest_cores)
+    try:
+        fill_s = wait_for_watermark(buffer, receiver, senders)
+        run_from_buffer(trainer, buffer, receiver, WARMUP_STEPS, warmup)
+        if args.proposed:
+            run_prefetching(trainer, buffer, receiver, WARMUP_STEPS, warmup, ingest_cores)
+        for _ in range(math.ceil(args.steps / args.block)):
+            senders.sending.clear()  # the limit and the no-streaming loop run with the senders paused
+            run_limit(trainer, batches, args.block, blocks[names[0]])
+            if idle_buffer is not None:
+                run_from_buffer(trainer, idle_buffer, None, args.block, blocks["no streaming (full buffer)"])
+            senders.sending.set()
+            run_from_buffer(trainer, buffer, receiver, args.block, blocks["ours (live streaming)"])
+            if args.proposed:
+                run_prefetching(trainer, buffer, receiver, args.block, blocks["proposed: prefetch thread"],
+                                ingest_cores)
+            receiver.check()
+            check_senders(senders)
+    finally:
+        senders.stop.set()
+        buffer.close()  # a sample still arriving is counted as late, so no sender blocks on a full buffer
+        sent, sender_cpu_s = stop_senders(senders)
+        receiver.stop()
+        context.term()
+    senders_wall_s = time.perf_counter() - senders_started  # bounds the senders' lifetime from above
+
+    limit = blocks[names[0]]
+    ours = blocks["ours (live streaming)"]
+    ratio = ours.per_s / limit.per_s
+    devices = ", ".join(str(device) for device in trainer.mesh.devices.flat)
+    print(f"trainer starvation: {Path(args.config).name} {' '.join(args.overrides)}".rstrip())
+    print(f"  model {config.model.name} {len(solver.parameters) + 1} -> {config.model.layers}x{config.model.hidden} -> "
+          f"{solver.grid_size}x{solver.grid_size}, batch {trainer.batch_size}, {config.buffer.kind} buffer "
+          f"(capacity {buffer.capacity}, watermark {buffer.watermark}), devices: {devices}")
+    print(f"  streaming: {args.senders} sender process(es) paced at {args.send_rate:,.0f} msgs/s in all "
+          f"({math.prod(solver.field_shape) * 4 / 1e3:,.0f} KB fields), watermark reached in {fill_s:.1f} s; "
+          f"{limit.steps} steps per variant in interleaved blocks of {args.block} (senders paused during the "
+          "limit and no-streaming blocks)")
+    if trainer_cores:
+        print(f"  pinned: XLA and the training loop on core(s) {sorted(trainer_cores)}; the receiver thread, its "
+              f"ZeroMQ I/O thread and the senders on core(s) {sorted(ingest_cores)}")
+    print(f"  {'':<34} {'steps/s':>8} {'ratio':>6}  {'ms/step: get_batch':>18} {'step call':>9}")
+    for name, timing in blocks.items():
+        waits = f"{timing.wait_s / timing.steps * 1e3:>18.2f} {timing.step_s / timing.steps * 1e3:>9.2f}" \
+            if timing.wait_s or timing.step_s else f"{'':>18} {timing.seconds / timing.steps * 1e3:>9.2f}"
+        print(f"  {name:<34} {timing.per_s:>8.1f} {timing.per_s / limit.per_s:>6.3f}  {waits}")
+    print(f"  ours / limit = {ratio:.3f}: {'meets' if ratio >= TARGET_RATIO else 'BELOW'} the target >= {TARGET_RATIO}")
+    needed = ready_population(config.buffer.kind, buffer.watermark, trainer.batch_size)
+    kept_up = ours.min_population >= needed
+    print(f"  during the streaming blocks: {ours.received / ours.seconds:,.0f} samples/s received, "
+          f"{ours.per_s * trainer.batch_size:,.0f} samples/s trained; buffer population never below "
+          f"{ours.min_population} ({needed} releases a batch: "
+          f"{'production kept up' if kept_up else 'the trainer waited for data'})")
+    print(f"  senders: {sent} messages, {sender_cpu_s:.2f} CPU s over at most {senders_wall_s:.1f} s "
+          f"({sender_cpu_s / senders_wall_s:.0%} of a core or more, start-up included)")
+    if not trainer_cores:
+        print(f"  the senders, the receiver thread and ZeroMQ's I/O threads share this machine's "
+              f"{len(os.sched_getaffinity(0))} cores with XLA's compute threads, so the ratio is a lower bound for "
+              "a machine with spare cores (--pin separates them)")
+    print(f"total {time.perf_counter() - total_start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
