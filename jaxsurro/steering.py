@@ -116,9 +116,10 @@ class Steering:
                               valid=valid)
         k = len(pending)
         ratio = breed.mixing_ratio(self.round, self.settings.r_start, self.settings.r_end, self.settings.r_cycles)
-        uniform = self._uniform.draw(k).astype(np.float32)
-        points, is_child = self._mix(mix_key, draw.children[:k], uniform, ratio)
-        points, is_child = np.asarray(points, np.float64), np.asarray(is_child)
+        uniform = np.zeros((n_children, len(self.low)), dtype=np.float32)  # fixed shape: one compilation
+        uniform[:k] = self._uniform.draw(k)
+        points, is_child = self._mix(mix_key, draw.children, uniform, ratio)
+        points, is_child = np.asarray(points[:k], np.float64), np.asarray(is_child[:k])
         parents = np.where(is_child, window_ids[np.asarray(draw.parents[:k])], -1)
         self.round += 1
         self.history.append({"round": self.round, "ratio": float(ratio), "pending": k,
