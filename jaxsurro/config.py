@@ -215,13 +215,24 @@ class TrainConfig:
 class LauncherConfig:
     """How the ensemble is run: where, how many at once, how failures are handled."""
 
-    scheduler: Literal["local"] = "local"
+    scheduler: Literal["local", "slurm", "oar"] = "local"
+    slurm_mode: Literal["jobs", "steps"] = "jobs"  # sbatch job per client, or srun steps in the server's allocation
     max_concurrent: int = 2  # m: simulations running at the same time
     max_attempts: int = 2  # tries per simulation before it is reported failed
-    poll_interval: float = 0.2  # seconds between scheduler polls
+    poll_interval: float = 0.2  # seconds between scheduler polls (a backend may ask for more)
     output_tail_lines: int = 20  # lines of a failed simulation's output shown in its report
+    client_options: tuple[str, ...] = ()  # scheduler options of each client job, e.g. ["--time=00:10:00"]
+    server_options: tuple[str, ...] = ()  # scheduler options of the server job (python -m jaxsurro.submit)
+    server_ranks: int = 1  # R: server ranks started by python -m jaxsurro.submit
 
     def check(self, errors: list[str]) -> None:
+        for name in ("client_options", "server_options"):
+            for i, option in enumerate(getattr(self, name)):
+                if not option.startswith("-") or "\n" in option:
+                    errors.append(f"launcher.{name}[{i}] ({option!r}) must be one scheduler option with its "
+                                  "value, starting with '-' and without newlines (e.g. \"--time=00:10:00\" for "
+                                  "Slurm, \"-l nodes=1/core=1,walltime=00:10:00\" for OAR)")
+        _at_least(errors, "launcher.server_ranks", self.server_ranks, 1)
         _at_least(errors, "launcher.max_concurrent", self.max_concurrent, 1)
         _at_least(errors, "launcher.max_attempts", self.max_attempts, 1)
         if not self.poll_interval > 0:
