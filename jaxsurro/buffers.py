@@ -33,6 +33,7 @@ the buffer empties, every sample has been drawn at least once, and training ends
 
 from __future__ import annotations
 
+import abc
 import threading
 from typing import ClassVar, Literal, NamedTuple
 
@@ -157,7 +158,7 @@ def _validate_sizes(kind: str, capacity: int, watermark: int, input_dim: int, fi
         )
 
 
-class Buffer:
+class Buffer(abc.ABC):
     """Shared storage, locking, waiting, counters and repetition histogram of the host buffers."""
 
     kind: ClassVar[str] = "buffer"
@@ -280,9 +281,9 @@ class Buffer:
         return counts[: (used_lengths[-1] + 1 if len(used_lengths) else 1)]
 
     @property
+    @abc.abstractmethod
     def population(self) -> int:
         """Samples stored now."""
-        raise NotImplementedError
 
     # --- shared helpers -----------------------------------------------------------------------
 
@@ -340,37 +341,37 @@ class Buffer:
 
     # --- per-rule hooks (called with the lock held) --------------------------------------------
 
+    @abc.abstractmethod
     def _can_accept(self) -> bool:
         """Whether put may store a sample now."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _claim_slot(self) -> int:
         """Take the slot the next sample goes to, evicting its previous sample if any."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _publish_slot(self, slot: int) -> None:
         """Make a freshly written slot visible to get_batch."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _batch_ready(self, batch_size: int) -> bool:
         """Whether get_batch may return now (a batch, or None when over and drained)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _choose_slots(self, batch_size: int) -> np.ndarray:
         """Slots of the next batch's rows, in batch order."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _after_draw(self, slots: np.ndarray) -> None:
         """Update use counts, seen flags and evictions for the rows just gathered."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _stored_slots(self) -> np.ndarray:
         """Slots that hold a sample now."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _unseen(self) -> int:
         """Stored samples never drawn."""
-        raise NotImplementedError
 
     def _check_batch_size(self, batch_size: int) -> None:
         """Evicting buffers cannot hold more than capacity samples, so a larger batch would deadlock."""
@@ -385,9 +386,9 @@ class Buffer:
         """Why put waits, for its timeout message."""
         return "the buffer is full and the consumer is not drawing batches (is the trainer running?)"
 
+    @abc.abstractmethod
     def _get_blocked_reason(self, batch_size: int) -> str:
         """Why get_batch waits, for its timeout message."""
-        raise NotImplementedError
 
 
 class FIFOBuffer(Buffer):

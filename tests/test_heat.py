@@ -2,7 +2,6 @@
 
 import importlib.util
 import subprocess
-import time
 import sys
 import types
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse.linalg
+from waiting import wait_until
 
 HEAT_PATH = Path(__file__).resolve().parents[1] / "solvers" / "heat.py"
 
@@ -236,10 +236,7 @@ def test_client_mode_streams_every_step_to_a_real_server() -> None:
         result = subprocess.run([sys.executable, str(HEAT_PATH), "--client", "--grid-size", str(grid), "--steps",
                                  str(steps)], env=env, capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 0, result.stderr
-        deadline = time.monotonic() + 20
-        while table[0].steps_finished is None:  # the FINISH may still be in the receiver's queue
-            assert time.monotonic() < deadline, "no FINISH within 20 s"
-            time.sleep(0.01)
+        wait_until(lambda: table[0].steps_finished is not None, 20, "the FINISH (it may still be queued)")
         assert table[0].steps_finished == steps
     finally:
         receiver.stop()
