@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# A real single-node Slurm for the scheduler tests (as root; otherwise it prints the commands to run).
+bash scripts/setup_slurm.sh
 exec .venv/bin/python -m pytest -ra "$@"
