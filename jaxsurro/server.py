@@ -14,11 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
 from jaxsurro import client, protocol
 from jaxsurro.config import Config
 from jaxsurro.distributed import World
-from jaxsurro.launcher import JobSpec, Launcher, SimState, SimulationTable, make_scheduler
+from jaxsurro.launcher import (
+    JobSpec,
+    Launcher,
+    SimState,
+    SimulationTable,
+    make_scheduler,
+)
 from jaxsurro.progress import Progress
 from jaxsurro.receiver import Receiver, Sink, ValidationSink
 from jaxsurro.sampling import BoxSampler
@@ -78,7 +83,8 @@ class Ensemble:
         self.launcher = None
         if self.world.is_root:
             self.launcher = Launcher(
-                table, make_scheduler(config.launcher.scheduler),
+                table, make_scheduler(config.launcher.scheduler, config.launcher.client_options,
+                                      config.launcher.slurm_mode),
                 job_factory(config, self.token, self.receiver.control_address, log_dir, label),
                 max_concurrent=config.launcher.max_concurrent, max_attempts=config.launcher.max_attempts,
                 poll_interval=config.launcher.poll_interval, output_tail_lines=config.launcher.output_tail_lines,

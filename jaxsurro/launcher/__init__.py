@@ -1,5 +1,7 @@
 """Runs the ensemble of simulations through a scheduler backend."""
 
+from collections.abc import Sequence
+
 from jaxsurro.launcher.ensemble import Launcher
 from jaxsurro.launcher.local import LocalScheduler
 from jaxsurro.launcher.scheduler import JobSpec, JobState, JobStatus, Scheduler
@@ -9,8 +11,16 @@ __all__ = ["JobSpec", "JobState", "JobStatus", "Launcher", "LocalScheduler", "Sc
            "SimulationRecord", "SimulationTable", "make_scheduler"]
 
 
-def make_scheduler(name: str) -> Scheduler:
-    """The backend called ``name`` in ``launcher.scheduler``."""
+def make_scheduler(name: str, options: Sequence[str] = (), slurm_mode: str = "jobs") -> Scheduler:
+    """The backend called ``name`` in ``launcher.scheduler``, with the clients' scheduler options."""
     if name == "local":
         return LocalScheduler()
-    raise ValueError(f"unknown scheduler {name!r}; available: local")
+    if name == "slurm":
+        from jaxsurro.launcher.slurm import SlurmScheduler, SlurmStepScheduler
+
+        return SlurmStepScheduler(options) if slurm_mode == "steps" else SlurmScheduler(options)
+    if name == "oar":
+        from jaxsurro.launcher.oar import OarScheduler
+
+        return OarScheduler(options)
+    raise ValueError(f"unknown scheduler {name!r}; available: local, slurm, oar")

@@ -33,7 +33,8 @@ class Launcher:
         self._job_for = job_for  # (sim_id, attempt) -> JobSpec
         self._max_concurrent = max_concurrent
         self._max_attempts = max_attempts
-        self._poll_interval = poll_interval
+        # A cluster scheduler may ask not to be polled more often than every few seconds.
+        self._poll_interval = max(poll_interval, getattr(scheduler, "min_poll_interval", 0.0))
         self._finish_grace = finish_grace
         self._tail_lines = output_tail_lines
         self._on_done = on_done  # called from the launcher thread once every simulation has ended

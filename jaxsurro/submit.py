@@ -1,0 +1,111 @@
+"""``python -m jaxsurro.submit CONFIG``: submits the training server as a batch job, from a login node.
+
+The server job (``launcher.server_ranks`` MPI ranks, ``launcher.server_options``) then
+launches its clients through the same scheduler (``launcher.client_options``): as one
+batch job each, or, with Slurm's ``launcher.slurm_mode = "steps"``, as ``srun`` steps
+inside the server's own allocation. This command prints the job id and the run
+directory and exits; the run directory fills as the job runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from jaxsurro.config import Config, ConfigError, dumps, load_config
+from jaxsurro.launcher import JobSpec, oar, slurm
+from jaxsurro.run import make_run_dir
+
+SUBMIT_TIMEOUT = 120.0  # seconds sbatch or oarsub may take to answer
+
+
+def prepare_run_dir(config: Config, run_dir: Path | None) -> Path:
+    """An absolute run directory holding the resolved configuration the server job will read."""
+    run_dir = (run_dir or make_run_dir(config)).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(dumps(config))
+    return run_dir
+
+
+def server_argv(run_dir: Path, python: str) -> list[str]:
+    """One server rank's command line: the run command on the resolved configuration."""
+    return [python, "-m", "jaxsurro.run", str(run_dir / "config.toml"), "--no-progress", "--run-dir", str(run_dir)]
+
+
+def submit_slurm(config: Config, run_dir: Path, python: str, workdir: Path) -> str:
+    """Writes ``server.sbatch`` and submits it; returns the job id."""
+    script = slurm.server_script(run_dir / "config.toml", [], config.launcher.server_options,
+                                 config.launcher.server_ranks, python, workdir, run_dir,
+                                 job_name=f"{config.study.name}-server")
+    path = run_dir / "server.sbatch"
+    path.write_text(script)
+    argv = ["sbatch", "--parsable", str(path)]
+    result = _run(argv)
+    if result.returncode != 0:
+        raise RuntimeError(f"sbatch refused the server job: `{shlex.join(argv)}` exited with {result.returncode}:\n"
+                           f"{result.stderr.strip() or result.stdout.strip()}")
+    job_id, _ = slurm.parse_sbatch(result.stdout)
+    return job_id
+
+
+def submit_oar(config: Config, run_dir: Path, python: str, workdir: Path) -> str:
+    """Submits the server through the OAR backend (mpirun over OAR's node file for several ranks)."""
+    argv = server_argv(run_dir, python)
+    ranks = config.launcher.server_ranks
+    if ranks > 1:
+        # The node file is only known inside the job: bash expands it; every other value stays an argument.
+        argv = ["bash", "-c", 'exec mpirun -n "$0" --hostfile "$OAR_NODEFILE" --mca plm_rsh_agent oarsh "$@"',
+                str(ranks), *argv]
+    job = JobSpec(name=f"{config.study.name}-server", argv=tuple(argv), env={},
+                  log_path=run_dir / "server-job.log", cwd=workdir)
+    return oar.OarScheduler(config.launcher.server_options).submit(job)
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT,
+                              env=slurm.submit_environment())
+    except FileNotFoundError:
+        raise RuntimeError(f"{argv[0]} is not on the PATH: run this command on a login node of the cluster") from None
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{argv[0]} did not answer within {SUBMIT_TIMEOUT:.0f} s; is the scheduler up?") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxsurro.submit", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="experiment TOML file with launcher.scheduler = \"slurm\" or \"oar\"")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a configuration value (TOML literal); repeatable")
+    parser.add_argument("--run-dir", type=Path, help="the run directory (default: a new one under study.output_dir)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    scheduler = config.launcher.scheduler
+    if scheduler == "local":
+        print("error: launcher.scheduler is \"local\": run the study here with python -m jaxsurro.run, or set "
+              "launcher.scheduler = \"slurm\" or \"oar\" to submit it", file=sys.stderr)
+        return 2
+    run_dir = prepare_run_dir(config, args.run_dir)
+    python, workdir = sys.executable, Path.cwd().absolute()
+    try:
+        job_id = (submit_slurm if scheduler == "slurm" else submit_oar)(config, run_dir, python, workdir)
+    except (RuntimeError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    (run_dir / "server-job-id").write_text(f"{scheduler} {job_id}\n")
+    print(f"submitted the server as {scheduler} job {job_id}")
+    print(f"run directory: {run_dir}")
+    follow = "squeue -j" if scheduler == "slurm" else "oarstat -j"
+    print(f"follow it with `{follow} {job_id}`; summary.json appears in the run directory at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
