@@ -67,8 +67,8 @@ _HETJOB_WORDS = ("hetjob", "packjob")
 # Options the launcher sets itself: a user's copy would move the log or break the id parsing.
 _SBATCH_RESERVED = {"--output": "-o", "--error": "-e", "--chdir": "-D", "--open-mode": None,
                     "--parsable": None, "--wrap": None, "--array": "-a"}
-_SERVER_RESERVED = {"--output": "-o", "--error": "-e", "--chdir": "-D", "--open-mode": None,
-                    "--parsable": None, "--wrap": None, "--array": "-a"}
+# A later #SBATCH --ntasks would win over n_ranks and leave the server's srun without processors.
+_SERVER_RESERVED = {**_SBATCH_RESERVED, "--ntasks": "-n"}
 _STEP_RESERVED = {"--jobid": None, "--output": "-o", "--error": "-e", "--input": "-i", "--pty": None,
                   "--chdir": "-D"}
 
@@ -95,8 +95,8 @@ def validate_options(options: Sequence[str], reserved: Mapping[str, str | None] 
         name = option.split("=", 1)[0] if option.startswith("--") else option[:2]
         for long_name, short_name in reserved.items():
             if name == short_name or (option.startswith("--") and len(name) > 2 and long_name.startswith(name)):
-                raise ValueError(f"{what} option {option!r} is set by jaxsurro itself ({long_name}); "
-                                 f"remove it (the log and working directory come from the job)")
+                raise ValueError(f"{what} option {option!r} is set by jaxsurro itself ({long_name}); remove it "
+                                 f"(jaxsurro sets the log, working directory and task count from the run)")
         checked.append(option)
     return tuple(checked)
 
