@@ -62,11 +62,13 @@ class World:
     # -- host-side collectives, each with a deadline ---------------------------------------
     def _wait(self, request: Any, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
+        pause = POLL_INTERVAL
         while not request.Test():
             if time.monotonic() > deadline:
                 raise CollectiveTimeout(f"rank {self.rank}: no agreement on {what} within {timeout:.0f} s; a peer "
                                         f"rank is stuck or dead (see its log)")
-            time.sleep(POLL_INTERVAL)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)  # quick when ranks are in step, little CPU when one waits long
 
     def sum(self, values: np.ndarray, timeout: float, what: str) -> np.ndarray:
         """Element-wise sum of an int64 or float64 vector over the ranks."""
@@ -115,7 +117,8 @@ def gradient_allreduce(world: World):
     from jax.flatten_util import ravel_pytree
     from mpi4py import MPI
 
-    comm = world.comm
+    # Its own communicator: the host-side agreement on world.comm must never pair with these calls.
+    comm = world.comm.Clone()
 
     def reduce(sums):
         flat, unravel = ravel_pytree(sums)

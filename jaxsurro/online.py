@@ -62,7 +62,7 @@ class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl``."""
 
     def __init__(self, path: Path):
-        self._handle = open(path, "a", buffering=1)
+        self._handle = open(path, "w", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
         self._handle.write(json.dumps(record) + "\n")

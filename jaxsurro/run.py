@@ -132,6 +132,14 @@ def _validation_set(config: Config, run_dir: Path, show_progress: bool) -> Valid
     return validation
 
 
+def _abort_peers(code: int) -> None:
+    """Under MPI, a rank that fails takes the whole server down: its peers may wait in a collective."""
+    world = World.detect()
+    if world.distributed:
+        sys.stderr.flush()
+        world.comm.Abort(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxsurro.run", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="experiment TOML file, e.g. experiments/heat.toml")
@@ -159,8 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated as exc:
         print("[jaxsurro] terminated: every simulation job was cancelled", file=sys.stderr)
         return int(exc.code)
-    except RuntimeError as exc:  # a stall, a failed validation set, a dead thread: said in one message
+    except (RuntimeError, TimeoutError) as exc:  # a stall, a failed validation set, a dead thread or peer rank
         print(f"[jaxsurro] error: {exc}", file=sys.stderr)
+        _abort_peers(1)
         return 1
     if summary is None:  # a server rank other than 0: rank 0 reports for everyone
         return 0

@@ -97,9 +97,11 @@ class Ensemble:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        if self.launcher is not None:
-            self.launcher.shutdown()
-        self.receiver.stop()
+        try:
+            if self.launcher is not None:
+                self.launcher.shutdown()
+        finally:
+            self.receiver.stop()
 
     @property
     def done(self) -> bool:
