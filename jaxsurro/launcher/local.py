@@ -3,33 +3,33 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 
 from jaxsurro.launcher.scheduler import JobSpec, JobState, JobStatus
 
+log = logging.getLogger("jaxsurro.launcher")
 
-class LocalScheduler:
-    """Runs jobs as subprocesses, each in its own process group so that cancel reaches its children."""
 
-    def __init__(self, kill_grace: float = 5.0):
+class ProcessGroups:
+    """Job processes in their own process groups: their states, and cancellation that reaches their children.
+
+    Shared by the backends whose jobs are local processes (``local``, and Slurm's srun steps).
+    """
+
+    def __init__(self, prefix: str, kill_grace: float):
+        self._prefix = prefix
         self._kill_grace = kill_grace
         self._processes: dict[str, subprocess.Popen] = {}
         self._cancelled: set[str] = set()
         self._ids = itertools.count()
 
-    def submit(self, job: JobSpec) -> str:
-        job.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(job.log_path, "ab") as log:
-            try:
-                process = subprocess.Popen(
-                    list(job.argv), cwd=job.cwd, env={**job_environment(), **job.env}, stdout=log,
-                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-            except OSError as exc:
-                raise RuntimeError(f"cannot start job {job.name!r}: {exc} (command: {list(job.argv)})") from exc
-        job_id = f"local-{next(self._ids)}-{process.pid}"
+    def add(self, process: subprocess.Popen) -> str:
+        job_id = f"{self._prefix}-{next(self._ids)}-{process.pid}"
         self._processes[job_id] = process
         return job_id
 
@@ -37,11 +37,10 @@ class LocalScheduler:
         statuses = {}
         for job_id in job_ids:
             process = self._processes.get(job_id)
+            code = None if process is None else process.poll()
             if process is None:
                 statuses[job_id] = JobStatus(JobState.UNKNOWN, None)
-                continue
-            code = process.poll()
-            if code is None:
+            elif code is None:
                 statuses[job_id] = JobStatus(JobState.RUNNING, None)
             elif job_id in self._cancelled:
                 statuses[job_id] = JobStatus(JobState.CANCELLED, code)
@@ -50,7 +49,7 @@ class LocalScheduler:
         return statuses
 
     def cancel(self, job_ids: Sequence[str]) -> None:
-        """Sends SIGTERM to each job's process group, then SIGKILL to those still alive after the grace."""
+        """SIGTERM to every group, one shared grace, then SIGKILL to the groups still alive."""
         alive = []
         for job_id in job_ids:
             process = self._processes.get(job_id)
@@ -58,13 +57,45 @@ class LocalScheduler:
                 continue
             self._cancelled.add(job_id)
             _signal_group(process, signal.SIGTERM)
-            alive.append(process)
-        for process in alive:
+            alive.append((job_id, process))
+        deadline = time.monotonic() + self._kill_grace
+        for job_id, process in alive:
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                log.warning("job %s did not exit %.0f s after SIGTERM; killing its process group",
+                            job_id, self._kill_grace)
+                _signal_group(process, signal.SIGKILL)
+        for job_id, process in alive:
             try:
                 process.wait(timeout=self._kill_grace)
             except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
-                process.wait(timeout=self._kill_grace)
+                log.error("job %s (pid %d) survived SIGKILL for %.0f s; leaving it", job_id, process.pid,
+                          self._kill_grace)
+
+
+class LocalScheduler:
+    """Runs jobs as subprocesses, each in its own process group so that cancel reaches its children."""
+
+    def __init__(self, kill_grace: float = 5.0):
+        self._jobs = ProcessGroups("local", kill_grace)
+
+    def submit(self, job: JobSpec) -> str:
+        job.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(job.log_path, "ab") as log_file:
+            try:
+                process = subprocess.Popen(
+                    list(job.argv), cwd=job.cwd, env={**job_environment(), **job.env}, stdout=log_file,
+                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            except OSError as exc:
+                raise RuntimeError(f"cannot start job {job.name!r}: {exc} (command: {list(job.argv)})") from exc
+        return self._jobs.add(process)
+
+    def poll(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        return self._jobs.poll(job_ids)
+
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        self._jobs.cancel(job_ids)
 
 
 # A server rank started by mpirun or srun carries its MPI launcher's variables; a solver that

@@ -9,18 +9,16 @@ quoting it. One poll of many jobs costs one ``squeue`` call, plus one ``sacct`` 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import re
 import shlex
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from jaxsurro.launcher.local import job_environment
+from jaxsurro.launcher.local import ProcessGroups, job_environment
 from jaxsurro.launcher.scheduler import JobSpec, JobState, JobStatus
 
 log = logging.getLogger("jaxsurro.launcher.slurm")
@@ -470,10 +468,7 @@ class SlurmStepScheduler:
             raise SlurmError(f"SLURM_JOB_ID={allocation!r} is not a job id; {NOT_IN_ALLOCATION}")
         self.allocation = allocation
         self._srun = srun
-        self._kill_grace = kill_grace
-        self._processes: dict[str, subprocess.Popen] = {}
-        self._cancelled: set[str] = set()
-        self._ids = itertools.count()
+        self._steps = ProcessGroups("step", kill_grace)  # srun forwards SIGTERM to its step
 
     @property
     def min_poll_interval(self) -> float:
@@ -492,49 +487,12 @@ class SlurmStepScheduler:
             except OSError as exc:
                 raise SlurmError(f"cannot start the srun step of job {job.name!r}: {exc} "
                                  f"(command: {shlex.join(argv)})") from exc
-        job_id = f"step-{next(self._ids)}-{process.pid}"
-        self._processes[job_id] = process
-        return job_id
+        return self._steps.add(process)
 
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         """srun's exit status is the step's: running while srun runs, then completed (0) or failed."""
-        statuses = {}
-        for job_id in job_ids:
-            process = self._processes.get(job_id)
-            if process is None:
-                statuses[job_id] = JobStatus(JobState.UNKNOWN, None)
-                continue
-            code = process.poll()
-            if code is None:
-                statuses[job_id] = JobStatus(JobState.RUNNING, None)
-            elif job_id in self._cancelled:
-                statuses[job_id] = JobStatus(JobState.CANCELLED, code)
-            else:
-                statuses[job_id] = JobStatus(JobState.COMPLETED if code == 0 else JobState.FAILED, code)
-        return statuses
+        return self._steps.poll(job_ids)
 
     def cancel(self, job_ids: Sequence[str]) -> None:
         """SIGTERM to each srun (srun then kills its step), SIGKILL to those still alive after the grace."""
-        alive = []
-        for job_id in job_ids:
-            process = self._processes.get(job_id)
-            if process is None or process.poll() is not None:
-                continue
-            self._cancelled.add(job_id)
-            _signal_group(process, signal.SIGTERM)
-            alive.append((job_id, process))
-        for job_id, process in alive:
-            try:
-                process.wait(timeout=self._kill_grace)
-            except subprocess.TimeoutExpired:
-                log.warning("srun of %s did not exit %.0f s after SIGTERM; killing it (its step may outlive it "
-                            "until the allocation ends)", job_id, self._kill_grace)
-                _signal_group(process, signal.SIGKILL)
-                process.wait(timeout=self._kill_grace)
-
-
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
+        self._steps.cancel(job_ids)
