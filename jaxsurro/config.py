@@ -42,7 +42,7 @@ class StudyConfig:
     """What is run: the ensemble's size and seed, and where results go."""
 
     name: str = "study"
-    seed: int = 0  # seeds the sampler, the model's initialization and the buffers
+    seed: int = 0  # every random stream of the run derives from it (core.sampling.derive_seed)
     n_simulations: int = 64  # the simulation budget S (>= 1)
     output_dir: str = "runs"  # a run directory <output_dir>/<name>-<timestamp> is made here
     cache_dir: str = ".cache/jaxsurro"  # validation sets are cached here, keyed by what determines them
@@ -114,7 +114,6 @@ class SamplerConfig:
     """How simulation parameters are drawn within the solver's bounds."""
 
     kind: Literal["uniform", "halton", "lhs", "breed"] = "halton"  # "breed": see the [breed] section
-    seed: int | None = None  # defaults to study.seed
 
     def check(self, errors: list[str]) -> None:
         pass
@@ -271,10 +270,6 @@ class Config:
     launcher: LauncherConfig
     server: ServerConfig
     breed: BreedConfig
-
-    @property
-    def sampler_seed(self) -> int:
-        return self.study.seed if self.sampler.seed is None else self.sampler.seed
 
     @property
     def breed_sigma_unit(self) -> float:
@@ -517,17 +512,28 @@ def dumps(config: Config) -> str:
     return tomli_w.dumps(to_dict(config))
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, what: str = "experiment TOML file") -> None:
+    """The experiment file and its repeatable ``--set SECTION.KEY=VALUE`` overrides, for every command."""
+    parser.add_argument("config", help=what)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one value (TOML literal; bare words are strings); repeatable")
+
+
+def config_from_args(args: argparse.Namespace) -> Config | None:
+    """The configuration named by :func:`add_config_arguments`' arguments; None after printing why it is refused."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m jaxsurro.config CONFIG [--set k=v ...]``: validates and prints the resolved configuration."""
     parser = argparse.ArgumentParser(prog="python -m jaxsurro.config", description=main.__doc__)
-    parser.add_argument("config", help="experiment TOML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one value (TOML literal; bare words are strings); repeatable")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    add_config_arguments(parser)
+    config = config_from_args(parser.parse_args(argv))
+    if config is None:
         return 2
     print(dumps(config), end="")
     return 0

@@ -8,23 +8,26 @@ the simulation table (``simulations.csv``), ``summary.json``, the trained parame
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxsurro import validation as validation_cache
-from jaxsurro.config import Config, ConfigError, dumps, load_config
-from jaxsurro.progress import Progress
-from jaxsurro.distributed import World
-from jaxsurro.online import train_online
-from jaxsurro.server import plan_simulations, produce_validation_set
-from jaxsurro.validation import ValidationSet
+from jaxsurro import client, rundir
+from jaxsurro.config import Config, add_config_arguments, config_from_args, dumps
+from jaxsurro.core.sampling import plan_parameters
+from jaxsurro.launcher import JobSpec, Launcher, make_scheduler
+from jaxsurro.server import validation as validation_cache
+from jaxsurro.server.distributed import World
+from jaxsurro.server.ensemble import LaunchFactory, produce_validation_set
+from jaxsurro.server.online import train_online
+from jaxsurro.server.progress import Progress
+from jaxsurro.server.validation import ValidationSet
+from jaxsurro.table import SimulationTable
 
 log = logging.getLogger("jaxsurro")
 
@@ -37,38 +40,44 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated(128 + signum)
 
 
-def make_run_dir(config: Config) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(config.study.output_dir) / f"{config.study.name}-{stamp}"
-    run_dir, n = base, 1
-    while run_dir.exists():
-        n += 1
-        run_dir = base.with_name(f"{base.name}-{n}")
-    run_dir.mkdir(parents=True)
-    return run_dir
+def plan_simulations(config: Config) -> SimulationTable:
+    """The study's simulation table, parameters drawn by the configured sampler (the same on every rank)."""
+    kind = config.breed.base_sampler if config.sampler.kind == "breed" else config.sampler.kind
+    return SimulationTable(plan_parameters(kind, config.study.n_simulations, config.solver.low,
+                                           config.solver.high, config.study.seed))
 
 
-@contextlib.contextmanager
-def logging_to(run_dir: Path, name: str = "server.log", verbose: bool = False) -> Iterator[None]:
-    """Sends the run's log to ``run_dir/name`` for the duration of the block."""
-    root = logging.getLogger("jaxsurro")
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    handler = logging.FileHandler(run_dir / name)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        handler.close()
+def job_factory(config: Config, token: bytes, control_address: str, log_dir: Path,
+                label: str) -> Callable[[int, int], JobSpec]:
+    """Builds the job of one simulation attempt: the solver command with the client's settings."""
+    argv = tuple(config.solver.argv())
+    base_env = {
+        client.ENV_SERVER: control_address,
+        client.ENV_TOKEN: token.hex(),
+        client.ENV_TIMEOUT: repr(config.server.client_timeout),
+        client.ENV_WIRE_DTYPE: config.solver.wire_dtype,
+    }
+
+    def job_for(sim_id: int, attempt: int) -> JobSpec:
+        return JobSpec(name=f"{config.study.name}-{label}-{sim_id}", argv=argv,
+                       env={**base_env, client.ENV_SIM_ID: str(sim_id), client.ENV_ATTEMPT: str(attempt)},
+                       log_path=log_dir / f"{label}-{sim_id:05d}.log", cwd=Path.cwd())
+
+    return job_for
 
 
-def console_logging() -> None:
-    """Warnings and errors of the server on stderr, for the command line."""
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.WARNING)
-    console.setFormatter(logging.Formatter("[jaxsurro] %(levelname)s: %(message)s"))
-    logging.getLogger("jaxsurro").addHandler(console)
+def launch_factory(config: Config, log_dir: Path) -> LaunchFactory:
+    """How the server starts a table's simulations: the configured scheduler backend behind a launcher."""
+    launcher = config.launcher
+
+    def launch(table: SimulationTable, token: bytes, control_address: str, label: str) -> Launcher:
+        scheduler = make_scheduler(launcher.scheduler, launcher.client_options, launcher.slurm_mode)
+        return Launcher(table, scheduler, job_factory(config, token, control_address, log_dir, label),
+                        max_concurrent=launcher.max_concurrent, max_attempts=launcher.max_attempts,
+                        poll_interval=launcher.poll_interval, output_tail_lines=launcher.output_tail_lines,
+                        finish_grace=config.server.client_timeout)
+
+    return launch
 
 
 def run(config: Config, run_dir: Path | None = None, show_progress: bool = True,
@@ -80,43 +89,41 @@ def run(config: Config, run_dir: Path | None = None, show_progress: bool = True,
     """
     world = world or World.detect()
     if world.is_root:
-        run_dir = run_dir or make_run_dir(config)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(dumps(config))
+        run_dir = rundir.create(config, run_dir)
     run_dir = world.broadcast(run_dir, config.server.startup_timeout, "the run directory")
-    log_name = "server.log" if world.is_root else f"server-rank{world.rank}.log"
-    with logging_to(run_dir, log_name):
+    with rundir.logging_to(run_dir / rundir.server_log_name(world.rank)):
         return run_dir, _run(config, run_dir, show_progress and world.is_root, world)
 
 
 def _run(config: Config, run_dir: Path, show_progress: bool, world: World) -> dict[str, Any] | None:
     started = time.monotonic()
     log.info("run directory %s, server rank %d of %d", run_dir, world.rank, world.size)
+    launch = launch_factory(config, run_dir / rundir.LOGS)
     validation = None
     if world.is_root:
-        validation = _validation_set(config, run_dir, show_progress)
+        validation = _validation_set(config, launch, show_progress)
     # The other ranks wait here while rank 0 prepares; a dead rank 0 ends the MPI job.
     world.broadcast(None, config.server.startup_timeout, "rank 0's validation set (server.startup_timeout)")
     table = plan_simulations(config)
     progress = Progress(config.study.n_simulations * config.solver.n_steps, enabled=show_progress)
     try:
-        result = train_online(config, table, validation, run_dir, progress, world)
+        result = train_online(config, table, validation, run_dir, progress, launch, world)
     finally:
         progress.close()
         if world.is_root:  # written even when the run fails or is interrupted: the table shows what happened
-            table.write_csv(run_dir / "simulations.csv", config.solver.parameter_names)
+            table.write_csv(run_dir / rundir.SIMULATIONS, config.solver.parameter_names)
     if not world.is_root:
         return None
-    (run_dir / "params.msgpack").write_bytes(result.trainer.params_bytes())
+    (run_dir / rundir.PARAMS).write_bytes(result.trainer.params_bytes())
     summary = result.summary
     summary["mean_field_validation_mse"] = validation_cache.mean_field_mse(validation, *config.output_range)
     summary["wall_time_s"] = time.monotonic() - started
     summary["run_dir"] = str(run_dir)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / rundir.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _validation_set(config: Config, run_dir: Path, show_progress: bool) -> ValidationSet:
+def _validation_set(config: Config, launch: LaunchFactory, show_progress: bool) -> ValidationSet:
     """The cached validation set, or a new one produced through the solver and cached."""
     validation = validation_cache.load_cached(config)
     if validation is not None:
@@ -124,7 +131,7 @@ def _validation_set(config: Config, run_dir: Path, show_progress: bool) -> Valid
         return validation
     progress = Progress(config.train.n_validation * config.solver.n_steps, enabled=show_progress)
     try:
-        validation = produce_validation_set(config, run_dir / "logs", progress)
+        validation = produce_validation_set(config, launch, progress)
     finally:
         progress.close()
     path = validation_cache.save(config, validation)
@@ -142,23 +149,19 @@ def _abort_peers(code: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxsurro.run", description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="experiment TOML file, e.g. experiments/heat.toml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a configuration value (TOML literal); repeatable")
+    add_config_arguments(parser, "experiment TOML file, e.g. experiments/heat.toml")
     parser.add_argument("--run-dir", type=Path, help="write here instead of a new directory under study.output_dir")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    config = config_from_args(args)
+    if config is None:
         return 2
     if args.print_config:
         print(dumps(config), end="")
         return 0
     signal.signal(signal.SIGTERM, _on_sigterm)
-    console_logging()
+    rundir.console_logging()
     try:
         run_dir, summary = run(config, args.run_dir, show_progress=not args.no_progress)
     except KeyboardInterrupt:

@@ -16,29 +16,26 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxsurro.config import Config, ConfigError, dumps, load_config
+from jaxsurro.config import Config, add_config_arguments, config_from_args
 from jaxsurro.launcher import JobSpec, oar, slurm
-from jaxsurro.run import make_run_dir
+from jaxsurro import rundir
 
 SUBMIT_TIMEOUT = 120.0  # seconds sbatch or oarsub may take to answer
 
 
 def prepare_run_dir(config: Config, run_dir: Path | None) -> Path:
     """An absolute run directory holding the resolved configuration the server job will read."""
-    run_dir = (run_dir or make_run_dir(config)).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(dumps(config))
-    return run_dir
+    return rundir.create(config, run_dir).absolute()
 
 
 def server_argv(run_dir: Path, python: str) -> list[str]:
     """One server rank's command line: the run command on the resolved configuration."""
-    return [python, "-m", "jaxsurro.run", str(run_dir / "config.toml"), "--no-progress", "--run-dir", str(run_dir)]
+    return [python, "-m", "jaxsurro.run", str(run_dir / rundir.CONFIG), "--no-progress", "--run-dir", str(run_dir)]
 
 
 def submit_slurm(config: Config, run_dir: Path, python: str, workdir: Path) -> str:
     """Writes ``server.sbatch`` and submits it; returns the job id."""
-    script = slurm.server_script(run_dir / "config.toml", [], config.launcher.server_options,
+    script = slurm.server_script(run_dir / rundir.CONFIG, [], config.launcher.server_options,
                                  config.launcher.server_ranks, python, workdir, run_dir,
                                  job_name=f"{config.study.name}-server")
     path = run_dir / "server.sbatch"
@@ -77,15 +74,11 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxsurro.submit", description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="experiment TOML file with launcher.scheduler = \"slurm\" or \"oar\"")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a configuration value (TOML literal); repeatable")
+    add_config_arguments(parser, 'experiment TOML file with launcher.scheduler = "slurm" or "oar"')
     parser.add_argument("--run-dir", type=Path, help="the run directory (default: a new one under study.output_dir)")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    config = config_from_args(args)
+    if config is None:
         return 2
     scheduler = config.launcher.scheduler
     if scheduler == "local":
@@ -99,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    (run_dir / "server-job-id").write_text(f"{scheduler} {job_id}\n")
+    (run_dir / rundir.SERVER_JOB_ID).write_text(f"{scheduler} {job_id}\n")
     print(f"submitted the server as {scheduler} job {job_id}")
     print(f"run directory: {run_dir}")
     follow = "squeue -j" if scheduler == "slurm" else "oarstat -j"

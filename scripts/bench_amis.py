@@ -20,7 +20,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxsurro import breed
+from jaxsurro.core import breed
 
 
 def parse_args() -> argparse.Namespace:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jaxsurro.buffers import Buffer, make_buffer
+from jaxsurro.server.buffers import Buffer, make_buffer
 
 INPUT_DIM = 6
 FIELD_SHAPE = (64, 64)

@@ -9,7 +9,7 @@ loopback, with the client's send high-water mark, to
 * a reference: the same PULL socket that also copies each payload into preallocated rows, the one
   copy that any buffer owning its memory must make (it bounds what ours can reach, shown for
   context; the target is against the limit);
-* ours: a real ``jaxsurro.receiver.Receiver`` thread whose sink is a ``BufferSink`` over a FIFO
+* ours: a real ``jaxsurro.server.receiver.Receiver`` thread whose sink is a ``BufferSink`` over a FIFO
   buffer that holds all N samples, so the sink never blocks. Every message is decoded, validated
   (token, simulation, step, rank, field, dtype, shape, size, finite values), checked against the
   deduplication record and copied into the buffer.
@@ -60,9 +60,9 @@ import numpy as np
 import zmq
 
 from jaxsurro import client, protocol
-from jaxsurro.buffers import BufferClosed, FIFOBuffer, ReceptionOver
-from jaxsurro.launcher.table import SimState, SimulationTable
-from jaxsurro.receiver import LATE, RECEIVE_QUEUE_MESSAGES, BufferSink, Receiver
+from jaxsurro.server.buffers import BufferClosed, FIFOBuffer, ReceptionOver
+from jaxsurro.table import SimState, SimulationTable
+from jaxsurro.server.receiver import LATE, RECEIVE_QUEUE_MESSAGES, BufferSink, Receiver
 
 FIELD = "temperature"
 N_PARAMETERS = 5

@@ -1,10 +1,10 @@
 """Trainer steps/s while clients stream, against the same jitted step on batches already on the device.
 
-What is measured (ARCHITECTURE.md section 5), with one ``jaxsurro.trainer.Trainer`` built from an
+What is measured (ARCHITECTURE.md section 5), with one ``jaxsurro.server.trainer.Trainer`` built from an
 experiment file (``--config``, default experiments/heat.toml, with ``--set section.key=value``
 overrides):
 
-* the limit: a few batches are put on the device once (``jaxsurro.parallel.put_batch``), then the
+* the limit: a few batches are put on the device once (``jaxsurro.server.parallel.put_batch``), then the
   trainer's jitted step (``trainer._train_step``) runs on them, blocking on the state at the end.
 * ours: a real streaming set-up. A ``Receiver`` (control and data sockets, validation,
   deduplication) feeds a ``BufferSink`` into the configured buffer (a Reservoir in heat.toml); sender
@@ -57,13 +57,13 @@ import numpy as np
 import zmq
 
 from jaxsurro import client, protocol
-from jaxsurro.buffers import Buffer, make_buffer
+from jaxsurro.server.buffers import Buffer, make_buffer
 from jaxsurro.config import Config, load_config
-from jaxsurro.launcher.table import SimState, SimulationTable
-from jaxsurro.parallel import put_batch
-from jaxsurro.receiver import BufferSink, Receiver
-from jaxsurro.train import Batch
-from jaxsurro.trainer import Trainer
+from jaxsurro.table import SimState, SimulationTable
+from jaxsurro.server.parallel import put_batch
+from jaxsurro.server.receiver import BufferSink, Receiver
+from jaxsurro.core.train import Batch
+from jaxsurro.server.trainer import Trainer
 
 TARGET_RATIO = 0.95
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "heat.toml"
@@ -295,7 +295,7 @@ def run_prefetching(trainer: Trainer, buffer: Buffer, receiver: Receiver, steps:
 
 
 def ready_population(kind: str, watermark: int, batch_size: int) -> int:
-    """The population at which the buffer releases a batch without waiting (jaxsurro.buffers' rules)."""
+    """The population at which the buffer releases a batch without waiting (jaxsurro.server.buffers' rules)."""
     if kind == "reservoir":
         return max(watermark, 1)
     if kind == "firo":

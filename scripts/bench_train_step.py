@@ -14,9 +14,9 @@ import time
 import jax
 import numpy as np
 
-from jaxsurro.model import heat_equation_scaling, make_model
-from jaxsurro.parallel import jit_train_step, make_data_mesh, put_batch, replicate
-from jaxsurro.train import Batch, init_train_state, make_optimizer, make_train_step
+from jaxsurro.core.model import heat_equation_scaling, make_model
+from jaxsurro.server.parallel import jit_train_step, make_data_mesh, put_batch, replicate
+from jaxsurro.core.train import Batch, init_train_state, make_optimizer, make_train_step
 
 NUM_PARAMS = 5
 FIELD_SHAPE = (64, 64)

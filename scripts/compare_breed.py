@@ -260,7 +260,8 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 def run_both(config_path: Path, overrides: Sequence[str], runs_dir: Path) -> None:
     """Runs the Random and the Breed study into ``runs_dir/random`` and ``runs_dir/breed``."""
-    from jaxsurro.run import console_logging, run  # JAX loads only when studies run, not to redraw
+    from jaxsurro.rundir import console_logging
+    from jaxsurro.run import run  # JAX loads only when studies run, not to redraw
 
     configs = {name: load_config(config_path, [*overrides, f"sampler.kind={kind}"])
                for name, kind in RUN_KINDS.items()}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from jaxsurro import breed
+from jaxsurro.core import breed
 
 P_MIN = 1e-3  # fixed keys make every statistical test deterministic; this is the bar each one clears
 

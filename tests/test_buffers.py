@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from jaxsurro.buffers import (
+from jaxsurro.server.buffers import (
     BufferClosed,
     FIFOBuffer,
     FIROBuffer,

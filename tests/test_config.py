@@ -41,7 +41,6 @@ def _minimal(**sections):
 def test_defaults_fill_missing_sections():
     config = config_from_dict(_minimal())
     assert config.buffer.kind == "reservoir"
-    assert config.sampler_seed == config.study.seed
     assert config.output_range == (0.0, 1.0)
 
 

@@ -4,10 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsurro.distributed import World, gradient_allreduce, launched_by_mpi
-from jaxsurro.model import Scaling, make_model
-from jaxsurro.parallel import jit_reduced_train_step, jit_train_step, make_data_mesh, put_batch, replicate
-from jaxsurro.train import Batch, init_train_state, make_optimizer, make_train_step
+from jaxsurro.server.distributed import World, gradient_allreduce, launched_by_mpi
+from jaxsurro.core.model import Scaling, make_model
+from jaxsurro.server.parallel import jit_reduced_train_step, jit_train_step, make_data_mesh, put_batch, replicate
+from jaxsurro.core.train import Batch, init_train_state, make_optimizer, make_train_step
 
 
 def twice(sums):

@@ -220,8 +220,8 @@ def test_client_mode_streams_every_step_to_a_real_server() -> None:
     import os
 
     from jaxsurro import client, protocol
-    from jaxsurro.launcher import SimState, SimulationTable
-    from jaxsurro.receiver import Receiver, ValidationSink
+    from jaxsurro.table import SimState, SimulationTable
+    from jaxsurro.server.receiver import Receiver, ValidationSink
 
     grid, steps = 9, 4
     table = SimulationTable(PAPER_PARAMETERS[None, :].copy())

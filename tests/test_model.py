@@ -1,11 +1,11 @@
-"""Tests for jaxsurro.model: bound-based scaling, the MLP surrogate and the model registry."""
+"""Tests for jaxsurro.core.model: bound-based scaling, the MLP surrogate and the model registry."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsurro.model import (
+from jaxsurro.core.model import (
     MLP,
     MODELS,
     Scaling,

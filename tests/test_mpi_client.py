@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from jaxsurro import client, protocol
-from jaxsurro.launcher import SimState, SimulationTable
-from jaxsurro.receiver import Receiver, ValidationSink
+from jaxsurro.table import SimState, SimulationTable
+from jaxsurro.server.receiver import Receiver, ValidationSink
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HEAT_PATH = REPO_ROOT / "solvers" / "heat.py"

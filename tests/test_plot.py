@@ -19,7 +19,7 @@ FIGURES = ["loss.png", "throughput.png", "buffer.png", "repetitions.png"]
 
 
 def metrics_record(kind: str, time: float, batch: int, **extra: object) -> dict[str, object]:
-    """One line of metrics.jsonl as ``jaxsurro.server`` writes it."""
+    """One line of metrics.jsonl as ``jaxsurro.server.ensemble`` writes it."""
     record: dict[str, object] = {
         "kind": kind, "time": time, "batch": batch, "samples_trained": 64 * batch,
         "train_loss": 0.5 / (1 + batch), "received": 100 * batch, "received_per_s": 120.0 + batch,

@@ -8,9 +8,9 @@ import zmq
 from waiting import wait_until
 
 from jaxsurro import client, protocol
-from jaxsurro.buffers import FIFOBuffer
-from jaxsurro.launcher import SimState, SimulationTable
-from jaxsurro.receiver import LATE, BufferSink, Receiver, ValidationSink
+from jaxsurro.server.buffers import FIFOBuffer
+from jaxsurro.table import SimState, SimulationTable
+from jaxsurro.server.receiver import LATE, BufferSink, Receiver, ValidationSink
 
 N_SIMS, N_STEPS, SHAPE = 3, 4, (5, 5)
 

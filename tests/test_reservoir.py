@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from jaxsurro import reservoir
-from jaxsurro.buffers import ReservoirBuffer
+from jaxsurro.core import reservoir
+from jaxsurro.server.buffers import ReservoirBuffer
 
 INPUT_DIM = 2
 FIELD_SHAPE = (3, 2)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxsurro.sampling import SAMPLER_KINDS, BoxSampler, sample
+from jaxsurro.core.sampling import SAMPLER_KINDS, BoxSampler, sample
 
 LOW = [100.0, 100.0, 0.0, -1.0, 100.0]
 HIGH = [500.0, 500.0, 1.0, 1.0, 101.0]

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsurro.config import load_config
-from jaxsurro.distributed import World
-from jaxsurro.launcher import SimState
-from jaxsurro.parallel import make_data_mesh
-from jaxsurro.server import plan_simulations
-from jaxsurro.steering import Steering
+from jaxsurro.server.distributed import World
+from jaxsurro.table import SimState
+from jaxsurro.server.parallel import make_data_mesh
+from jaxsurro.run import plan_simulations
+from jaxsurro.server.steering import Steering
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SIMS, N_STEPS = 40, 5

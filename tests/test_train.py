@@ -1,4 +1,4 @@
-"""Tests for jaxsurro.train and jaxsurro.parallel: the pure step, its sharding and its numerics."""
+"""Tests for jaxsurro.core.train and jaxsurro.server.parallel: the pure step, its sharding and its numerics."""
 
 import contextlib
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsurro.model import Scaling, make_model
-from jaxsurro.parallel import (
+from jaxsurro.core.model import Scaling, make_model
+from jaxsurro.server.parallel import (
     DATA_AXIS,
     jit_eval_step,
     jit_train_step,
@@ -17,7 +17,7 @@ from jaxsurro.parallel import (
     put_batch,
     replicate,
 )
-from jaxsurro.train import (
+from jaxsurro.core.train import (
     Batch,
     TrainState,
     init_train_state,

@@ -2,10 +2,10 @@
 
 from collections.abc import Sequence
 
-from jaxsurro.launcher.ensemble import Launcher
+from jaxsurro.launcher.supervisor import Launcher
 from jaxsurro.launcher.local import LocalScheduler
 from jaxsurro.launcher.scheduler import JobSpec, JobState, JobStatus, Scheduler
-from jaxsurro.launcher.table import SimState, SimulationRecord, SimulationTable
+from jaxsurro.table import SimState, SimulationRecord, SimulationTable
 
 __all__ = ["JobSpec", "JobState", "JobStatus", "Launcher", "LocalScheduler", "Scheduler", "SimState",
            "SimulationRecord", "SimulationTable", "make_scheduler"]

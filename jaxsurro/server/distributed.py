@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger("jaxsurro.distributed")
+log = logging.getLogger("jaxsurro.server.distributed")
 
 # Environment variables that MPI launchers set in every rank, holding the number of ranks:
 # mpirun (OpenMPI), PMI-1/2 (MPICH, srun --mpi=pmi2), srun's own step size (srun --mpi=pmix).

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jaxsurro.launcher.scheduler import JobSpec, JobState, Scheduler
-from jaxsurro.launcher.table import SimState, SimulationTable
+from jaxsurro.table import SimState, SimulationTable
 
 log = logging.getLogger("jaxsurro.launcher")
 

@@ -1,6 +1,6 @@
 """Breed (seed 000, §3): loss-deviation statistics and AMIS resampling as pure, jittable JAX functions.
 
-Like :mod:`jaxsurro.reservoir` and optax, nothing here is jitted: state is a NamedTuple pytree,
+Like :mod:`jaxsurro.core.reservoir` and optax, nothing here is jitted: state is a NamedTuple pytree,
 functions take and return it, and the caller jits at the call site. Shapes are static.
 
 **Loss-deviation statistics** (paper eqs. 4-6). For each training batch i with per-sample losses

@@ -1,12 +1,17 @@
-"""Seeded parameter samplers over box bounds: uniform, Halton and Latin hypercube.
+"""Seeded parameter samplers over box bounds, the study's initial plan, and every seed of a run.
 
 Built on :mod:`scipy.stats.qmc`, which implements scrambled Halton and optimized
 Latin hypercube designs correctly and fast; the same seed gives the same
 parameter sequence, run after run and machine after machine.
+
+:func:`derive_seed` is the one place a run's random streams get their seeds: each
+stream (sampler, model, buffer of each rank, Breed's draws) is named, and its seed is
+derived from ``study.seed`` and that name, so changing one stream never shifts another.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Literal
 
@@ -15,6 +20,26 @@ from scipy.stats import qmc
 
 SamplerKind = Literal["uniform", "halton", "lhs"]
 SAMPLER_KINDS: tuple[str, ...] = ("uniform", "halton", "lhs")
+
+# The random streams of a run, each seeded from study.seed by its name (see derive_seed).
+SEED_STREAMS: tuple[str, ...] = ("sampler", "model", "buffer", "breed", "breed-uniform")
+# The validation set's Halton scramble is fixed on purpose, not derived from study.seed: every
+# seed of a study is then measured on the same validation simulations, and the set is cached once.
+VALIDATION_SEED = 20231112
+
+
+def derive_seed(study_seed: int, stream: str, index: int = 0) -> int:
+    """The seed of one named random stream of a run (``index``: e.g. the server rank), a uint32.
+
+    ``numpy.random.SeedSequence`` mixes the study seed, the stream's name and the index, so
+    streams are independent of each other and reproducible from ``study.seed`` alone.
+    """
+    if stream not in SEED_STREAMS:
+        raise ValueError(f"unknown random stream {stream!r}; the streams of a run are {', '.join(SEED_STREAMS)}")
+    if study_seed < 0 or index < 0:
+        raise ValueError(f"seeds are non-negative integers, got study seed {study_seed} and index {index}")
+    sequence = np.random.SeedSequence(study_seed, spawn_key=(zlib.crc32(stream.encode()), index))
+    return int(sequence.generate_state(1, np.uint32)[0])
 
 
 class BoxSampler:
@@ -60,3 +85,14 @@ class BoxSampler:
 def sample(kind: SamplerKind, n: int, low: Sequence[float], high: Sequence[float], seed: int) -> np.ndarray:
     """``n`` points within ``[low, high]``, drawn by a fresh sampler of this kind and seed."""
     return BoxSampler(kind, low, high, seed).draw(n)
+
+
+def plan_parameters(kind: SamplerKind, n: int, low: Sequence[float], high: Sequence[float],
+                    study_seed: int) -> np.ndarray:
+    """The study's initial plan: ``n`` simulation parameters ``[n, d]`` float64 from the sampler stream."""
+    return sample(kind, n, low, high, derive_seed(study_seed, "sampler"))
+
+
+def validation_parameters(n: int, low: Sequence[float], high: Sequence[float]) -> np.ndarray:
+    """The parameters of the validation simulations: Halton points under the fixed ``VALIDATION_SEED``."""
+    return sample("halton", n, low, high, VALIDATION_SEED)

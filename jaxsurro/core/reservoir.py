@@ -7,7 +7,7 @@ explicit PRNG key and returning the new state. Shapes are static: the capacity, 
 ``batch_size``, ``watermark`` and ``evict`` are fixed at trace time, so jit ``sample`` with
 ``static_argnames=("batch_size", "watermark", "evict")``.
 
-Rules (the same as :class:`jaxsurro.buffers.ReservoirBuffer`): a new sample takes the first free
+Rules (the same as :class:`jaxsurro.server.buffers.ReservoirBuffer`): a new sample takes the first free
 slot, else overwrites a uniformly random *seen* sample; when every slot holds an unseen sample,
 ``add`` refuses it (``accepted=False``), the device analogue of the host producer blocking, and the
 caller retries after the next draw. ``sample`` draws ``batch_size`` slots uniformly with replacement

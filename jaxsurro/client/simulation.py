@@ -47,13 +47,14 @@ import zmq
 from jaxsurro import protocol
 
 if TYPE_CHECKING:
-    from jaxsurro import parallel_client
+    from jaxsurro.client import parallel as parallel_client
 
 ENV_SERVER = "JAXSURRO_SERVER"
 ENV_TOKEN = "JAXSURRO_TOKEN"
 ENV_SIM_ID = "JAXSURRO_SIM_ID"
 ENV_TIMEOUT = "JAXSURRO_TIMEOUT"
 ENV_WIRE_DTYPE = "JAXSURRO_WIRE_DTYPE"
+ENV_ATTEMPT = "JAXSURRO_ATTEMPT"  # 1 for a simulation's first run, 2 for its first restart...
 ENVIRONMENT_VARIABLES = (ENV_SERVER, ENV_TOKEN, ENV_SIM_ID, ENV_TIMEOUT, ENV_WIRE_DTYPE)
 
 DEFAULT_TIMEOUT = 60.0  # seconds
@@ -229,7 +230,7 @@ def connect(
                 f"comm must be an mpi4py intracommunicator such as mpi4py.MPI.COMM_WORLD, got {comm!r}"
             )
         if size > 1:
-            from jaxsurro.parallel_client import _connect_parallel
+            from jaxsurro.client.parallel import _connect_parallel
 
             return _connect_parallel(comm, server, token, sim_id, timeout, wire_dtype)
     settings = resolve_settings(server, token, sim_id, timeout, wire_dtype)
@@ -538,9 +539,9 @@ _PARALLEL_NAMES = frozenset({'AssemblyPlan', 'ClientRankTimeout', 'MPI_MAX_ELEME
 
 
 def __getattr__(name: str) -> Any:
-    """The MPI-parallel client's public names, loaded on first use (jaxsurro.parallel_client)."""
+    """The MPI-parallel client's public names, loaded on first use (jaxsurro.client.parallel)."""
     if name in _PARALLEL_NAMES:
-        from jaxsurro import parallel_client
+        from jaxsurro.client import parallel as parallel_client
 
         return getattr(parallel_client, name)
     raise AttributeError(f"module 'jaxsurro.client' has no attribute {name!r}")

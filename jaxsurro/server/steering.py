@@ -1,7 +1,7 @@
 """Breed steering: the training losses choose the parameters of the simulations not yet started.
 
 Every training step feeds its per-sample losses into the loss-deviation statistics
-(:mod:`jaxsurro.breed`, on the devices, no extra forward pass). Every P steps, once
+(:mod:`jaxsurro.core.breed`, on the devices, no extra forward pass). Every P steps, once
 enough simulations have completed, the ranks merge their statistics on rank 0, which
 draws children around the simulations the network finds hard (AMIS), mixes them with
 uniform draws at the ratio r(s), and replaces the parameters of every simulation never
@@ -20,14 +20,14 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsurro import breed
+from jaxsurro.core import breed
 from jaxsurro.config import Config
-from jaxsurro.distributed import World
-from jaxsurro.launcher import SimState, SimulationTable
-from jaxsurro.parallel import DATA_AXIS
-from jaxsurro.sampling import BoxSampler
+from jaxsurro.server.distributed import World
+from jaxsurro.table import SimState, SimulationTable
+from jaxsurro.server.parallel import DATA_AXIS
+from jaxsurro.core.sampling import BoxSampler, derive_seed
 
-log = logging.getLogger("jaxsurro.steering")
+log = logging.getLogger("jaxsurro.server.steering")
 
 
 class Steering:
@@ -46,9 +46,9 @@ class Steering:
         self._window = jax.jit(breed.recent_window, static_argnames=("size",))
         self._resample = jax.jit(breed.amis_resample, static_argnames=breed.AMIS_STATIC_ARGNAMES)
         self._mix = jax.jit(breed.mix)
-        self._key = jax.random.fold_in(jax.random.key(config.study.seed), 0xB8EED)
+        self._key = jax.random.key(derive_seed(config.study.seed, "breed"))
         self._uniform = BoxSampler(self.settings.base_sampler, config.solver.low, config.solver.high,
-                                   config.sampler_seed + 1)
+                                   derive_seed(config.study.seed, "breed-uniform"))
         self.round = 0
         self.history: list[dict[str, Any]] = []  # one entry per resampling round (rank 0)
 

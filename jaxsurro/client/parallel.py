@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxsurro import protocol
-from jaxsurro.client import (
+from jaxsurro.client.simulation import (
     DEFAULT_TIMEOUT,
     ENV_TIMEOUT,
     ClientConfigurationError,

@@ -22,10 +22,10 @@ import numpy as np
 import zmq
 
 from jaxsurro import protocol
-from jaxsurro.buffers import BufferClosed, ReceptionOver
-from jaxsurro.launcher.table import SimState, SimulationTable
+from jaxsurro.server.buffers import BufferClosed, ReceptionOver
+from jaxsurro.table import SimState, SimulationTable
 
-log = logging.getLogger("jaxsurro.receiver")
+log = logging.getLogger("jaxsurro.server.receiver")
 
 # Messages queued per socket before ZeroMQ pushes back on the clients; small, since a 4 MB
 # field times a large queue would hold gigabytes that the buffer's capacity is meant to bound.

@@ -16,12 +16,10 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxsurro.config import Config
-from jaxsurro.sampling import sample
+from jaxsurro.core import sampling
 
-log = logging.getLogger("jaxsurro.validation")
+log = logging.getLogger("jaxsurro.server.validation")
 
-# The Halton scramble seed of every validation set: fixed, so the set does not move with study.seed.
-VALIDATION_SEED = 20231112
 
 
 class ValidationSet(NamedTuple):
@@ -44,7 +42,7 @@ class ValidationSet(NamedTuple):
 
 def validation_parameters(config: Config) -> np.ndarray:
     """The Halton parameters of the validation simulations."""
-    return sample("halton", config.train.n_validation, config.solver.low, config.solver.high, VALIDATION_SEED)
+    return sampling.validation_parameters(config.train.n_validation, config.solver.low, config.solver.high)
 
 
 def cache_key(config: Config, root: Path | None = None) -> str:
@@ -64,7 +62,7 @@ def cache_key(config: Config, root: Path | None = None) -> str:
         "command": list(solver.command), "files": files, "parameters": {k: list(v) for k, v in
                                                                         solver.parameters.items()},
         "field": solver.field, "grid_size": solver.grid_size, "n_steps": solver.n_steps, "dt": solver.dt,
-        "wire_dtype": solver.wire_dtype, "n_validation": config.train.n_validation, "seed": VALIDATION_SEED,
+        "wire_dtype": solver.wire_dtype, "n_validation": config.train.n_validation, "seed": sampling.VALIDATION_SEED,
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
 

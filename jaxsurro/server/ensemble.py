@@ -2,7 +2,7 @@
 
 :class:`Ensemble` couples a launcher (which runs the simulations) with a receiver per
 server rank (which takes their messages into a sink). :func:`produce_validation_set`
-uses one to collect whole trajectories; :mod:`jaxsurro.online` uses one to feed the
+uses one to collect whole trajectories; :mod:`jaxsurro.server.online` uses one to feed the
 host buffers while the trainer learns.
 """
 
@@ -10,28 +10,20 @@ from __future__ import annotations
 
 import logging
 import time
+import threading
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from jaxsurro import client, protocol
+from jaxsurro import protocol
 from jaxsurro.config import Config
-from jaxsurro.distributed import World
-from jaxsurro.launcher import (
-    JobSpec,
-    Launcher,
-    SimState,
-    SimulationTable,
-    make_scheduler,
-)
-from jaxsurro.progress import Progress
-from jaxsurro.receiver import Receiver, Sink, ValidationSink
-from jaxsurro.sampling import BoxSampler
-from jaxsurro.validation import ValidationSet, validation_parameters
+from jaxsurro.server.distributed import World
+from jaxsurro.server.progress import Progress
+from jaxsurro.table import SimState, SimulationTable
+from jaxsurro.server.receiver import Receiver, Sink, ValidationSink
+from jaxsurro.server.validation import ValidationSet, validation_parameters
 
-log = logging.getLogger("jaxsurro.server")
+log = logging.getLogger("jaxsurro.server.ensemble")
 
-ENV_ATTEMPT = "JAXSURRO_ATTEMPT"  # 1 for a simulation's first run, 2 for its first restart...
 WAIT_SLICE = 0.5  # seconds between liveness checks while waiting for data
 
 
@@ -39,23 +31,21 @@ class StallError(RuntimeError):
     """Nothing arrived for longer than the configured timeout."""
 
 
-def job_factory(config: Config, token: bytes, control_address: str, log_dir: Path,
-                label: str) -> Callable[[int, int], JobSpec]:
-    """Builds the job of one simulation attempt: the solver command with the client's settings."""
-    argv = tuple(config.solver.argv())
-    base_env = {
-        client.ENV_SERVER: control_address,
-        client.ENV_TOKEN: token.hex(),
-        client.ENV_TIMEOUT: repr(config.server.client_timeout),
-        client.ENV_WIRE_DTYPE: config.solver.wire_dtype,
-    }
+class Launching(Protocol):
+    """What the server needs of a launcher: run the table's simulations from a background thread."""
 
-    def job_for(sim_id: int, attempt: int) -> JobSpec:
-        return JobSpec(name=f"{config.study.name}-{label}-{sim_id}", argv=argv,
-                       env={**base_env, client.ENV_SIM_ID: str(sim_id), ENV_ATTEMPT: str(attempt)},
-                       log_path=log_dir / f"{label}-{sim_id:05d}.log", cwd=Path.cwd())
+    done: threading.Event  # set once every simulation of the table has ended
 
-    return job_for
+    def start(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def check(self) -> None: ...
+
+
+# (table, token, control address, label) -> a launcher for that table's simulations, whose clients
+# reach the server at the control address with the token. Built by the entry point.
+LaunchFactory = Callable[[SimulationTable, bytes, str, str], Launching]
 
 
 class Ensemble:
@@ -64,8 +54,8 @@ class Ensemble:
     The launcher lives on rank 0 only; every rank receives the time steps routed to it.
     """
 
-    def __init__(self, config: Config, table: SimulationTable, sink: Sink, log_dir: Path, label: str,
-                 world: World | None = None, on_done: Callable[[], None] | None = None):
+    def __init__(self, config: Config, table: SimulationTable, sink: Sink, label: str,
+                 launch: LaunchFactory, world: World | None = None):
         self.config = config
         self.table = table
         self.world = world or World()
@@ -82,13 +72,7 @@ class Ensemble:
             self.receiver.data_address, config.server.startup_timeout, "the ranks' data addresses"))
         self.launcher = None
         if self.world.is_root:
-            self.launcher = Launcher(
-                table, make_scheduler(config.launcher.scheduler, config.launcher.client_options,
-                                      config.launcher.slurm_mode),
-                job_factory(config, self.token, self.receiver.control_address, log_dir, label),
-                max_concurrent=config.launcher.max_concurrent, max_attempts=config.launcher.max_attempts,
-                poll_interval=config.launcher.poll_interval, output_tail_lines=config.launcher.output_tail_lines,
-                finish_grace=config.server.client_timeout, on_done=on_done)
+            self.launcher = launch(table, self.token, self.receiver.control_address, label)
 
     def __enter__(self) -> Ensemble:
         self.receiver.start()
@@ -126,7 +110,7 @@ class Ensemble:
         return {"running": running, "done": counts["completed"], "failed": counts["failed"]}
 
 
-def produce_validation_set(config: Config, log_dir: Path, progress: Progress) -> ValidationSet:
+def produce_validation_set(config: Config, launch: LaunchFactory, progress: Progress) -> ValidationSet:
     """Runs the validation simulations through the same solver and client path and collects them.
 
     Called on rank 0 alone: the validation ensemble has a single receiving rank.
@@ -134,7 +118,7 @@ def produce_validation_set(config: Config, log_dir: Path, progress: Progress) ->
     parameters = validation_parameters(config)
     table = SimulationTable(parameters)
     sink = ValidationSink(len(table), config.solver.n_steps, config.solver.field_shape)
-    with Ensemble(config, table, sink, log_dir, "validation") as ensemble:
+    with Ensemble(config, table, sink, "validation", launch) as ensemble:
         while not ensemble.launcher.done.wait(WAIT_SLICE):
             ensemble.poll()
             progress.update(ensemble.receiver.unique_received,
@@ -144,16 +128,8 @@ def produce_validation_set(config: Config, log_dir: Path, progress: Progress) ->
     if failed:
         first = failed[0]
         raise RuntimeError(f"{len(failed)} validation simulation(s) did not complete (simulation {first.sim_id}: "
-                           f"{first.state.value}, {first.error or 'no error recorded'}); see {log_dir}")
+                           f"{first.state.value}, {first.error or 'no error recorded'}); see the simulation logs")
     missing = ensemble.receiver.stored.size - int(ensemble.receiver.stored.sum())
     if missing:
         raise RuntimeError(f"the validation simulations completed but {missing} time steps never arrived")
     return ValidationSet(parameters, sink.fields)
-
-
-def plan_simulations(config: Config) -> SimulationTable:
-    """The study's simulation table, parameters drawn by the configured sampler (the same on every rank)."""
-    solver = config.solver
-    kind = config.breed.base_sampler if config.sampler.kind == "breed" else config.sampler.kind
-    sampler = BoxSampler(kind, solver.low, solver.high, config.sampler_seed)
-    return SimulationTable(sampler.draw(config.study.n_simulations))

@@ -22,18 +22,19 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxsurro.buffers import SampleBatch, make_buffer
+from jaxsurro.server.buffers import SampleBatch, make_buffer
 from jaxsurro.config import Config
-from jaxsurro.distributed import World, gradient_allreduce
-from jaxsurro.launcher import SimState, SimulationTable
-from jaxsurro.progress import Progress
-from jaxsurro.receiver import BufferSink
-from jaxsurro.server import Ensemble, StallError
-from jaxsurro.steering import Steering
-from jaxsurro.trainer import Trainer
-from jaxsurro.validation import ValidationSet
+from jaxsurro.core.sampling import derive_seed
+from jaxsurro.server.distributed import World, gradient_allreduce
+from jaxsurro.table import SimState, SimulationTable
+from jaxsurro.server.progress import Progress
+from jaxsurro.server.receiver import BufferSink
+from jaxsurro.server.ensemble import Ensemble, LaunchFactory, StallError
+from jaxsurro.server.steering import Steering
+from jaxsurro.server.trainer import Trainer
+from jaxsurro.server.validation import ValidationSet
 
-log = logging.getLogger("jaxsurro.online")
+log = logging.getLogger("jaxsurro.server.online")
 
 SINGLE_RANK_WAIT = 0.5  # seconds a lone rank waits for a batch before checking on its threads
 MULTI_RANK_WAIT = 0.02  # seconds a rank waits for a batch before training without one (peers are waiting)
@@ -72,7 +73,8 @@ class MetricsLog:
 
 
 def train_online(config: Config, table: SimulationTable, validation: ValidationSet | None, run_dir: Path,
-                 progress: Progress, world: World | None = None, log_interval: float = 0.5) -> TrainingResult:
+                 progress: Progress, launch: LaunchFactory, world: World | None = None,
+                 log_interval: float = 0.5) -> TrainingResult:
     """Runs the study on this rank: its share of the stream goes into its buffer while the ranks train.
 
     ``validation`` is needed on rank 0 only, which validates for everyone.
@@ -80,7 +82,8 @@ def train_online(config: Config, table: SimulationTable, validation: ValidationS
     world = world or World()
     metrics_log = MetricsLog(run_dir / "metrics.jsonl") if world.is_root else None
     try:
-        return OnlineTraining(config, table, validation, run_dir, progress, world, log_interval, metrics_log).run()
+        return OnlineTraining(config, table, validation, run_dir, progress, launch, world, log_interval,
+                              metrics_log).run()
     finally:
         if metrics_log is not None:
             metrics_log.close()
@@ -90,14 +93,16 @@ class OnlineTraining:
     """One rank's part of a study: its receiver and buffer, and its place in the lockstep training loop."""
 
     def __init__(self, config: Config, table: SimulationTable, validation: ValidationSet | None, run_dir: Path,
-                 progress: Progress, world: World, log_interval: float, metrics_log: MetricsLog | None):
+                 progress: Progress, launch: LaunchFactory, world: World, log_interval: float,
+                 metrics_log: MetricsLog | None):
         solver = config.solver
         self.config, self.table, self.world = config, table, world
         self.run_dir, self.progress, self.metrics_log = run_dir, progress, metrics_log
         self.log_interval = log_interval
+        self.launch = launch
         self.buffer = make_buffer(config.buffer.kind, capacity=config.buffer.capacity,
                                   watermark=config.buffer.watermark, input_dim=len(solver.parameters) + 1,
-                                  field_size=int(np.prod(solver.field_shape)), seed=config.study.seed + world.rank)
+                                  field_size=int(np.prod(solver.field_shape)), seed=derive_seed(config.study.seed, "buffer", world.rank))
         self.trainer = Trainer(config, reduce_fn=gradient_allreduce(world))
         self.steering = Steering(config, world, table, self.trainer.mesh) if config.sampler.kind == "breed" else None
         if world.is_root:
@@ -123,7 +128,7 @@ class OnlineTraining:
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainingResult:
         sink = BufferSink(self.buffer, self.table, self.config.solver.n_steps, self.config.solver.dt)
-        with Ensemble(self.config, self.table, sink, self.run_dir / "logs", "sim", world=self.world) as ensemble:
+        with Ensemble(self.config, self.table, sink, "sim", self.launch, world=self.world) as ensemble:
             self.ensemble = ensemble
             try:
                 self._loop()

@@ -3,7 +3,7 @@
 Each process (MPI rank) builds its own mesh over `jax.local_devices()`; the batch is split
 along its leading axis across that mesh, the state is replicated, and XLA inserts the
 on-node reductions of the step's sums. Reduction across processes is not done here: it
-plugs into `jaxsurro.train.make_train_step(reduce_fn=...)`. Host→device copies are
+plugs into `jaxsurro.core.train.make_train_step(reduce_fn=...)`. Host→device copies are
 explicit (`put_batch`, `replicate`), so the loop runs under `jax.transfer_guard("disallow")`;
 read results back with `jax.device_get`.
 """
@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsurro.train import (Batch, EvalStep, ReduceFn, TrainStep, make_apply_sums, make_gradient_sums,
+from jaxsurro.core.train import (Batch, EvalStep, ReduceFn, TrainStep, make_apply_sums, make_gradient_sums,
                             make_train_step)
 
 __all__ = [

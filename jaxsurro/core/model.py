@@ -9,7 +9,7 @@ stream needs no statistics pass and gives the same normalization on every rank:
 The network works in normalized units (inputs and outputs in [0, 1]-ish, so losses are
 O(1) whatever the temperature scale) and maps its output back to physical units.
 
-Model contract (what `jaxsurro.train` relies on, and what a model registered with
+Model contract (what `jaxsurro.core.train` relies on, and what a model registered with
 `register_model` must provide): a `flax.linen.Module` with a `scaling: Scaling` field
 whose `__call__(inputs [B, d+1] float32, normalized_output: bool = False)` returns the
 field `[B, *field_shape]`, in physical units or, with `normalized_output=True`, in the
@@ -172,13 +172,13 @@ def make_model(name: str, **kwargs) -> nn.Module:
     if name not in MODELS:
         raise ValueError(
             f"Unknown model {name!r}; known models: {sorted(MODELS)}. "
-            "Register new architectures with jaxsurro.model.register_model."
+            "Register new architectures with jaxsurro.core.model.register_model."
         )
     scaling = kwargs.get("scaling")
     if scaling is not None:
         if not isinstance(scaling, Scaling):
             raise TypeError(
-                f"make_model expects scaling to be a jaxsurro.model.Scaling; got "
+                f"make_model expects scaling to be a jaxsurro.core.model.Scaling; got "
                 f"{type(scaling).__name__}."
             )
         scaling.validate()

@@ -1,4 +1,4 @@
-"""Pure training and evaluation steps for surrogates (jit at the call site: `jaxsurro.parallel`).
+"""Pure training and evaluation steps for surrogates (jit at the call site: `jaxsurro.server.parallel`).
 
 Loss of one sample i (normalized units, so it is O(1) whatever the temperature scale):
 
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsurro.model import normalize_field
+from jaxsurro.core.model import normalize_field
 
 __all__ = [
     "Batch",

@@ -13,11 +13,12 @@ import jax
 import numpy as np
 from flax import serialization
 
-from jaxsurro.buffers import SampleBatch
+from jaxsurro.server.buffers import SampleBatch
 from jaxsurro.config import Config
-from jaxsurro.model import Scaling, make_model
-from jaxsurro.parallel import jit_eval_step, jit_reduced_train_step, make_data_mesh, put_batch, replicate
-from jaxsurro.train import Batch, init_train_state, make_eval_step, make_optimizer
+from jaxsurro.core.model import Scaling, make_model
+from jaxsurro.core.sampling import derive_seed
+from jaxsurro.server.parallel import jit_eval_step, jit_reduced_train_step, make_data_mesh, put_batch, replicate
+from jaxsurro.core.train import Batch, init_train_state, make_eval_step, make_optimizer
 
 EVAL_CHUNK_ROWS = 1024  # rows per validation call; a fixed shape, so one compilation
 
@@ -41,7 +42,7 @@ class Trainer:
         self.model = make_model(config.model.name, hidden=config.model.hidden, layers=config.model.layers,
                                 field_shape=self.field_shape, scaling=self.scaling)
         optimizer = make_optimizer(config.train.learning_rate, self.batch_size, config.train.halve_every_samples)
-        key = jax.random.key(config.study.seed)
+        key = jax.random.key(derive_seed(config.study.seed, "model"))
         state = init_train_state(key, self.model, optimizer, len(config.solver.parameters) + 1)
         self.state = replicate(state, self.mesh)
         self._train_step = jit_reduced_train_step(self.model, optimizer, reduce_fn, self.mesh)

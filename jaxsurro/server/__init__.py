@@ -1,0 +1,1 @@
+"""What runs in a server rank: receiver, host buffers, trainer, the online loop, steering, validation."""
