@@ -53,21 +53,73 @@ class StudyConfig:
             errors.append(f"study.name ({self.name!r}) must be a non-empty name without spaces or slashes")
 
 
+PLACEHOLDERS = ("python", "n_steps", "dt", "grid_size")  # filled into solver.command and field shapes
+MAX_FIELD_NDIM = 4  # the wire protocol carries shapes of rank 0 to 4
+MAX_FIELD_NAME_BYTES = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldConfig:
+    """One named field of every time step (``[[solver.fields]]``).
+
+    ``shape`` is a list of 0 to 4 sizes (``[]``: a scalar), each an integer or the placeholder
+    ``"{grid_size}"``; an integer alone is a flat size (``shape = 128`` is ``[128]``).
+    """
+
+    name: str
+    shape: tuple[int | str, ...] | int
+    weight: float = 1.0  # the field's weight c_f in the training loss (>= 0; weights are normalized)
+    bounds: tuple[float, float] | None = None  # physical range of valid values, when known
+
+    def resolved_shape(self, grid_size: int) -> tuple[int, ...]:
+        dims = (self.shape,) if isinstance(self.shape, int) else self.shape
+        return tuple(grid_size if d == "{grid_size}" else int(d) for d in dims)
+
+    def check(self, errors: list[str], path: str) -> None:
+        if not self.name or len(self.name.encode()) > MAX_FIELD_NAME_BYTES:
+            errors.append(
+                f"{path}.name ({self.name!r}) must be a non-empty name of at most {MAX_FIELD_NAME_BYTES} bytes"
+            )
+        dims = (self.shape,) if isinstance(self.shape, int) else self.shape
+        if len(dims) > MAX_FIELD_NDIM:
+            errors.append(
+                f"{path}.shape ({list(dims)}) has {len(dims)} dimensions; the protocol carries at most "
+                f"{MAX_FIELD_NDIM}: flatten the field (an integer shape is a flat size)"
+            )
+        for d in dims:
+            if isinstance(d, str) and d != "{grid_size}":
+                errors.append(f'{path}.shape entry {d!r} must be an integer or "{{grid_size}}"')
+            elif isinstance(d, int) and d < 1:
+                errors.append(f"{path}.shape entry {d} must be at least 1")
+        if not (self.weight >= 0 and math.isfinite(self.weight)):
+            errors.append(f"{path}.weight ({self.weight}) must be a finite number >= 0")
+        if self.bounds is not None:
+            lo, hi = self.bounds
+            if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+                errors.append(f"{path}.bounds ([{lo}, {hi}]) must be finite with low < high")
+
+
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
-    """The solver program that each client runs, and the field it streams."""
+    """The solver program that each client runs, and the fields each of its time steps carries."""
 
     command: tuple[str, ...]  # argv template; {python}, {n_steps}, {dt}, {grid_size} are filled in
     parameters: dict[str, tuple[float, float]]  # name -> (low, high) bounds, in solver order
-    field: str = "temperature"  # the field name the solver sends
-    grid_size: int = 16  # M: the field is M x M
+    fields: tuple[FieldConfig, ...]  # [[solver.fields]]: every field of a time step, in sample order
+    grid_size: int = 16  # a size handed to the solver ({grid_size}) and usable in field shapes
     n_steps: int = 100  # time steps per simulation (each one is a training sample)
     dt: float = 0.01  # physical time per step; the network's time input is (t + 1) * dt
     wire_dtype: Literal["float32", "float64"] = "float32"  # dtype of fields on the wire
 
     @property
-    def field_shape(self) -> tuple[int, int]:
-        return (self.grid_size, self.grid_size)
+    def field_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each field's name and resolved shape, in sample order."""
+        return {f.name: f.resolved_shape(self.grid_size) for f in self.fields}
+
+    @property
+    def sample_size(self) -> int:
+        """Elements of one flat training sample: every field of a time step."""
+        return sum(math.prod(shape) for shape in self.field_shapes.values())
 
     @property
     def parameter_names(self) -> tuple[str, ...]:
@@ -88,21 +140,34 @@ class SolverConfig:
 
     def check(self, errors: list[str]) -> None:
         if not self.command:
-            errors.append("solver.command must not be empty: give the solver's argv, e.g. "
-                          '["{python}", "solvers/heat.py", "--client"]')
+            errors.append(
+                "solver.command must not be empty: give the solver's argv, e.g. "
+                '["{python}", "solvers/heat.py", "--client"]'
+            )
         for i, part in enumerate(self.command):
             try:
                 part.format(python="", n_steps=0, dt=0.0, grid_size=0)
             except (KeyError, IndexError, ValueError) as exc:
-                errors.append(f"solver.command[{i}] ({part!r}) has an unknown placeholder {exc}; "
-                              "allowed: {python}, {n_steps}, {dt}, {grid_size}")
+                errors.append(
+                    f"solver.command[{i}] ({part!r}) has an unknown placeholder {exc}; "
+                    "allowed: {python}, {n_steps}, {dt}, {grid_size}"
+                )
         if not self.parameters:
             errors.append("solver.parameters must name at least one parameter with its [low, high] bounds")
         for name, (lo, hi) in self.parameters.items():
             if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
                 errors.append(f"solver.parameters.{name} ([{lo}, {hi}]) must be finite bounds with low < high")
-        if not self.field or len(self.field.encode()) > 64:
-            errors.append(f"solver.field ({self.field!r}) must be a non-empty name of at most 64 bytes")
+        if not self.fields:
+            errors.append(
+                'solver.fields must declare at least one field, e.g. [[solver.fields]] name = "u", shape = [128]'
+            )
+        names = [f.name for f in self.fields]
+        for i, field in enumerate(self.fields):
+            field.check(errors, f"solver.fields[{i}]")
+            if names.count(field.name) > 1 and names.index(field.name) == i:
+                errors.append(f"solver.fields: the name {field.name!r} is declared {names.count(field.name)} times")
+        if self.fields and not sum(f.weight for f in self.fields) > 0:
+            errors.append("solver.fields: at least one field needs a weight > 0 in the loss")
         _at_least(errors, "solver.grid_size", self.grid_size, 1)
         _at_least(errors, "solver.n_steps", self.n_steps, 1)
         if not (self.dt > 0 and math.isfinite(self.dt)):
@@ -163,23 +228,67 @@ class BufferConfig:
     watermark: int = 200  # samples needed before training starts (FIRO, Reservoir)
 
     def check(self, errors: list[str]) -> None:
-        _at_least(errors, "buffer.capacity", self.capacity, 1)
-        _at_least(errors, "buffer.watermark", self.watermark, 0)
-        if self.watermark > self.capacity:
-            errors.append(f"buffer.watermark ({self.watermark}) must not exceed buffer.capacity "
-                          f"({self.capacity}): a watermark above the capacity is never reached")
+        pass  # its size rules involve train.batch_size: Config.check applies buffer_capacity_problems
+
+
+def buffer_capacity_problems(
+    kind: str,
+    capacity: int,
+    watermark: int,
+    batch_size: int | None = None,
+    *,
+    names: tuple[str, str, str] = ("buffer.capacity", "buffer.watermark", "train.batch_size"),
+) -> list[str]:
+    """The host buffers' size rules, stated once: what keeps a buffer of this kind and size from working.
+
+    One sentence per broken rule, empty when the sizes work; ``batch_size=None`` skips the batch rule.
+    The configuration reports them at load under the keys' paths (the default ``names``);
+    :mod:`jaxsurro.server.buffers` raises them when a buffer is built and when a batch is asked for
+    (docs/architecture.md, "Buffers").
+    """
+    cap, mark, batch = names
+    problems = []
+    if capacity < 1:
+        problems.append(f"{cap} ({capacity}) must be at least 1")
+    if watermark < 0:
+        problems.append(f"{mark} ({watermark}) must be at least 0")
+    elif watermark > capacity:
+        problems.append(
+            f"{mark} ({watermark}) must not exceed {cap} ({capacity}): a watermark above the capacity is never reached"
+        )
+    elif kind == "firo" and watermark == capacity:
+        problems.append(
+            f"{mark} ({watermark}) must be below {cap} ({capacity}) for a FIRO buffer: it releases "
+            "batches only above the watermark, and it cannot hold more than its capacity"
+        )
+    elif kind == "reservoir" and watermark < 1:
+        problems.append(f"{mark} ({watermark}) must be at least 1 for a reservoir: it draws from stored samples")
+    if batch_size is not None and kind in ("fifo", "firo") and batch_size > capacity:
+        problems.append(
+            f"{batch} ({batch_size}) must not exceed {cap} ({capacity}) for a {kind.upper()} buffer: "
+            "it evicts what it reads and blocks the producer when full, so a full batch would never fit"
+        )
+    return problems
+
+
+BUILTIN_MODELS = ("mlp", "conv")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The surrogate network: an MLP from (parameters, time) to the field, by default."""
+    """The surrogate network: by default an MLP from (parameters, time) to every field of a time step."""
 
-    name: Literal["mlp"] = "mlp"
+    name: str = "mlp"  # "mlp", "conv", a name given to register_model, or "package.module:factory"
     hidden: int = 256  # H units per hidden layer
     layers: int = 2  # L hidden layers
-    output_range: tuple[float, float] | None = None  # known field range; default: the parameters' min and max
+    output_range: tuple[float, float] | None = None  # every field's range; default: each field's, from validation
 
     def check(self, errors: list[str]) -> None:
+        if self.name not in BUILTIN_MODELS and ":" not in self.name:
+            errors.append(
+                f"model.name ({self.name!r}) must be one of {', '.join(BUILTIN_MODELS)} or name a factory "
+                "as 'package.module:factory' (a model registered in your own module)"
+            )
         _at_least(errors, "model.hidden", self.hidden, 1)
         _at_least(errors, "model.layers", self.layers, 0)
         if self.output_range is not None:
@@ -228,9 +337,11 @@ class LauncherConfig:
         for name in ("client_options", "server_options"):
             for i, option in enumerate(getattr(self, name)):
                 if not option.startswith("-") or "\n" in option:
-                    errors.append(f"launcher.{name}[{i}] ({option!r}) must be one scheduler option with its "
-                                  "value, starting with '-' and without newlines (e.g. \"--time=00:10:00\" for "
-                                  "Slurm, \"-l nodes=1/core=1,walltime=00:10:00\" for OAR)")
+                    errors.append(
+                        f"launcher.{name}[{i}] ({option!r}) must be one scheduler option with its "
+                        "value, starting with '-' and without newlines (e.g. \"--time=00:10:00\" for "
+                        'Slurm, "-l nodes=1/core=1,walltime=00:10:00" for OAR)'
+                    )
         _at_least(errors, "launcher.server_ranks", self.server_ranks, 1)
         _at_least(errors, "launcher.max_concurrent", self.max_concurrent, 1)
         _at_least(errors, "launcher.max_attempts", self.max_attempts, 1)
@@ -258,6 +369,16 @@ class ServerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """What a run writes besides metrics.jsonl."""
+
+    tensorboard: bool = False  # also write TensorBoard event files in <run_dir>/tensorboard
+
+    def check(self, errors: list[str]) -> None:
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole experiment."""
 
@@ -270,6 +391,7 @@ class Config:
     launcher: LauncherConfig
     server: ServerConfig
     breed: BreedConfig
+    log: LogConfig
 
     @property
     def breed_sigma_unit(self) -> float:
@@ -279,34 +401,26 @@ class Config:
         lo, hi = next(iter(self.solver.parameters.values()))
         return self.breed.sigma / (hi - lo)
 
-    @property
-    def output_range(self) -> tuple[float, float]:
-        """The field's known range: given, or the parameters' overall bounds (maximum principle)."""
-        if self.model.output_range is not None:
-            return self.model.output_range
-        return (min(self.solver.low), max(self.solver.high))
-
     def check(self, errors: list[str]) -> None:
         for section in dataclasses.fields(self):
             getattr(self, section.name).check(errors)
-        if self.buffer.kind == "firo" and self.buffer.watermark >= self.buffer.capacity:
-            errors.append(f"buffer.watermark ({self.buffer.watermark}) must be below buffer.capacity "
-                          f"({self.buffer.capacity}) for a FIRO buffer: it releases batches only above the "
-                          "watermark, and it cannot hold more than its capacity")
-        if self.buffer.kind in ("fifo", "firo") and self.train.batch_size > self.buffer.capacity:
-            errors.append(f"train.batch_size ({self.train.batch_size}) must not exceed buffer.capacity "
-                          f"({self.buffer.capacity}) for a {self.buffer.kind.upper()} buffer: a full batch "
-                          "would never fit")
+        errors.extend(
+            buffer_capacity_problems(
+                self.buffer.kind, self.buffer.capacity, self.buffer.watermark, self.train.batch_size
+            )
+        )
         if self.sampler.kind == "breed" and self.breed.sigma_unit is None:
             spans = sorted({round(hi - lo, 12) for lo, hi in self.solver.parameters.values()})
             if len(spans) > 1:
-                errors.append(f"breed.sigma ({self.breed.sigma}) is in physical units, which needs every parameter "
-                              f"to share one span; the spans are {spans}: give breed.sigma_unit (unit cube) instead")
+                errors.append(
+                    f"breed.sigma ({self.breed.sigma}) is in physical units, which needs every parameter "
+                    f"to share one span; the spans are {spans}: give breed.sigma_unit (unit cube) instead"
+                )
         if self.sampler.kind == "breed" and self.breed.min_finished > self.study.n_simulations:
-            errors.append(f"breed.min_finished ({self.breed.min_finished}) must not exceed study.n_simulations "
-                          f"({self.study.n_simulations})")
-        if self.buffer.kind == "reservoir" and self.buffer.watermark < 1:
-            errors.append("buffer.watermark (0) must be at least 1 for a reservoir: it draws from stored samples")
+            errors.append(
+                f"breed.min_finished ({self.breed.min_finished}) must not exceed study.n_simulations "
+                f"({self.study.n_simulations})"
+            )
 
 
 # ----------------------------------------------------------------------------
@@ -357,7 +471,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
             if child is None:
                 child = node[name] = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(sections[:depth + 1])} is not a section")
+                raise ConfigError(f"override {item!r}: {'.'.join(sections[: depth + 1])} is not a section")
             else:
                 child = node[name] = dict(child)
             node = child
@@ -385,6 +499,8 @@ def _build(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
             hint = hints[name]
             if dataclasses.is_dataclass(hint):
                 values[name] = _build(hint, raw[name], key_path, errors)
+            elif _is_table_array(hint):
+                values[name] = _build_array(typing.get_args(hint)[0], raw[name], key_path, errors)
             else:
                 values[name] = _coerce(raw[name], hint, key_path, errors)
         elif dataclasses.is_dataclass(hints[name]):
@@ -393,6 +509,25 @@ def _build(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
             errors.append(f"{key_path} is required and missing")
             missing = True
     return None if missing else cls(**values)
+
+
+def _is_table_array(hint: Any) -> bool:
+    """``tuple[SomeDataclass, ...]``: an array of tables in TOML (``[[section.key]]``)."""
+    args = typing.get_args(hint)
+    return (
+        typing.get_origin(hint) is tuple
+        and len(args) == 2
+        and args[1] is Ellipsis
+        and dataclasses.is_dataclass(args[0])
+    )
+
+
+def _build_array(cls: type, raw: Any, path: str, errors: list[str]) -> tuple[Any, ...] | None:
+    if not isinstance(raw, list | tuple):
+        errors.append(f"{path} must be an array of tables ([[{path}]]), got {type(raw).__name__} {raw!r}")
+        return None
+    items = [_build(cls, item, f"{path}[{i}]", errors) for i, item in enumerate(raw)]
+    return None if any(item is None for item in items) else tuple(items)
 
 
 _SENTINEL = object()
@@ -494,15 +629,16 @@ def to_dict(config: Config) -> dict[str, Any]:
     """The configuration as plain TOML-serializable data (``None`` values left out)."""
 
     def plain(value: Any) -> Any:
-        if isinstance(value, tuple):
+        if isinstance(value, tuple | list):
             return [plain(v) for v in value]
         if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
+            return {k: plain(v) for k, v in value.items() if v is not None}
         return value
 
     return {
-        section.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(config, section.name)).items()
-                       if v is not None}
+        section.name: {
+            k: plain(v) for k, v in dataclasses.asdict(getattr(config, section.name)).items() if v is not None
+        }
         for section in dataclasses.fields(config)
     }
 
@@ -515,8 +651,14 @@ def dumps(config: Config) -> str:
 def add_config_arguments(parser: argparse.ArgumentParser, what: str = "experiment TOML file") -> None:
     """The experiment file and its repeatable ``--set SECTION.KEY=VALUE`` overrides, for every command."""
     parser.add_argument("config", help=what)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one value (TOML literal; bare words are strings); repeatable")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one value (TOML literal; bare words are strings); repeatable",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config | None:

@@ -70,6 +70,7 @@ REJECTION_REASONS: tuple[str, ...] = (
     "bad_shape",
     "bad_size",
     "non_finite",
+    "field_mismatch",
 )
 # REJECT reason code for a HELLO asking for ANY_SIMULATION when none is left to hand out.
 NO_SIMULATION_LEFT = "no_simulation_left"
@@ -158,7 +159,11 @@ def token_from_hex(text: str) -> bytes:
 
 
 def rank_for(sim_id: int, time_step: int, n_ranks: int) -> int:
-    """Server rank receiving step `time_step` of simulation `sim_id`: (sim_id + time_step) mod n_ranks."""
+    """Server rank receiving step `time_step` of simulation `sim_id`: (sim_id + time_step) mod n_ranks.
+
+    The one routing rule (docs/protocol.md, section 5): the client sends by it, validate_data checks
+    arrivals by it. It runs once per message on both sides: keep it a comparison and three modulos.
+    """
     if n_ranks < 1:
         raise ValueError(f"n_ranks must be >= 1, got {n_ranks}")
     # Reducing each term first keeps the C form (sim_id % R + t % R) % R free of u64 overflow.
@@ -183,8 +188,21 @@ def encode_header(
     dims = (*shape, 0, 0, 0, 0)
     try:
         return HEADER.pack(
-            MAGIC, VERSION, kind, dtype_code, token, sim_id, time_step, client_id, ndim,
-            _ZERO_RESERVED, dims[0], dims[1], dims[2], dims[3], 0,
+            MAGIC,
+            VERSION,
+            kind,
+            dtype_code,
+            token,
+            sim_id,
+            time_step,
+            client_id,
+            ndim,
+            _ZERO_RESERVED,
+            dims[0],
+            dims[1],
+            dims[2],
+            dims[3],
+            0,
         )
     except struct.error as error:
         raise ValueError(
@@ -206,17 +224,31 @@ def decode_header(frame: Any) -> Header:
     """Unpack and structurally check a header frame; ProtocolError malformed/bad_magic/bad_version."""
     buffer = _buffer(frame)
     if buffer.nbytes != HEADER_SIZE:
-        raise ProtocolError(
-            "malformed", f"header frame must be {HEADER_SIZE} bytes, got {buffer.nbytes}"
-        )
-    (magic, version, kind, dtype_code, token, sim_id, time_step, client_id, ndim,
-     reserved, d0, d1, d2, d3, reserved_tail) = HEADER.unpack(buffer)
+        raise ProtocolError("malformed", f"header frame must be {HEADER_SIZE} bytes, got {buffer.nbytes}")
+    (
+        magic,
+        version,
+        kind,
+        dtype_code,
+        token,
+        sim_id,
+        time_step,
+        client_id,
+        ndim,
+        reserved,
+        d0,
+        d1,
+        d2,
+        d3,
+        reserved_tail,
+    ) = HEADER.unpack(buffer)
     if magic != MAGIC:
         raise ProtocolError("bad_magic", f"header must start with {MAGIC!r}, got {magic!r}")
     if version != VERSION:
         raise ProtocolError(
-            "bad_version", f"protocol version {VERSION} expected, got {version}; "
-            "update the client or the server so both speak the same version"
+            "bad_version",
+            f"protocol version {VERSION} expected, got {version}; "
+            "update the client or the server so both speak the same version",
         )
     if kind not in KIND_NAMES:
         raise ProtocolError("malformed", f"unknown message kind {kind}; known: {KIND_NAMES}")
@@ -226,9 +258,7 @@ def decode_header(frame: Any) -> Header:
         raise ProtocolError("malformed", "reserved header bytes 41-43 and 60-63 must be zero")
     dims = (d0, d1, d2, d3)
     if dims[ndim:] != _ZERO_DIMS[ndim:]:
-        raise ProtocolError(
-            "malformed", f"shape entries beyond ndim={ndim} must be zero, got {dims}"
-        )
+        raise ProtocolError("malformed", f"shape entries beyond ndim={ndim} must be zero, got {dims}")
     return _new_header((kind, dtype_code, token, sim_id, time_step, client_id, dims[:ndim], version))
 
 
@@ -267,20 +297,14 @@ class Expectation:
         for name, (shape, dtype) in self.fields.items():
             encoded = name.encode()
             if not 0 < len(encoded) <= MAX_FIELD_NAME_BYTES:
-                raise ValueError(
-                    f"field name must be 1..{MAX_FIELD_NAME_BYTES} UTF-8 bytes, got {name!r}"
-                )
+                raise ValueError(f"field name must be 1..{MAX_FIELD_NAME_BYTES} UTF-8 bytes, got {name!r}")
             dtype = np.dtype(dtype).newbyteorder("<")
             if dtype not in DTYPE_TO_CODE:
-                raise ValueError(
-                    f"field {name!r}: wire dtype must be float32 or float64, got {dtype}"
-                )
+                raise ValueError(f"field {name!r}: wire dtype must be float32 or float64, got {dtype}")
             shape = tuple(int(d) for d in shape)
             if len(shape) > MAX_NDIM or any(not 0 <= d <= MAX_U32 for d in shape):
                 raise ValueError(f"field {name!r}: shape must have <= {MAX_NDIM} u32 dims, got {shape}")
-            specs[encoded] = _FieldSpec(
-                name, shape, dtype, DTYPE_TO_CODE[dtype], math.prod(shape) * dtype.itemsize
-            )
+            specs[encoded] = _FieldSpec(name, shape, dtype, DTYPE_TO_CODE[dtype], math.prod(shape) * dtype.itemsize)
         if not specs:
             raise ValueError("an Expectation needs at least one field")
         known = self.known_simulations
@@ -320,9 +344,7 @@ def _validate_data(
 ) -> tuple[_FieldSpec, np.ndarray]:
     """validate_data, also returning the matched field so callers need not look it up again."""
     if header.kind != DATA:
-        raise ProtocolError(
-            "malformed", f"DATA expected, got {KIND_NAMES.get(header.kind, header.kind)}"
-        )
+        raise ProtocolError("malformed", f"DATA expected, got {KIND_NAMES.get(header.kind, header.kind)}")
     _check_sender(header, expectation)
     time_step = header.time_step
     if time_step >= expectation.n_steps:
@@ -331,7 +353,7 @@ def _validate_data(
             f"time step {time_step} of simulation {header.sim_id} is outside [0, {expectation.n_steps})",
         )
     n_ranks = expectation.n_ranks
-    rank = (header.sim_id % n_ranks + time_step % n_ranks) % n_ranks
+    rank = rank_for(header.sim_id, time_step, n_ranks)
     if rank != expectation.rank:
         raise ProtocolError(
             "wrong_rank",
@@ -340,9 +362,7 @@ def _validate_data(
         )
     name = _buffer(name_frame)
     if name.nbytes > MAX_FIELD_NAME_BYTES:
-        raise ProtocolError(
-            "malformed", f"field name frame is at most {MAX_FIELD_NAME_BYTES} bytes, got {name.nbytes}"
-        )
+        raise ProtocolError("malformed", f"field name frame is at most {MAX_FIELD_NAME_BYTES} bytes, got {name.nbytes}")
     spec = expectation._specs.get(bytes(name))
     if spec is None:
         raise ProtocolError(
@@ -358,9 +378,7 @@ def _validate_data(
             "set JAXSURRO_WIRE_DTYPE on the client to match the server",
         )
     if header.shape != spec.shape:
-        raise ProtocolError(
-            "bad_shape", f"field {spec.name!r} must have shape {spec.shape}, got {header.shape}"
-        )
+        raise ProtocolError("bad_shape", f"field {spec.name!r} must have shape {spec.shape}, got {header.shape}")
     payload = _buffer(payload_frame)
     if payload.nbytes != spec.nbytes:
         raise ProtocolError(
@@ -379,9 +397,7 @@ def _validate_data(
 def validate_finish(header: Header, expectation: Expectation) -> int:
     """Check a FINISH message; return the number of time steps the client says it sent."""
     if header.kind != FINISH:
-        raise ProtocolError(
-            "malformed", f"FINISH expected, got {KIND_NAMES.get(header.kind, header.kind)}"
-        )
+        raise ProtocolError("malformed", f"FINISH expected, got {KIND_NAMES.get(header.kind, header.kind)}")
     _check_sender(header, expectation)
     if header.time_step > expectation.n_steps:
         raise ProtocolError(
@@ -399,9 +415,7 @@ def validate_message(frames: Sequence[Any], expectation: Expectation) -> Receive
     header = decode_header(frames[0])
     if header.kind == DATA:
         if len(frames) != 3:
-            raise ProtocolError(
-                "malformed", f"DATA has 3 frames (header, field name, payload), got {len(frames)}"
-            )
+            raise ProtocolError("malformed", f"DATA has 3 frames (header, field name, payload), got {len(frames)}")
         spec, array = _validate_data(header, frames[1], frames[2], expectation)
         return Received(DATA, header.sim_id, header.time_step, header.client_id, spec.name, array)
     if header.kind == FINISH:
@@ -416,21 +430,109 @@ def validate_message(frames: Sequence[Any], expectation: Expectation) -> Receive
 
 
 def validate_hello(frames: Sequence[Any], expectation: Expectation) -> Header:
-    """Check a HELLO (frames after the ROUTER routing id); sim_id may be ANY_SIMULATION."""
-    if len(frames) != 1:
-        raise ProtocolError("malformed", f"HELLO has 1 frame (header), got {len(frames)}")
+    """Check a HELLO (frames after the ROUTER routing id); sim_id may be ANY_SIMULATION.
+
+    A HELLO whose second frame declares the client's fields (:func:`encode_declaration`) is
+    refused with ``field_mismatch`` when the declaration differs from what the server expects.
+    """
+    if len(frames) not in (1, 2):
+        raise ProtocolError("malformed", f"HELLO has 1 frame (header) or 2 (header, fields), got {len(frames)}")
     header = decode_header(frames[0])
     if header.kind != HELLO:
-        raise ProtocolError(
-            "malformed", f"the control socket takes HELLO, got {KIND_NAMES[header.kind]}"
-        )
+        raise ProtocolError("malformed", f"the control socket takes HELLO, got {KIND_NAMES[header.kind]}")
     _check_sender(header, expectation, allow_any=True)
+    if len(frames) == 2:
+        check_declaration(decode_declaration(frames[1]), expectation)
     return header
 
 
-def encode_hello(token: bytes, sim_id: int, client_id: int) -> list[bytes]:
-    """Frames of a HELLO asking for simulation `sim_id` (or ANY_SIMULATION)."""
-    return [encode_header(HELLO, token, sim_id, client_id=client_id)]
+def encode_hello(token: bytes, sim_id: int, client_id: int, declaration: bytes | None = None) -> list[bytes]:
+    """Frames of a HELLO asking for simulation `sim_id` (or ANY_SIMULATION), declaring its fields if given."""
+    header = encode_header(HELLO, token, sim_id, client_id=client_id)
+    return [header] if declaration is None else [header, declaration]
+
+
+MAX_DECLARATION_BYTES = 4096
+
+
+def encode_declaration(fields: Mapping[str, tuple[Sequence[int], Any]]) -> bytes:
+    """A HELLO's field declaration: one line ``NAME DTYPE D0 D1 ...`` per field (e.g. ``u float64 128``)."""
+    lines = []
+    for name, (shape, dtype) in fields.items():
+        dtype = np.dtype(dtype).newbyteorder("<")
+        if dtype not in DTYPE_TO_CODE or not name or any(c.isspace() for c in name):
+            raise ValueError(
+                f"field {name!r}: a declared field has a name without spaces and dtype float32 or float64, got {dtype}"
+            )
+        if len(tuple(shape)) > MAX_NDIM:
+            raise ValueError(f"field {name!r}: at most {MAX_NDIM} dimensions, got shape {tuple(shape)}")
+        lines.append(" ".join([name, dtype.name, *(str(int(d)) for d in shape)]))
+    text = "\n".join(lines).encode()
+    if len(text) > MAX_DECLARATION_BYTES:
+        raise ValueError(f"the field declaration is {len(text)} bytes; at most {MAX_DECLARATION_BYTES}")
+    return text
+
+
+def decode_declaration(frame: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Parse a HELLO's field declaration; ProtocolError malformed when it is not one."""
+    raw = bytes(_buffer(frame))
+    if len(raw) > MAX_DECLARATION_BYTES:
+        raise ProtocolError("malformed", f"a field declaration has at most {MAX_DECLARATION_BYTES} bytes")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("malformed", "the field declaration is not UTF-8 text") from None
+    fields: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    for line in text.split("\n"):
+        name, dtype_name, *dims = [*line.split(" "), ""][: max(2, len(line.split(" ")))]
+        dtype = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}.get(dtype_name)
+        if (
+            not name
+            or dtype is None
+            or len(dims) > MAX_NDIM
+            or name in fields
+            or not all(d.isdigit() and len(d) <= 10 for d in dims)
+        ):
+            raise ProtocolError(
+                "malformed",
+                f"field declaration line {line[:80]!r} is not 'NAME DTYPE D0 D1 ...' "
+                "(dtype float32 or float64, at most 4 sizes, each name once)",
+            )
+        fields[name] = (tuple(int(d) for d in dims), dtype)
+    return fields
+
+
+def check_declaration(declared: Mapping[str, tuple[tuple[int, ...], np.dtype]], expectation: Expectation) -> None:
+    """ProtocolError ``field_mismatch`` naming the first field whose declaration differs from the expectation."""
+    expected = {spec.name: (spec.shape, spec.dtype) for spec in expectation._specs.values()}
+
+    def text(fields: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> str:
+        return ", ".join(f"{name} {list(shape)} {np.dtype(dtype).name}" for name, (shape, dtype) in fields.items())
+
+    for name, (shape, dtype) in declared.items():
+        if name not in expected:
+            raise ProtocolError(
+                "field_mismatch",
+                f"the client declares field {name!r} {list(shape)}, which the "
+                f"experiment does not declare (it expects: {text(expected)}); "
+                "add it to [[solver.fields]] or stop sending it",
+            )
+        want_shape, want_dtype = expected[name]
+        if tuple(shape) != want_shape or np.dtype(dtype) != want_dtype:
+            raise ProtocolError(
+                "field_mismatch",
+                f"field {name!r}: the client declares {list(shape)} "
+                f"{np.dtype(dtype).name}, the experiment expects "
+                f"{list(want_shape)} {want_dtype.name} (solver.fields, "
+                "solver.wire_dtype)",
+            )
+    missing = [name for name in expected if name not in declared]
+    if missing:
+        raise ProtocolError(
+            "field_mismatch",
+            f"the client does not declare field(s) {missing} that the experiment "
+            f"expects at every time step (it declares: {text(declared)})",
+        )
 
 
 def encode_welcome(
@@ -447,9 +549,7 @@ def encode_welcome(
         raise ValueError(f"parameters must be 1-D, got shape {parameters.shape}")
     if not addresses or any(not a or "\n" in a for a in addresses):
         raise ValueError(f"one non-empty address per rank, without newlines, expected; got {addresses!r}")
-    header = encode_header(
-        WELCOME, token, sim_id, n_steps or 0, client_id, DTYPE_FLOAT64, parameters.shape
-    )
+    header = encode_header(WELCOME, token, sim_id, n_steps or 0, client_id, DTYPE_FLOAT64, parameters.shape)
     return [header, "\n".join(addresses).encode(), parameters.tobytes()]
 
 
@@ -501,9 +601,7 @@ def decode_reply(frames: Sequence[Any]) -> Welcome | Rejection:
         )
     raw = _buffer(frames[2])
     if raw.nbytes != 8 * header.shape[0]:
-        raise ProtocolError(
-            "bad_size", f"WELCOME announces {header.shape[0]} parameters, frame has {raw.nbytes} bytes"
-        )
+        raise ProtocolError("bad_size", f"WELCOME announces {header.shape[0]} parameters, frame has {raw.nbytes} bytes")
     try:
         addresses = tuple(bytes(_buffer(frames[1])).decode().split("\n"))
     except UnicodeDecodeError as error:
@@ -511,6 +609,4 @@ def decode_reply(frames: Sequence[Any]) -> Welcome | Rejection:
     if not all(addresses):
         raise ProtocolError("malformed", f"WELCOME has an empty data address: {addresses!r}")
     parameters = np.frombuffer(raw, dtype="<f8").astype(np.float64)  # owned, native-order copy
-    return Welcome(
-        header.sim_id, header.client_id, header.token, header.time_step or None, addresses, parameters
-    )
+    return Welcome(header.sim_id, header.client_id, header.token, header.time_step or None, addresses, parameters)

@@ -21,11 +21,13 @@ from jaxsurro import client, rundir
 from jaxsurro.config import Config, add_config_arguments, config_from_args, dumps
 from jaxsurro.core.sampling import plan_parameters
 from jaxsurro.launcher import JobSpec, Launcher, make_scheduler
+from jaxsurro.server import metrics
 from jaxsurro.server import validation as validation_cache
 from jaxsurro.server.distributed import World
 from jaxsurro.server.ensemble import LaunchFactory, produce_validation_set
 from jaxsurro.server.online import train_online
 from jaxsurro.server.progress import Progress
+from jaxsurro.server.trainer import scaling_for
 from jaxsurro.server.validation import ValidationSet
 from jaxsurro.table import SimulationTable
 
@@ -43,12 +45,14 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def plan_simulations(config: Config) -> SimulationTable:
     """The study's simulation table, parameters drawn by the configured sampler (the same on every rank)."""
     kind = config.breed.base_sampler if config.sampler.kind == "breed" else config.sampler.kind
-    return SimulationTable(plan_parameters(kind, config.study.n_simulations, config.solver.low,
-                                           config.solver.high, config.study.seed))
+    return SimulationTable(
+        plan_parameters(kind, config.study.n_simulations, config.solver.low, config.solver.high, config.study.seed)
+    )
 
 
-def job_factory(config: Config, token: bytes, control_address: str, log_dir: Path,
-                label: str) -> Callable[[int, int], JobSpec]:
+def job_factory(
+    config: Config, token: bytes, control_address: str, log_dir: Path, label: str
+) -> Callable[[int, int], JobSpec]:
     """Builds the job of one simulation attempt: the solver command with the client's settings."""
     argv = tuple(config.solver.argv())
     base_env = {
@@ -59,9 +63,13 @@ def job_factory(config: Config, token: bytes, control_address: str, log_dir: Pat
     }
 
     def job_for(sim_id: int, attempt: int) -> JobSpec:
-        return JobSpec(name=f"{config.study.name}-{label}-{sim_id}", argv=argv,
-                       env={**base_env, client.ENV_SIM_ID: str(sim_id), client.ENV_ATTEMPT: str(attempt)},
-                       log_path=log_dir / f"{label}-{sim_id:05d}.log", cwd=Path.cwd())
+        return JobSpec(
+            name=f"{config.study.name}-{label}-{sim_id}",
+            argv=argv,
+            env={**base_env, client.ENV_SIM_ID: str(sim_id), client.ENV_ATTEMPT: str(attempt)},
+            log_path=log_dir / f"{label}-{sim_id:05d}.log",
+            cwd=Path.cwd(),
+        )
 
     return job_for
 
@@ -72,16 +80,23 @@ def launch_factory(config: Config, log_dir: Path) -> LaunchFactory:
 
     def launch(table: SimulationTable, token: bytes, control_address: str, label: str) -> Launcher:
         scheduler = make_scheduler(launcher.scheduler, launcher.client_options, launcher.slurm_mode)
-        return Launcher(table, scheduler, job_factory(config, token, control_address, log_dir, label),
-                        max_concurrent=launcher.max_concurrent, max_attempts=launcher.max_attempts,
-                        poll_interval=launcher.poll_interval, output_tail_lines=launcher.output_tail_lines,
-                        finish_grace=config.server.client_timeout)
+        return Launcher(
+            table,
+            scheduler,
+            job_factory(config, token, control_address, log_dir, label),
+            max_concurrent=launcher.max_concurrent,
+            max_attempts=launcher.max_attempts,
+            poll_interval=launcher.poll_interval,
+            output_tail_lines=launcher.output_tail_lines,
+            finish_grace=config.server.client_timeout,
+        )
 
     return launch
 
 
-def run(config: Config, run_dir: Path | None = None, show_progress: bool = True,
-        world: World | None = None) -> tuple[Path, dict[str, Any] | None]:
+def run(
+    config: Config, run_dir: Path | None = None, show_progress: bool = True, world: World | None = None
+) -> tuple[Path, dict[str, Any] | None]:
     """Runs a study on this server rank; returns the run directory and, on rank 0, the summary.
 
     Under ``mpirun -n R`` / ``srun -n R`` every rank calls this; rank 0 also runs the launcher,
@@ -103,11 +118,16 @@ def _run(config: Config, run_dir: Path, show_progress: bool, world: World) -> di
     if world.is_root:
         validation = _validation_set(config, launch, show_progress)
     # The other ranks wait here while rank 0 prepares; a dead rank 0 ends the MPI job.
-    world.broadcast(None, config.server.startup_timeout, "rank 0's validation set (server.startup_timeout)")
+    # Every rank scales its model as rank 0 does: the field ranges come from rank 0's validation set.
+    scaling = world.broadcast(
+        scaling_for(config, validation.samples) if world.is_root else None,
+        config.server.startup_timeout,
+        "rank 0's validation set (server.startup_timeout)",
+    )
     table = plan_simulations(config)
     progress = Progress(config.study.n_simulations * config.solver.n_steps, enabled=show_progress)
     try:
-        result = train_online(config, table, validation, run_dir, progress, launch, world)
+        result = train_online(config, table, validation, scaling, run_dir, progress, launch, world)
     finally:
         progress.close()
         if world.is_root:  # written even when the run fails or is interrupted: the table shows what happened
@@ -115,11 +135,14 @@ def _run(config: Config, run_dir: Path, show_progress: bool, world: World) -> di
     if not world.is_root:
         return None
     (run_dir / rundir.PARAMS).write_bytes(result.trainer.params_bytes())
+    (run_dir / rundir.MODEL).write_text(json.dumps(result.trainer.describe(config), indent=2) + "\n")
     summary = result.summary
-    summary["mean_field_validation_mse"] = validation_cache.mean_field_mse(validation, *config.output_range)
+    summary["mean_field_validation_mse"] = validation_cache.mean_field_mse(
+        validation, scaling, [field.weight for field in config.solver.fields]
+    )
     summary["wall_time_s"] = time.monotonic() - started
     summary["run_dir"] = str(run_dir)
-    (run_dir / rundir.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / rundir.SUMMARY).write_text(metrics.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -153,6 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, help="write here instead of a new directory under study.output_dir")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("debug", "info", "warning", "error"),
+        help="what the server logs on the console (server.log always has info and above)",
+    )
     args = parser.parse_args(argv)
     config = config_from_args(args)
     if config is None:
@@ -161,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(dumps(config), end="")
         return 0
     signal.signal(signal.SIGTERM, _on_sigterm)
-    rundir.console_logging()
+    rundir.console_logging(getattr(logging, args.log_level.upper()))
     try:
         run_dir, summary = run(config, args.run_dir, show_progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -176,14 +205,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if summary is None:  # a server rank other than 0: rank 0 reports for everyone
         return 0
-    print(f"[jaxsurro] finished {summary['simulations_finished']}/{summary['simulations_planned']} simulations, "
-          f"{summary['unique_samples_received']} samples received, {summary['samples_trained']} trained; "
-          f"validation MSE {summary['final_validation_mse']:.4g} (mean-field baseline "
-          f"{summary['mean_field_validation_mse']:.4g}); {summary['wall_time_s']:.0f} s")
+    print(
+        f"[jaxsurro] finished {summary['simulations_finished']}/{summary['simulations_planned']} simulations, "
+        f"{summary['unique_samples_received']} samples received, {summary['samples_trained']} trained; "
+        f"validation MSE {summary['final_validation_mse']:.4g} (mean-field baseline "
+        f"{summary['mean_field_validation_mse']:.4g}); {summary['wall_time_s']:.0f} s"
+    )
+    if summary["rejected"]:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(summary["rejected"].items()))
+        print(
+            f"[jaxsurro] rejected messages: {reasons} (the first of each is described in server.log)", file=sys.stderr
+        )
+    for sim_id, counts in summary["incomplete_simulations"].items():
+        print(
+            f"[jaxsurro] simulation {sim_id} ended incomplete: its FINISH reported {counts['finish_reported']} "
+            f"time steps, the experiment expects {counts['expected']} (solver.n_steps)",
+            file=sys.stderr,
+        )
     print(f"[jaxsurro] run directory: {run_dir}")
     if summary["simulations_failed"]:
-        print(f"[jaxsurro] {summary['simulations_failed']} simulation(s) failed every attempt; their output is "
-              f"in {run_dir / 'logs'}", file=sys.stderr)
+        print(
+            f"[jaxsurro] {summary['simulations_failed']} simulation(s) failed every attempt; their output is "
+            f"in {run_dir / 'logs'}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

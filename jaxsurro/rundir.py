@@ -20,8 +20,10 @@ METRICS = "metrics.jsonl"  # one JSON object per log point
 SIMULATIONS = "simulations.csv"  # the simulation table
 SUMMARY = "summary.json"  # the run's totals, written at its end
 PARAMS = "params.msgpack"  # trained parameters (flax.serialization.msgpack_restore)
+MODEL = "model.json"  # the surrogate's architecture, fields and scaling (jaxsurro.surrogate.load)
 SERVER_LOG = "server.log"  # rank 0's log; rank r > 0 writes server-rank<r>.log
 LOGS = "logs"  # each simulation's output
+TENSORBOARD = "tensorboard"  # TensorBoard event files, with [log] tensorboard = true
 SERVER_JOB_ID = "server-job-id"  # "<scheduler> <job id>" of a submitted server
 
 

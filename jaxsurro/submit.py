@@ -4,21 +4,21 @@ The server job (``launcher.server_ranks`` MPI ranks, ``launcher.server_options``
 launches its clients through the same scheduler (``launcher.client_options``): as one
 batch job each, or, with Slurm's ``launcher.slurm_mode = "steps"``, as ``srun`` steps
 inside the server's own allocation. This command prints the job id and the run
-directory and exits; the run directory fills as the job runs.
+directory and exits; the run directory fills as the job runs. See docs/architecture.md,
+sections "Launcher" and "Run directory".
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from jaxsurro import rundir
 from jaxsurro.config import Config, add_config_arguments, config_from_args
 from jaxsurro.launcher import JobSpec, oar, slurm
-from jaxsurro import rundir
+from jaxsurro.launcher.commands import write_job_script
 
 SUBMIT_TIMEOUT = 120.0  # seconds sbatch or oarsub may take to answer
 
@@ -34,19 +34,19 @@ def server_argv(run_dir: Path, python: str) -> list[str]:
 
 
 def submit_slurm(config: Config, run_dir: Path, python: str, workdir: Path) -> str:
-    """Writes ``server.sbatch`` and submits it; returns the job id."""
-    script = slurm.server_script(run_dir / rundir.CONFIG, [], config.launcher.server_options,
-                                 config.launcher.server_ranks, python, workdir, run_dir,
-                                 job_name=f"{config.study.name}-server")
-    path = run_dir / "server.sbatch"
-    path.write_text(script)
-    argv = ["sbatch", "--parsable", str(path)]
-    result = _run(argv)
-    if result.returncode != 0:
-        raise RuntimeError(f"sbatch refused the server job: `{shlex.join(argv)}` exited with {result.returncode}:\n"
-                           f"{result.stderr.strip() or result.stdout.strip()}")
-    job_id, _ = slurm.parse_sbatch(result.stdout)
-    return job_id
+    """Writes ``server.sbatch`` (readable by its owner only) and submits it; returns the job id."""
+    script = slurm.server_script(
+        run_dir / rundir.CONFIG,
+        [],
+        config.launcher.server_options,
+        config.launcher.server_ranks,
+        python,
+        workdir,
+        run_dir,
+        job_name=f"{config.study.name}-server",
+    )
+    path = write_job_script(run_dir / "server.sbatch", script, executable=False)
+    return slurm.SlurmScheduler(command_timeout=SUBMIT_TIMEOUT).submit_script(path, "the server job")
 
 
 def submit_oar(config: Config, run_dir: Path, python: str, workdir: Path) -> str:
@@ -55,21 +55,17 @@ def submit_oar(config: Config, run_dir: Path, python: str, workdir: Path) -> str
     ranks = config.launcher.server_ranks
     if ranks > 1:
         # The node file is only known inside the job: bash expands it; every other value stays an argument.
-        argv = ["bash", "-c", 'exec mpirun -n "$0" --hostfile "$OAR_NODEFILE" --mca plm_rsh_agent oarsh "$@"',
-                str(ranks), *argv]
-    job = JobSpec(name=f"{config.study.name}-server", argv=tuple(argv), env={},
-                  log_path=run_dir / "server-job.log", cwd=workdir)
-    return oar.OarScheduler(config.launcher.server_options).submit(job)
-
-
-def _run(argv: list[str]) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT,
-                              env=slurm.submit_environment())
-    except FileNotFoundError:
-        raise RuntimeError(f"{argv[0]} is not on the PATH: run this command on a login node of the cluster") from None
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{argv[0]} did not answer within {SUBMIT_TIMEOUT:.0f} s; is the scheduler up?") from None
+        argv = [
+            "bash",
+            "-c",
+            'exec mpirun -n "$0" --hostfile "$OAR_NODEFILE" --mca plm_rsh_agent oarsh "$@"',
+            str(ranks),
+            *argv,
+        ]
+    job = JobSpec(
+        name=f"{config.study.name}-server", argv=tuple(argv), env={}, log_path=run_dir / "server-job.log", cwd=workdir
+    )
+    return oar.OarScheduler(config.launcher.server_options, command_timeout=SUBMIT_TIMEOUT).submit(job)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,8 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     scheduler = config.launcher.scheduler
     if scheduler == "local":
-        print("error: launcher.scheduler is \"local\": run the study here with python -m jaxsurro.run, or set "
-              "launcher.scheduler = \"slurm\" or \"oar\" to submit it", file=sys.stderr)
+        print(
+            'error: launcher.scheduler is "local": run the study here with python -m jaxsurro.run, or set '
+            'launcher.scheduler = "slurm" or "oar" to submit it',
+            file=sys.stderr,
+        )
         return 2
     run_dir = prepare_run_dir(config, args.run_dir)
     python, workdir = sys.executable, Path.cwd().absolute()
@@ -95,8 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     (run_dir / rundir.SERVER_JOB_ID).write_text(f"{scheduler} {job_id}\n")
     print(f"submitted the server as {scheduler} job {job_id}")
     print(f"run directory: {run_dir}")
-    follow = "squeue -j" if scheduler == "slurm" else "oarstat -j"
+    follow, stop = ("squeue -j", "scancel") if scheduler == "slurm" else ("oarstat -j", "oardel -s SIGTERM")
     print(f"follow it with `{follow} {job_id}`; summary.json appears in the run directory at the end")
+    print(f"stop it with `{stop} {job_id}`: the server then cancels its simulation jobs")
     return 0
 
 

@@ -51,7 +51,7 @@ class SimulationRecord:
 
 
 class SimulationTable:
-    """Thread-safe table of simulations; iterate under :meth:`locked`."""
+    """Thread-safe table of simulations; iterate, or read several fields of a record, under ``table.lock``."""
 
     def __init__(self, parameters: np.ndarray):
         parameters = np.asarray(parameters, dtype=np.float64)
@@ -122,20 +122,51 @@ class SimulationTable:
 
     def write_csv(self, path: Path, parameter_names: Sequence[str]) -> None:
         """Writes one row per simulation, parameters as named columns."""
-        columns = ["sim_id", *parameter_names, "state", "attempts", "job_id", "submitted_at", "started_at",
-                   "ended_at", "exit_code", "steps_finished", "generation", "bred", "parent", "score", "error"]
+        columns = [
+            "sim_id",
+            *parameter_names,
+            "state",
+            "attempts",
+            "job_id",
+            "submitted_at",
+            "started_at",
+            "ended_at",
+            "exit_code",
+            "steps_finished",
+            "generation",
+            "bred",
+            "parent",
+            "score",
+            "error",
+        ]
         with self.lock, open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(columns)
             for r in self._records:
-                writer.writerow([r.sim_id, *(repr(float(v)) for v in r.parameters), r.state.value, r.attempts,
-                                 r.job_id, _stamp(r.submitted_at), _stamp(r.started_at), _stamp(r.ended_at),
-                                 "" if r.exit_code is None else r.exit_code,
-                                 "" if r.steps_finished is None else r.steps_finished,
-                                 r.generation, int(r.bred), r.parent,
-                                 "" if r.score is None else repr(float(r.score)), r.error])
+                writer.writerow(
+                    [
+                        r.sim_id,
+                        *(repr(float(v)) for v in r.parameters),
+                        r.state.value,
+                        r.attempts,
+                        r.job_id,
+                        _stamp(r.submitted_at),
+                        _stamp(r.started_at),
+                        _stamp(r.ended_at),
+                        "" if r.exit_code is None else r.exit_code,
+                        "" if r.steps_finished is None else r.steps_finished,
+                        r.generation,
+                        int(r.bred),
+                        r.parent,
+                        "" if r.score is None else repr(float(r.score)),
+                        r.error,
+                    ]
+                )
 
 
 def _stamp(seconds: float | None) -> str:
-    return "" if seconds is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(seconds)) + \
-        f".{int((seconds % 1) * 1000):03d}"
+    return (
+        ""
+        if seconds is None
+        else time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(seconds)) + f".{int((seconds % 1) * 1000):03d}"
+    )

@@ -82,9 +82,12 @@ def bench_size(heat: types.ModuleType, grid_size: int, budget_s: float) -> dict[
     splu_s = median_seconds(splu_step, budget_s)
     ours_s = median_seconds(lambda: chosen.step(field, boundary), budget_s)
     other_s = median_seconds(lambda: other.step(field, boundary), budget_s)
-    simulate_s = median_seconds(
-        lambda: [None for _ in heat.simulate(PARAMETERS, grid_size, SIMULATE_STEPS, DT, ALPHA)], budget_s, 3
-    ) / SIMULATE_STEPS
+    simulate_s = (
+        median_seconds(
+            lambda: [None for _ in heat.simulate(PARAMETERS, grid_size, SIMULATE_STEPS, DT, ALPHA)], budget_s, 3
+        )
+        / SIMULATE_STEPS
+    )
     return {
         "transform": chosen.transform,
         "other": other.transform,
@@ -100,7 +103,9 @@ def bench_size(heat: types.ModuleType, grid_size: int, budget_s: float) -> dict[
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table, return 1 if any field disagrees with splu."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 255], metavar="M", help="grid sizes (default 64 255)")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[64, 255], metavar="M", help="grid sizes (default 64 255)"
+    )
     parser.add_argument(
         "--budget", type=float, default=0.25, metavar="S", help="seconds of repeats per timed quantity (default 0.25)"
     )
@@ -118,9 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     failed = False
+    ratios = {}
     for grid_size in args.sizes:
         row = bench_size(heat, grid_size, args.budget)
         ratio = row["ours_s"] / row["splu_s"]
+        ratios[grid_size] = ratio
         agrees = row["difference"] <= AGREEMENT
         failed |= not agrees
         print(
@@ -137,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         print(f"error: a solver field differs from splu by more than {AGREEMENT:g} relative", file=sys.stderr)
         return 1
+    for grid_size, ratio in ratios.items():
+        print(f"ratio heat_step_{grid_size}_ours_over_splu {ratio:.3f}")
     return 0
 
 

@@ -1,16 +1,16 @@
 """Trainer steps/s while clients stream, against the same jitted step on batches already on the device.
 
-What is measured (ARCHITECTURE.md section 5), with one ``jaxsurro.server.trainer.Trainer`` built from an
-experiment file (``--config``, default experiments/heat.toml, with ``--set section.key=value``
-overrides):
+What is measured (docs/architecture.md, "Performance"), with one ``jaxsurro.server.trainer.Trainer``
+built by ``Trainer.from_config`` from an experiment file (``--config``, default experiments/heat.toml,
+with ``--set section.key=value`` overrides):
 
-* the limit: a few batches are put on the device once (``jaxsurro.server.parallel.put_batch``), then the
-  trainer's jitted step (``trainer._train_step``) runs on them, blocking on the state at the end.
-* ours: a real streaming set-up. A ``Receiver`` (control and data sockets, validation,
-  deduplication) feeds a ``BufferSink`` into the configured buffer (a Reservoir in heat.toml); sender
-  processes connect with ``jaxsurro.client.connect(...)`` (explicit arguments, one HELLO/WELCOME and
-  FINISH per simulation) and send random fields at a fixed pace (``--send-rate`` messages/s in
-  all). Once the buffer holds its watermark, the main thread draws batches with
+* the limit: a few batches are put on the device once (``trainer.to_device``), then the trainer's
+  jitted step runs on them (``trainer.step_on_device``), blocking on the state at the end.
+* ours: a real streaming set-up. A ``Receiver`` built by ``Receiver.from_config`` (control and data
+  sockets, validation, deduplication) feeds a ``BufferSink`` into the configured buffer (a Reservoir
+  in heat.toml); sender processes connect with ``jaxsurro.client.connect(...)`` (explicit arguments,
+  one HELLO/WELCOME and FINISH per simulation) and send random fields at a fixed pace
+  (``--send-rate`` messages/s in all). Once the buffer holds its watermark, the main thread draws batches with
   ``buffer.get_batch`` and calls ``trainer.step(batch)`` (host-to-device copy included), blocking
   on the state at the end.
 * for the diagnosis, "no streaming": the same get_batch + trainer.step loop on a full buffer of the
@@ -23,7 +23,9 @@ interleaved in blocks of ``--block`` steps until each has run ``--steps`` steps;
 paused during the limit and no-streaming blocks, so those see no streaming at all. Printed: steps/s
 of each variant and its ratio to the limit (target: ours / limit >= 0.95 while production keeps up,
 i.e. while the buffer population stays above the watermark, checked and printed), the host time
-per step spent in get_batch and in the step call, the samples received, and the senders' CPU.
+per step spent in get_batch and in the step call, the samples received, and the senders' CPU. The
+last lines are ``ratio starvation_ours_over_limit <value>`` (and, with ``--proposed``,
+``ratio starvation_prefetch_over_limit <value>``).
 
 On the 2-core machine this project is developed on, XLA's compute threads use both cores, so the
 host work of the training loop, the receiver thread, ZeroMQ's I/O threads and the senders all take
@@ -57,13 +59,12 @@ import numpy as np
 import zmq
 
 from jaxsurro import client, protocol
-from jaxsurro.server.buffers import Buffer, make_buffer
 from jaxsurro.config import Config, load_config
-from jaxsurro.table import SimState, SimulationTable
-from jaxsurro.server.parallel import put_batch
-from jaxsurro.server.receiver import BufferSink, Receiver
 from jaxsurro.core.train import Batch
-from jaxsurro.server.trainer import Trainer
+from jaxsurro.server.buffers import Buffer, SampleBatch, make_buffer
+from jaxsurro.server.receiver import BufferSink, Receiver
+from jaxsurro.server.trainer import Trainer, range_scaling
+from jaxsurro.table import SimState, SimulationTable
 
 TARGET_RATIO = 0.95
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "heat.toml"
@@ -78,10 +79,21 @@ CLIENT_TIMEOUT_S = 30.0
 # --- the senders -------------------------------------------------------------------------------
 
 
-def stream_fields(server: str, token: bytes, sim_ids: Sequence[int], field: str, n_steps: int,
-                  field_shape: tuple[int, ...], low: float, high: float, rate: float,
-                  sending: multiprocessing.synchronize.Event, stop: multiprocessing.synchronize.Event,
-                  report: multiprocessing.connection.Connection, cores: set[int] | None) -> None:
+def stream_fields(
+    server: str,
+    token: bytes,
+    sim_ids: Sequence[int],
+    field: str,
+    n_steps: int,
+    field_shape: tuple[int, ...],
+    low: float,
+    high: float,
+    rate: float,
+    sending: multiprocessing.synchronize.Event,
+    stop: multiprocessing.synchronize.Event,
+    report: multiprocessing.connection.Connection,
+    cores: set[int] | None,
+) -> None:
     """Sender process: for each simulation, HELLO, then paced random fields, then FINISH; report CPU.
 
     Sends only while ``sending`` is set (the limit is timed with the senders paused) and ends when
@@ -126,23 +138,36 @@ class Senders(NamedTuple):
     stop: multiprocessing.synchronize.Event
 
 
-def start_senders(config: Config, receiver: Receiver, n_senders: int, rate: float,
-                  cores: set[int] | None) -> Senders:
+def start_senders(config: Config, receiver: Receiver, n_senders: int, rate: float, cores: set[int] | None) -> Senders:
     """Spawn the senders (sending); sender k streams simulations k, k + n_senders, ... of the table."""
     context = multiprocessing.get_context("spawn")
     sending, stop = context.Event(), context.Event()
     sending.set()
     processes, reports = [], []
     solver = config.solver
-    low, high = config.output_range
+    low, high = min(config.solver.low), max(config.solver.high)  # heat: max. principle
     n_simulations = len(receiver.table)
     for k in range(n_senders):
         report, child_end = context.Pipe(duplex=False)
         process = context.Process(
             target=stream_fields,
-            args=(receiver.control_address, receiver.token, list(range(k, n_simulations, n_senders)), solver.field,
-                  solver.n_steps, solver.field_shape, low, high, rate / n_senders, sending, stop, child_end, cores),
-            daemon=True)
+            args=(
+                receiver.control_address,
+                receiver.token,
+                list(range(k, n_simulations, n_senders)),
+                next(iter(solver.field_shapes)),
+                solver.n_steps,
+                next(iter(solver.field_shapes.values())),
+                low,
+                high,
+                rate / n_senders,
+                sending,
+                stop,
+                child_end,
+                cores,
+            ),
+            daemon=True,
+        )
         process.start()
         child_end.close()
         processes.append(process)
@@ -158,8 +183,10 @@ def stop_senders(senders: Senders) -> tuple[int, float]:
     for process, report in zip(senders.processes, senders.reports, strict=True):
         if not report.poll(DEADLINE_S):
             process.kill()
-            raise RuntimeError(f"a sender process (exit code {process.exitcode}) did not report within "
-                               f"{DEADLINE_S:.0f} s of being told to stop; its traceback, if any, is above")
+            raise RuntimeError(
+                f"a sender process (exit code {process.exitcode}) did not report within "
+                f"{DEADLINE_S:.0f} s of being told to stop; its traceback, if any, is above"
+            )
         count, cpu = report.recv()
         process.join(DEADLINE_S)
         sent += count
@@ -195,28 +222,35 @@ class Blocks:
 
 
 def device_batches(trainer: Trainer, config: Config, rng: np.random.Generator) -> list[Batch]:
-    """A few random batches of the configured shapes, put on the device once (padded as trainer.step pads)."""
+    """A few random batches of the configured shapes, put on the device once (as trainer.step puts them)."""
     solver = config.solver
-    low, high = config.output_range
+    low, high = min(config.solver.low), max(config.solver.high)  # heat: max. principle
     batches = []
     for _ in range(DEVICE_BATCHES):
         parameters = rng.uniform(solver.low, solver.high, size=(trainer.batch_size, len(solver.parameters)))
         times = rng.uniform(0.0, solver.n_steps * solver.dt, size=(trainer.batch_size, 1))
-        host = Batch(inputs=np.concatenate([parameters, times], axis=1).astype(np.float32),
-                     targets=rng.uniform(low, high, size=(trainer.batch_size, *solver.field_shape)).astype(np.float32),
-                     weights=np.ones(trainer.batch_size, dtype=np.float32))
-        batches.append(put_batch(host, trainer.mesh, min_size=trainer.batch_size))
+        host = SampleBatch(
+            inputs=np.concatenate([parameters, times], axis=1).astype(np.float32),
+            targets=rng.uniform(low, high, size=(trainer.batch_size, solver.sample_size)).astype(np.float32),
+            sample_ids=np.arange(trainer.batch_size, dtype=np.int64),
+        )
+        batches.append(trainer.to_device(host))
     return batches
 
 
 def filled_buffer(config: Config, rng: np.random.Generator) -> Buffer:
     """A buffer of the configured kind filled to capacity with random samples, for the no-streaming variant."""
     solver = config.solver
-    low, high = config.output_range
-    buffer = make_buffer(config.buffer.kind, capacity=config.buffer.capacity, watermark=config.buffer.watermark,
-                         input_dim=len(solver.parameters) + 1, field_size=math.prod(solver.field_shape),
-                         seed=config.study.seed + 1)
-    fields = rng.uniform(low, high, size=(64, math.prod(solver.field_shape))).astype(np.float32)
+    low, high = min(config.solver.low), max(config.solver.high)  # heat: max. principle
+    buffer = make_buffer(
+        config.buffer.kind,
+        capacity=config.buffer.capacity,
+        watermark=config.buffer.watermark,
+        input_dim=len(solver.parameters) + 1,
+        field_size=solver.sample_size,
+        seed=config.study.seed + 1,
+    )
+    fields = rng.uniform(low, high, size=(64, solver.sample_size)).astype(np.float32)
     inputs = rng.uniform(low, high, size=(64, len(solver.parameters) + 1)).astype(np.float32)
     for sample in range(buffer.capacity):
         buffer.put(sample, inputs[sample % 64], fields[sample % 64], timeout=1.0)
@@ -227,7 +261,7 @@ def run_limit(trainer: Trainer, batches: list[Batch], steps: int, into: Blocks) 
     """``steps`` jitted steps on device-resident batches, blocking on the state at the end."""
     start = time.perf_counter()
     for k in range(steps):
-        trainer.state, _, _ = trainer._train_step(trainer.state, batches[k % len(batches)])
+        trainer.step_on_device(batches[k % len(batches)])
     jax.block_until_ready(trainer.state)
     into.steps += steps
     into.seconds += time.perf_counter() - start
@@ -235,7 +269,7 @@ def run_limit(trainer: Trainer, batches: list[Batch], steps: int, into: Blocks) 
 
 def run_from_buffer(trainer: Trainer, buffer: Buffer, receiver: Receiver | None, steps: int, into: Blocks) -> None:
     """``steps`` of get_batch + trainer.step (the server's loop), blocking on the state at the end."""
-    received_before = receiver.unique_received if receiver is not None else 0
+    received_before = receiver.counters().unique_received if receiver is not None else 0
     start = time.perf_counter()
     for _ in range(steps):
         into.min_population = min(into.min_population, buffer.population)
@@ -249,31 +283,28 @@ def run_from_buffer(trainer: Trainer, buffer: Buffer, receiver: Receiver | None,
     into.steps += steps
     into.seconds += time.perf_counter() - start
     if receiver is not None:
-        into.received += receiver.unique_received - received_before
+        into.received += receiver.counters().unique_received - received_before
 
 
-def run_prefetching(trainer: Trainer, buffer: Buffer, receiver: Receiver, steps: int, into: Blocks,
-                    cores: set[int] | None) -> None:
+def run_prefetching(
+    trainer: Trainer, buffer: Buffer, receiver: Receiver, steps: int, into: Blocks, cores: set[int] | None
+) -> None:
     """Proposed loop: a thread draws and puts the next batches on the device while the current step runs.
 
     With ``cores``, the prefetching thread runs there (off the cores XLA computes on).
     """
     ready: queue.Queue = queue.Queue(maxsize=PREFETCH_DEPTH)
-    ones = np.ones(trainer.batch_size, dtype=np.float32)
 
     def prefetch() -> None:
         try:
             if cores:
                 os.sched_setaffinity(0, cores)
             for _ in range(steps):
-                batch = buffer.get_batch(trainer.batch_size, timeout=DEADLINE_S)
-                n = len(batch.sample_ids)
-                host = Batch(batch.inputs, batch.targets.reshape(n, *trainer.field_shape), ones[:n])
-                ready.put(put_batch(host, trainer.mesh, min_size=trainer.batch_size))
+                ready.put(trainer.to_device(buffer.get_batch(trainer.batch_size, timeout=DEADLINE_S)))
         except BaseException as exc:  # surfaced in the main thread
             ready.put(exc)
 
-    received_before = receiver.unique_received
+    received_before = receiver.counters().unique_received
     start = time.perf_counter()
     worker = threading.Thread(target=prefetch, name="prefetch", daemon=True)
     worker.start()
@@ -284,14 +315,14 @@ def run_prefetching(trainer: Trainer, buffer: Buffer, receiver: Receiver, steps:
         if isinstance(device_batch, BaseException):
             raise RuntimeError(f"the prefetch thread failed: {device_batch}") from device_batch
         stepped = time.perf_counter()
-        trainer.state, _, _ = trainer._train_step(trainer.state, device_batch)
+        trainer.step_on_device(device_batch)
         into.wait_s += stepped - waited
         into.step_s += time.perf_counter() - stepped
     jax.block_until_ready(trainer.state)
     into.steps += steps
     into.seconds += time.perf_counter() - start
     worker.join(DEADLINE_S)
-    into.received += receiver.unique_received - received_before
+    into.received += receiver.counters().unique_received - received_before
 
 
 def ready_population(kind: str, watermark: int, batch_size: int) -> int:
@@ -313,6 +344,7 @@ def split_cores() -> tuple[set[int], set[int]]:
 
 def start_on(start: Callable[[], None], cores: set[int] | None) -> None:
     """Call ``start`` from a helper thread restricted to ``cores``, so threads it starts inherit them."""
+
     def pinned_start() -> None:
         if cores:
             os.sched_setaffinity(0, cores)  # 0 = the calling thread
@@ -340,8 +372,10 @@ def wait_for_watermark(buffer: Buffer, receiver: Receiver, senders: Senders) -> 
         receiver.check()
         check_senders(senders)
         if time.monotonic() - start > DEADLINE_S:
-            raise RuntimeError(f"the buffer did not reach its watermark ({buffer.watermark}) within {DEADLINE_S:.0f} "
-                               f"s: {buffer.stats()}; receiver {receiver.stats()}")
+            raise RuntimeError(
+                f"the buffer did not reach its watermark ({buffer.watermark}) within {DEADLINE_S:.0f} "
+                f"s: {buffer.stats()}; receiver {receiver.counters()}"
+            )
         time.sleep(0.01)  # a script polling a counter
     return time.monotonic() - start
 
@@ -351,22 +385,33 @@ def wait_for_watermark(buffer: Buffer, receiver: Receiver, senders: Senders) -> 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options: experiment file and overrides, steps, sender pace and count, the prototype."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog="Target: ours / limit >= 0.95 while production keeps up "
-                                            "(ARCHITECTURE.md section 5).")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog='Target: ours / limit >= 0.95 while production keeps up (docs/architecture.md, "Performance").',
+    )
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment TOML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one configuration value (repeatable), e.g. train.batch_size=128")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one configuration value (repeatable), e.g. train.batch_size=128",
+    )
     parser.add_argument("--steps", type=int, default=400, help="timed steps K per variant")
     parser.add_argument("--block", type=int, default=25, help="steps per interleaved block")
     parser.add_argument("--send-rate", type=float, default=1000.0, help="messages per second, all senders together")
     parser.add_argument("--senders", type=int, default=1, help="sender processes")
-    parser.add_argument("--proposed", action="store_true",
-                        help="also time the prefetching training loop prototyped in this script")
-    parser.add_argument("--pin", action="store_true",
-                        help="give the trainer (XLA and the training loop) the first core and the receiver "
-                             "thread, its ZeroMQ I/O thread and the senders the others, as on a node whose "
-                             "clients run elsewhere")
+    parser.add_argument(
+        "--proposed", action="store_true", help="also time the prefetching training loop prototyped in this script"
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="give the trainer (XLA and the training loop) the first core and the receiver "
+        "thread, its ZeroMQ I/O thread and the senders the others, as on a node whose "
+        "clients run elsewhere",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.block < 1 or args.send_rate <= 0 or args.senders < 1:
@@ -385,23 +430,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     if trainer_cores:
         os.sched_setaffinity(0, trainer_cores)  # before XLA's thread pool exists, so it is sized and placed here
 
-    trainer = Trainer(config)
+    trainer = Trainer.from_config(config, range_scaling(config, min(solver.low), max(solver.high)))
     batches = device_batches(trainer, config, rng)
     idle_buffer = filled_buffer(config, rng) if config.buffer.kind == "reservoir" else None
     warmup = Blocks()
     run_limit(trainer, batches, WARMUP_STEPS, warmup)  # compiles the step
     n_simulations = math.ceil(args.send_rate * STREAM_SECONDS_PLANNED / solver.n_steps) + args.senders
     table = submitted_table(config, n_simulations, rng)
-    buffer = make_buffer(config.buffer.kind, capacity=config.buffer.capacity, watermark=config.buffer.watermark,
-                         input_dim=len(solver.parameters) + 1, field_size=math.prod(solver.field_shape),
-                         seed=config.study.seed)
+    buffer = make_buffer(
+        config.buffer.kind,
+        capacity=config.buffer.capacity,
+        watermark=config.buffer.watermark,
+        input_dim=len(solver.parameters) + 1,
+        field_size=solver.sample_size,
+        seed=config.study.seed,
+    )
     context = zmq.Context(io_threads=1)
     for core in sorted(ingest_cores or ()):
         context.set(zmq.THREAD_AFFINITY_CPU_ADD, core)  # the I/O thread is started with the first socket
-    receiver = Receiver(table=table, sink=BufferSink(buffer, table, solver.n_steps, solver.dt),
-                        token=protocol.new_token(), field=solver.field, field_shape=solver.field_shape,
-                        wire_dtype=solver.wire_dtype, n_steps=solver.n_steps, host=config.server.host,
-                        context=context)
+    receiver = Receiver.from_config(
+        config, table, BufferSink(buffer, table, solver.n_steps, solver.dt), protocol.new_token(), context=context
+    )
     names = ["limit (device-resident batches)"]
     if idle_buffer is not None:
         names.append("no streaming (full buffer)")
@@ -425,8 +474,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             senders.sending.set()
             run_from_buffer(trainer, buffer, receiver, args.block, blocks["ours (live streaming)"])
             if args.proposed:
-                run_prefetching(trainer, buffer, receiver, args.block, blocks["proposed: prefetch thread"],
-                                ingest_cores)
+                run_prefetching(
+                    trainer, buffer, receiver, args.block, blocks["proposed: prefetch thread"], ingest_cores
+                )
             receiver.check()
             check_senders(senders)
     finally:
@@ -442,35 +492,53 @@ def main(argv: Sequence[str] | None = None) -> None:
     ratio = ours.per_s / limit.per_s
     devices = ", ".join(str(device) for device in trainer.mesh.devices.flat)
     print(f"trainer starvation: {Path(args.config).name} {' '.join(args.overrides)}".rstrip())
-    print(f"  model {config.model.name} {len(solver.parameters) + 1} -> {config.model.layers}x{config.model.hidden} -> "
-          f"{solver.grid_size}x{solver.grid_size}, batch {trainer.batch_size}, {config.buffer.kind} buffer "
-          f"(capacity {buffer.capacity}, watermark {buffer.watermark}), devices: {devices}")
-    print(f"  streaming: {args.senders} sender process(es) paced at {args.send_rate:,.0f} msgs/s in all "
-          f"({math.prod(solver.field_shape) * 4 / 1e3:,.0f} KB fields), watermark reached in {fill_s:.1f} s; "
-          f"{limit.steps} steps per variant in interleaved blocks of {args.block} (senders paused during the "
-          "limit and no-streaming blocks)")
+    print(
+        f"  model {config.model.name} {len(solver.parameters) + 1} -> {config.model.layers}x{config.model.hidden} -> "
+        f"{solver.grid_size}x{solver.grid_size}, batch {trainer.batch_size}, {config.buffer.kind} buffer "
+        f"(capacity {buffer.capacity}, watermark {buffer.watermark}), devices: {devices}"
+    )
+    print(
+        f"  streaming: {args.senders} sender process(es) paced at {args.send_rate:,.0f} msgs/s in all "
+        f"({solver.sample_size * 4 / 1e3:,.0f} KB fields), watermark reached in {fill_s:.1f} s; "
+        f"{limit.steps} steps per variant in interleaved blocks of {args.block} (senders paused during the "
+        "limit and no-streaming blocks)"
+    )
     if trainer_cores:
-        print(f"  pinned: XLA and the training loop on core(s) {sorted(trainer_cores)}; the receiver thread, its "
-              f"ZeroMQ I/O thread and the senders on core(s) {sorted(ingest_cores)}")
+        print(
+            f"  pinned: XLA and the training loop on core(s) {sorted(trainer_cores)}; the receiver thread, its "
+            f"ZeroMQ I/O thread and the senders on core(s) {sorted(ingest_cores)}"
+        )
     print(f"  {'':<34} {'steps/s':>8} {'ratio':>6}  {'ms/step: get_batch':>18} {'step call':>9}")
     for name, timing in blocks.items():
-        waits = f"{timing.wait_s / timing.steps * 1e3:>18.2f} {timing.step_s / timing.steps * 1e3:>9.2f}" \
-            if timing.wait_s or timing.step_s else f"{'':>18} {timing.seconds / timing.steps * 1e3:>9.2f}"
+        waits = (
+            f"{timing.wait_s / timing.steps * 1e3:>18.2f} {timing.step_s / timing.steps * 1e3:>9.2f}"
+            if timing.wait_s or timing.step_s
+            else f"{'':>18} {timing.seconds / timing.steps * 1e3:>9.2f}"
+        )
         print(f"  {name:<34} {timing.per_s:>8.1f} {timing.per_s / limit.per_s:>6.3f}  {waits}")
     print(f"  ours / limit = {ratio:.3f}: {'meets' if ratio >= TARGET_RATIO else 'BELOW'} the target >= {TARGET_RATIO}")
     needed = ready_population(config.buffer.kind, buffer.watermark, trainer.batch_size)
     kept_up = ours.min_population >= needed
-    print(f"  during the streaming blocks: {ours.received / ours.seconds:,.0f} samples/s received, "
-          f"{ours.per_s * trainer.batch_size:,.0f} samples/s trained; buffer population never below "
-          f"{ours.min_population} ({needed} releases a batch: "
-          f"{'production kept up' if kept_up else 'the trainer waited for data'})")
-    print(f"  senders: {sent} messages, {sender_cpu_s:.2f} CPU s over at most {senders_wall_s:.1f} s "
-          f"({sender_cpu_s / senders_wall_s:.0%} of a core or more, start-up included)")
+    print(
+        f"  during the streaming blocks: {ours.received / ours.seconds:,.0f} samples/s received, "
+        f"{ours.per_s * trainer.batch_size:,.0f} samples/s trained; buffer population never below "
+        f"{ours.min_population} ({needed} releases a batch: "
+        f"{'production kept up' if kept_up else 'the trainer waited for data'})"
+    )
+    print(
+        f"  senders: {sent} messages, {sender_cpu_s:.2f} CPU s over at most {senders_wall_s:.1f} s "
+        f"({sender_cpu_s / senders_wall_s:.0%} of a core or more, start-up included)"
+    )
     if not trainer_cores:
-        print(f"  the senders, the receiver thread and ZeroMQ's I/O threads share this machine's "
-              f"{len(os.sched_getaffinity(0))} cores with XLA's compute threads, so the ratio is a lower bound for "
-              "a machine with spare cores (--pin separates them)")
+        print(
+            f"  the senders, the receiver thread and ZeroMQ's I/O threads share this machine's "
+            f"{len(os.sched_getaffinity(0))} cores with XLA's compute threads, so the ratio is a lower bound for "
+            "a machine with spare cores (--pin separates them)"
+        )
     print(f"total {time.perf_counter() - total_start:.1f} s")
+    print(f"ratio starvation_ours_over_limit {ratio:.3f}")
+    if args.proposed:
+        print(f"ratio starvation_prefetch_over_limit {blocks['proposed: prefetch thread'].per_s / limit.per_s:.3f}")
 
 
 if __name__ == "__main__":

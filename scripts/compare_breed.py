@@ -50,27 +50,30 @@ class CompareInputError(ValueError):
 
 class Simulations(NamedTuple):
     """The completed simulations of one run, from its ``simulations.csv``."""
+
     parameters: np.ndarray  # float64 [n, d], physical units, in the solver's parameter order
-    bred: np.ndarray        # bool [n], drawn around a parent by Breed (False: the base sampler's draw)
+    bred: np.ndarray  # bool [n], drawn around a parent by Breed (False: the base sampler's draw)
     names: tuple[str, ...]  # the d parameter names (T0..T4 for the heat equation)
-    n_not_completed: int    # rows left out: failed, cancelled or never run
+    n_not_completed: int  # rows left out: failed, cancelled or never run
 
 
 class RunResult(NamedTuple):
     """What the comparison reads from one run directory."""
+
     simulations: Simulations
     validation_batch: np.ndarray  # float64 [v], batch of each validation record
-    val_mse: np.ndarray           # float64 [v], validation MSE in normalized field units
+    val_mse: np.ndarray  # float64 [v], validation MSE in normalized field units
     final_validation_mse: float
     mean_field_mse: float
 
 
 class DeviationStats(NamedTuple):
     """Mean per-simulation parameter deviation of each group of points, in the parameters' units."""
+
     breed_uniform: float  # Breed run, points from the base sampler (bred = 0)
-    breed_bred: float     # Breed run, points drawn around a parent (bred = 1); NaN if none
-    random_all: float     # every point of the Random run
-    breed_all: float      # every point of the Breed run
+    breed_bred: float  # Breed run, points drawn around a parent (bred = 1); NaN if none
+    random_all: float  # every point of the Random run
+    breed_all: float  # every point of the Breed run
     n_uniform: int
     n_bred: int
 
@@ -92,7 +95,10 @@ def deviation_stats(random_run: Simulations, breed_run: Simulations) -> Deviatio
         breed_uniform=float(uniform.mean()) if uniform.size else float("nan"),
         breed_bred=float(bred.mean()) if bred.size else float("nan"),
         random_all=float(parameter_deviation(random_run.parameters).mean()),
-        breed_all=float(breed_deviation.mean()), n_uniform=int(uniform.size), n_bred=int(bred.size))
+        breed_all=float(breed_deviation.mean()),
+        n_uniform=int(uniform.size),
+        n_bred=int(bred.size),
+    )
 
 
 def read_simulations(path: Path) -> Simulations:
@@ -107,9 +113,11 @@ def read_simulations(path: Path) -> Simulations:
     required = ("sim_id", "state", "bred")
     missing = [c for c in required if c not in header]
     if missing or header[0] != "sim_id" or header.index("state") < 2:
-        raise CompareInputError(f"{path} header {header} should start with sim_id, then the parameter columns, "
-                                f"then state, and have a bred column; missing: {missing or 'none'}")
-    names = tuple(header[1:header.index("state")])
+        raise CompareInputError(
+            f"{path} header {header} should start with sim_id, then the parameter columns, "
+            f"then state, and have a bred column; missing: {missing or 'none'}"
+        )
+    names = tuple(header[1 : header.index("state")])
     state_column, bred_column = header.index("state"), header.index("bred")
     parameters, bred = [], []
     n_not_completed = 0
@@ -122,16 +130,17 @@ def read_simulations(path: Path) -> Simulations:
         try:
             parameters.append([float(row[1 + i]) for i in range(len(names))])
         except ValueError:
-            raise CompareInputError(f"{path} line {number}: parameters {row[1:1 + len(names)]} should be "
-                                    "numbers") from None
+            raise CompareInputError(
+                f"{path} line {number}: parameters {row[1 : 1 + len(names)]} should be numbers"
+            ) from None
         if row[bred_column] not in ("0", "1"):
             raise CompareInputError(f"{path} line {number}: bred is {row[bred_column]!r}, expected 0 or 1")
         bred.append(row[bred_column] == "1")
     if not parameters:
-        raise CompareInputError(f"{path} has no completed simulation ({n_not_completed} rows in other states); "
-                                "did the run finish?")
-    return Simulations(np.asarray(parameters, dtype=np.float64), np.asarray(bred, dtype=bool), names,
-                       n_not_completed)
+        raise CompareInputError(
+            f"{path} has no completed simulation ({n_not_completed} rows in other states); did the run finish?"
+        )
+    return Simulations(np.asarray(parameters, dtype=np.float64), np.asarray(bred, dtype=bool), names, n_not_completed)
 
 
 def read_summary(path: Path) -> tuple[float, float]:
@@ -163,20 +172,30 @@ def read_run(run_dir: Path) -> RunResult:
     except plot.PlotInputError as exc:
         raise CompareInputError(str(exc)) from None
     final, baseline = read_summary(run_dir / plot.SUMMARY_FILE)
-    return RunResult(read_simulations(run_dir / "simulations.csv"), metrics.validation_batch, metrics.val_mse,
-                     final, baseline)
+    return RunResult(
+        read_simulations(run_dir / "simulations.csv"), metrics.validation_batch, metrics.val_mse, final, baseline
+    )
 
 
 def validation_figure(runs: dict[str, RunResult]) -> Figure:
     """Validation MSE against batches for each run, log scale, with the mean-field baseline dashed."""
     figure = Figure(figsize=plot.FIGURE_SIZE, dpi=plot.DPI, layout="constrained")
     axes = figure.add_subplot()
-    axes.set(title="Validation MSE: Random against Breed (same budget and seeds)",
-             xlabel="batch (training steps)", ylabel="validation MSE (normalized field units)")
+    axes.set(
+        title="Validation MSE: Random against Breed (same budget and seeds)",
+        xlabel="batch (training steps)",
+        ylabel="validation MSE (normalized field units)",
+    )
     axes.grid(True, alpha=0.3)
     for name, run in runs.items():
-        axes.plot(run.validation_batch, run.val_mse, marker="o", markersize=3, color=COLORS[name],
-                  label=f"{name.capitalize()} (final {run.final_validation_mse:.3g})")
+        axes.plot(
+            run.validation_batch,
+            run.val_mse,
+            marker="o",
+            markersize=3,
+            color=COLORS[name],
+            label=f"{name.capitalize()} (final {run.final_validation_mse:.3g})",
+        )
     baselines = sorted({run.mean_field_mse for run in runs.values()})
     for baseline in baselines:  # one line: both runs share the cached validation set
         axes.axhline(baseline, color="gray", linestyle="--", label=f"mean-field baseline ({baseline:.3g})")
@@ -194,8 +213,14 @@ def _histograms(axes: Any, groups: dict[str, np.ndarray], bins: np.ndarray, titl
             axes.plot([], [], color=color, label=f"{label}: no points")
             continue
         mean = float(values.mean())
-        axes.hist(values, bins=bins, density=True, alpha=0.45, color=color,
-                  label=f"{label} (n = {values.size}, mean {mean:.1f})")
+        axes.hist(
+            values,
+            bins=bins,
+            density=True,
+            alpha=0.45,
+            color=color,
+            label=f"{label} (n = {values.size}, mean {mean:.1f})",
+        )
         axes.axvline(mean, color=color, linewidth=2, linestyle="--")
     axes.set(title=title, xlabel="parameter deviation: std of T0..T4 within a simulation (K)", ylabel="density")
     axes.grid(True, alpha=0.3)
@@ -210,10 +235,15 @@ def deviation_figure(random_run: Simulations, breed_run: Simulations) -> Figure:
     bins = np.linspace(0.0, top * 1.02 if top > 0 else 1.0, N_BINS + 1)
     figure = Figure(figsize=(2 * plot.FIGURE_SIZE[0], plot.FIGURE_SIZE[1]), dpi=plot.DPI, layout="constrained")
     left, right = figure.subplots(1, 2, sharex=True)
-    _histograms(left, {"uniform points": breed_deviation[~breed_run.bred],
-                       "bred points": breed_deviation[breed_run.bred]}, bins, "(a) Breed run: uniform against bred")
-    _histograms(right, {"Random run": random_deviation, "Breed run": breed_deviation}, bins,
-                "(b) Random run against Breed run")
+    _histograms(
+        left,
+        {"uniform points": breed_deviation[~breed_run.bred], "bred points": breed_deviation[breed_run.bred]},
+        bins,
+        "(a) Breed run: uniform against bred",
+    )
+    _histograms(
+        right, {"Random run": random_deviation, "Breed run": breed_deviation}, bins, "(b) Random run against Breed run"
+    )
     figure.suptitle("Per-simulation parameter deviation (Breed paper, Figure 4)")
     return figure
 
@@ -243,8 +273,10 @@ def draw(runs_dir: Path, out_dir: Path) -> tuple[DeviationStats, dict[str, RunRe
     if out_dir.exists() and not out_dir.is_dir():
         raise CompareInputError(f"output path {out_dir} exists and is not a directory; pass a directory to --out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = {VALIDATION_FIGURE: validation_figure(runs),
-               DEVIATION_FIGURE: deviation_figure(runs["random"].simulations, runs["breed"].simulations)}
+    figures = {
+        VALIDATION_FIGURE: validation_figure(runs),
+        DEVIATION_FIGURE: deviation_figure(runs["random"].simulations, runs["breed"].simulations),
+    }
     paths = []
     for filename, figure in figures.items():
         path = out_dir / filename
@@ -260,39 +292,64 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 def run_both(config_path: Path, overrides: Sequence[str], runs_dir: Path) -> None:
     """Runs the Random and the Breed study into ``runs_dir/random`` and ``runs_dir/breed``."""
-    from jaxsurro.rundir import console_logging
     from jaxsurro.run import run  # JAX loads only when studies run, not to redraw
+    from jaxsurro.rundir import console_logging
 
-    configs = {name: load_config(config_path, [*overrides, f"sampler.kind={kind}"])
-               for name, kind in RUN_KINDS.items()}
+    configs = {name: load_config(config_path, [*overrides, f"sampler.kind={kind}"]) for name, kind in RUN_KINDS.items()}
     taken = [runs_dir / name for name in RUN_KINDS if (runs_dir / name).exists()]
     if taken:
-        raise CompareInputError(f"{', '.join(map(str, taken))} already exist(s); remove them, pass another "
-                                "--runs-dir, or redraw their figures with --from-runs")
+        raise CompareInputError(
+            f"{', '.join(map(str, taken))} already exist(s); remove them, pass another "
+            "--runs-dir, or redraw their figures with --from-runs"
+        )
     console_logging()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     for name, config in configs.items():
-        print(f"[compare_breed] {name}: sampler.kind = {config.sampler.kind}, "
-              f"{config.study.n_simulations} simulations -> {runs_dir / name}", flush=True)
+        print(
+            f"[compare_breed] {name}: sampler.kind = {config.sampler.kind}, "
+            f"{config.study.n_simulations} simulations -> {runs_dir / name}",
+            flush=True,
+        )
         _, summary = run(config, run_dir=runs_dir / name, show_progress=False)
         assert summary is not None  # a single process is server rank 0
-        print(f"[compare_breed] {name}: validation MSE {summary['final_validation_mse']:.4g}, "
-              f"{summary['simulations_finished']}/{summary['simulations_planned']} simulations, "
-              f"{summary['wall_time_s']:.0f} s", flush=True)
+        print(
+            f"[compare_breed] {name}: validation MSE {summary['final_validation_mse']:.4g}, "
+            f"{summary['simulations_finished']}/{summary['simulations_planned']} simulations, "
+            f"{summary['wall_time_s']:.0f} s",
+            flush=True,
+        )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(prog="python scripts/compare_breed.py", description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG,
-                        help=f"experiment TOML file (default {DEFAULT_CONFIG}); sampler.kind is set for each run")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a configuration value in both runs (TOML literal); repeatable")
-    parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR,
-                        help=f"the runs go to RUNS_DIR/random and RUNS_DIR/breed (default {DEFAULT_RUNS_DIR})")
+    parser.add_argument(
+        "config",
+        nargs="?",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"experiment TOML file (default {DEFAULT_CONFIG}); sampler.kind is set for each run",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a configuration value in both runs (TOML literal); repeatable",
+    )
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=DEFAULT_RUNS_DIR,
+        help=f"the runs go to RUNS_DIR/random and RUNS_DIR/breed (default {DEFAULT_RUNS_DIR})",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where the PNG files go (default {DEFAULT_OUT})")
-    parser.add_argument("--from-runs", action="store_true",
-                        help="run nothing: redraw the figures and the table from the existing run directories")
+    parser.add_argument(
+        "--from-runs",
+        action="store_true",
+        help="run nothing: redraw the figures and the table from the existing run directories",
+    )
     return parser.parse_args(argv)
 
 

@@ -50,10 +50,12 @@ transform or O(M^3 / k) with the matrix one, and one all-to-all of M^2 / k float
 result equals the serial one to rounding (about 1e-15 relative). Any M and k work (slabs differ by at
 most one row; a rank may own none). Measured on this 2-core machine, 2 ranks against 1 process:
 M = 64, 0.029 against 0.020 ms/step (communication dominates such small grids); M = 255, 0.68 against
-0.77 ms/step. The decomposition is for fields too large for one node's memory or time budget. MPI is used only when asked (--mpi on) or when an MPI launcher
-started several ranks (--mpi auto: MPI_SIZE_VARIABLES > 1 and the parent is one of
-MPI_LAUNCHER_PROCESSES), so a standalone run, or a solver started by an MPI-parallel server that
-passes its MPI variables on, never imports mpi4py.
+0.77 ms/step. The decomposition is for fields too large for one node's memory or time budget. MPI is
+used only when asked (--mpi on) or when an MPI launcher
+started several ranks (--mpi auto, decided by jaxsurro.client.launched_by_mpi: a rank count > 1 in
+the launcher's variables, not merely inherited from an MPI rank that started this process), so a
+standalone run, or a solver started by an MPI-parallel server that passes its MPI variables on, never
+imports mpi4py.
 
 Run ``python solvers/heat.py --help`` for the command line. Importing this module needs only
 numpy (scipy.fft and scipy.sparse are imported when first used), never JAX or mpi4py.
@@ -72,7 +74,7 @@ import numbers
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -91,16 +93,6 @@ Transform = Literal["matrix", "fft"]
 TRANSFORMS: tuple[str, ...] = ("auto", "matrix", "fft")
 # The FFT path wins only from this size on, and only for 7-smooth 2(M+1) (see module docstring).
 FFT_MIN_GRID_SIZE = 112
-# Set by MPI launchers to the number of ranks: Open MPI's mpirun, MPICH / Intel MPI (Hydra) and srun
-# --mpi=pmi2, Slurm's srun. Not SLURM_NTASKS: an sbatch script itself (one process) has it too.
-MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
-# The processes that start MPI ranks (Open MPI 4 and 5, MPICH / Intel MPI Hydra, Slurm). A process whose
-# parent is none of these merely inherited the variables above, e.g. a solver that the launcher of an
-# MPI-parallel jaxsurro server started: initialising MPI there would hang.
-MPI_LAUNCHER_PROCESSES = frozenset(
-    {"mpirun", "mpiexec", "orterun", "orted", "prterun", "prted", "mpiexec.hydra", "hydra_pmi_proxy",
-     "pmi_proxy", "slurmstepd"}
-)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -132,9 +124,7 @@ def _check_vector(values: ArrayLike, length: int, name: str, labels: Sequence[st
     except (TypeError, ValueError) as error:
         raise TypeError(f"{name} must be {length} numbers ({', '.join(labels)}), got {values!r}") from error
     if vector.shape != (length,):
-        raise ValueError(
-            f"{name} must have shape ({length},) ordered ({', '.join(labels)}), got shape {vector.shape}"
-        )
+        raise ValueError(f"{name} must have shape ({length},) ordered ({', '.join(labels)}), got shape {vector.shape}")
     if not np.all(np.isfinite(vector)):
         bad = [label for label, value in zip(labels, vector) if not math.isfinite(value)]
         raise ValueError(f"{name} must be finite; non-finite entries: {', '.join(bad)} in {vector.tolist()}")
@@ -468,7 +458,7 @@ def assemble_system(grid_size: int, dt: float = DEFAULT_DT, alpha: float = DEFAU
 # ----------------------------------------------------------------------------- command line
 
 
-def _client_module() -> Any:
+def _client_module(needed_for: str = "--client", instead: str = "run without --client") -> Any:
     """jaxsurro.client, or a clear exit when the package is not installed."""
     try:
         from jaxsurro import client
@@ -476,8 +466,8 @@ def _client_module() -> Any:
         if error.name not in ("jaxsurro", "jaxsurro.client"):
             raise
         raise SystemExit(
-            f"heat.py --client needs the jaxsurro package ({error}); install it with "
-            "`pip install -e .` in the repository, or run without --client"
+            f"heat.py {needed_for} needs the jaxsurro package ({error}); install it with "
+            f"`pip install -e .` in the repository, or {instead}"
         ) from error
     return client
 
@@ -489,13 +479,13 @@ def run_client(grid_size: int, n_steps: int, dt: float, alpha: float, comm: Any 
     """
     client = _client_module()
     if comm is None:
-        with client.connect() as sim:
+        with client.connect(fields={FIELD_NAME: (grid_size, grid_size)}) as sim:
             parameters = np.asarray(sim.parameters, dtype=np.float64)
             for t, field in enumerate(simulate(parameters, grid_size, n_steps, dt, alpha)):
                 sim.send(FIELD_NAME, t, field)
         return
     start = (int(slab_offsets(grid_size, comm.Get_size())[comm.Get_rank()]), 0)
-    with client.connect(comm=comm) as sim:
+    with client.connect(comm=comm, fields={FIELD_NAME: (grid_size, grid_size)}) as sim:
         parameters = np.asarray(sim.parameters, dtype=np.float64)
         slabs = simulate_distributed(parameters, grid_size, n_steps, comm, dt, alpha)
         for t, rows in enumerate(slabs):
@@ -541,24 +531,13 @@ def write_trajectory_distributed(
     write_trajectory(path, gathered(), n_steps, grid_size)
 
 
-def launched_by_mpi(environ: Mapping[str, str], parent_process: str | None) -> bool:
-    """True when an MPI launcher started this process as one of several ranks.
+def launched_by_mpi() -> bool:
+    """True when an MPI launcher started this process as one of several ranks (--mpi auto).
 
-    That is: one of MPI_SIZE_VARIABLES is > 1 and, when the parent's name is known (Linux), the parent
-    is one of MPI_LAUNCHER_PROCESSES, not a process that passed its own MPI variables on.
+    The rule is jaxsurro.client.launched_by_mpi, the one the server's ranks follow too.
     """
-    several = any(
-        environ.get(name, "").strip().isdigit() and int(environ[name].strip()) > 1 for name in MPI_SIZE_VARIABLES
-    )
-    return several and (parent_process is None or parent_process in MPI_LAUNCHER_PROCESSES)
-
-
-def parent_process_name() -> str | None:
-    """The parent process's executable name from /proc (None where /proc is not available)."""
-    try:
-        return Path(f"/proc/{os.getppid()}/comm").read_text().strip()
-    except OSError:
-        return None
+    client = _client_module("--mpi auto (the default)", "choose --mpi on or --mpi off")
+    return client.launched_by_mpi(os.environ)
 
 
 def _summary(args: argparse.Namespace, minimum: float, mean: float, maximum: float, seconds: float) -> str:
@@ -680,9 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help=f"number of time steps, an integer >= 1 (default {DEFAULT_STEPS})",
     )
-    parser.add_argument(
-        "--dt", type=_parse_positive, default=DEFAULT_DT, help=f"time step, > 0 (default {DEFAULT_DT})"
-    )
+    parser.add_argument("--dt", type=_parse_positive, default=DEFAULT_DT, help=f"time step, > 0 (default {DEFAULT_DT})")
     parser.add_argument(
         "--alpha",
         type=_parse_positive,
@@ -707,11 +684,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "on", "off"),
         default="auto",
         help="run MPI-parallel (each rank owns a slab of rows; mpi4py needed): 'auto' (default) does "
-        f"when {' / '.join(MPI_SIZE_VARIABLES)} > 1 and the parent process is an MPI launcher "
-        "(mpirun, mpiexec, orted, prted, hydra_pmi_proxy, slurmstepd: a wrapper script between them "
-        "and python must exec it, or pass --mpi on); 'on' always (e.g. mpirun -n 1); 'off' never. A "
-        "standalone run never imports mpi4py. Under MPI, --output is written by rank 0 and --client "
-        "streams every rank's slab through one client",
+        "when an MPI launcher (mpirun, mpiexec, srun) started several ranks, as "
+        "jaxsurro.client.launched_by_mpi tells: its rank-count variable (OMPI_COMM_WORLD_SIZE, PMI_SIZE, "
+        "SLURM_STEP_NUM_TASKS) is > 1 and the process did not merely inherit it from an MPI rank that "
+        "started it; 'on' always (e.g. mpirun -n 1); 'off' never. A standalone run never imports mpi4py. "
+        "Under MPI, --output is written by rank 0 and --client streams every rank's slab through one client",
     )
     return parser
 
@@ -733,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"argument --output: directory {str(directory)!r} does not exist; create it first")
         if args.output.is_dir():
             parser.error(f"argument --output: {str(args.output)!r} is a directory; give a file name")
-    if args.mpi == "on" or (args.mpi == "auto" and launched_by_mpi(os.environ, parent_process_name())):
+    if args.mpi == "on" or (args.mpi == "auto" and launched_by_mpi()):
         return _main_mpi(args)
     if args.client:
         run_client(args.grid_size, args.steps, args.dt, args.alpha)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -113,8 +112,19 @@ def test_importance_weights_divide_the_scores_by_the_proposal_density() -> None:
     density = np.array([1.0, 4.0, 0.5, 2.0], np.float32)
     locations = np.full((4, 5), 300.0, np.float32)
     count = 20000
-    _, parents, _, _ = as_numpy(amis(jax.random.key(5), locations, scores, count, 0.01, LOW, HIGH,
-                                     importance_weights=True, proposal_density=density))
+    _, parents, _, _ = as_numpy(
+        amis(
+            jax.random.key(5),
+            locations,
+            scores,
+            count,
+            0.01,
+            LOW,
+            HIGH,
+            importance_weights=True,
+            proposal_density=density,
+        )
+    )
     weights = scores / density  # [2, 0.5, 2, 2]
     result = scipy_stats.chisquare(np.bincount(parents, minlength=4), count * weights / weights.sum())
     assert result.pvalue > P_MIN
@@ -133,14 +143,16 @@ def test_out_of_bounds_after_every_retry_keeps_the_parent_location() -> None:
     high = np.ones(3, np.float32)
     corner = np.array([[0.0, 0.0, 1.0]], np.float32)
     sigma = 1e6
-    children, parents, sigmas, _ = as_numpy(amis(jax.random.key(0), corner, np.ones(1, np.float32), 256, sigma,
-                                                 low, high))
+    children, parents, sigmas, _ = as_numpy(
+        amis(jax.random.key(0), corner, np.ones(1, np.float32), 256, sigma, low, high)
+    )
     np.testing.assert_array_equal(parents, 0)
     np.testing.assert_array_equal(children, np.broadcast_to(corner, (256, 3)))
     np.testing.assert_allclose(sigmas, sigma * 0.3**5, rtol=1e-6)
     # max_retries = 0: one draw, then the parent, with σ unchanged.
-    children, _, sigmas, _ = as_numpy(amis(jax.random.key(0), corner, np.ones(1, np.float32), 16, sigma, low, high,
-                                           max_retries=0))
+    children, _, sigmas, _ = as_numpy(
+        amis(jax.random.key(0), corner, np.ones(1, np.float32), 16, sigma, low, high, max_retries=0)
+    )
     np.testing.assert_array_equal(children, np.broadcast_to(corner, (16, 3)))
     np.testing.assert_array_equal(sigmas, np.float32(sigma))
 
@@ -148,20 +160,23 @@ def test_out_of_bounds_after_every_retry_keeps_the_parent_location() -> None:
 def test_per_location_sigma_is_inherited_by_the_children() -> None:
     locations = np.full((2, 5), 300.0, np.float32)
     window_sigma = np.array([0.01, 0.001], np.float32)
-    children, parents, sigmas, _ = as_numpy(amis(jax.random.key(2), locations, np.ones(2, np.float32), 500,
-                                                 window_sigma, LOW, HIGH))
+    children, parents, sigmas, _ = as_numpy(
+        amis(jax.random.key(2), locations, np.ones(2, np.float32), 500, window_sigma, LOW, HIGH)
+    )
     np.testing.assert_array_equal(sigmas, window_sigma[parents])
     spread = [np.std((children[parents == j] - 300.0) / 400.0) for j in (0, 1)]
     np.testing.assert_allclose(spread, window_sigma, rtol=0.1)
 
 
-@pytest.mark.parametrize("scores", [np.zeros(5), np.full(5, np.nan), np.array([np.inf, 0, 0, 0, 0]),
-                                    np.array([-1.0, -2, 0, 0, 0])])
+@pytest.mark.parametrize(
+    "scores", [np.zeros(5), np.full(5, np.nan), np.array([np.inf, 0, 0, 0, 0]), np.array([-1.0, -2, 0, 0, 0])]
+)
 def test_all_zero_or_non_finite_scores_fall_back_to_uniform_parents(scores: np.ndarray) -> None:
     locations = np.full((5, 5), 300.0, np.float32)
     count = 10000
-    _, parents, _, fallback = as_numpy(amis(jax.random.key(8), locations, scores.astype(np.float32), count, 0.01,
-                                            LOW, HIGH))
+    _, parents, _, fallback = as_numpy(
+        amis(jax.random.key(8), locations, scores.astype(np.float32), count, 0.01, LOW, HIGH)
+    )
     assert fallback
     assert scipy_stats.chisquare(np.bincount(parents, minlength=5)).pvalue > P_MIN
 
@@ -174,8 +189,18 @@ def test_non_finite_and_masked_scores_weigh_nothing() -> None:
     assert not fallback
     assert set(np.unique(parents)) == {0, 2}
     # Nothing usable and only two valid rows: uniform among the valid ones.
-    _, parents, _, fallback = as_numpy(amis(jax.random.key(9), locations, np.zeros(5, np.float32), 5000, 0.01, LOW,
-                                            HIGH, valid=np.array([False, True, False, False, True])))
+    _, parents, _, fallback = as_numpy(
+        amis(
+            jax.random.key(9),
+            locations,
+            np.zeros(5, np.float32),
+            5000,
+            0.01,
+            LOW,
+            HIGH,
+            valid=np.array([False, True, False, False, True]),
+        )
+    )
     assert fallback and set(np.unique(parents)) == {1, 4}
 
 
@@ -192,8 +217,15 @@ def test_jitted_amis_compiles_once_for_fixed_shapes() -> None:
     for round_index in range(4):
         locations = rng.uniform(100.0, 500.0, (30, 5)).astype(np.float32)
         scores = rng.exponential(1.0, 30).astype(np.float32)
-        draw = jitted(jax.random.fold_in(jax.random.key(0), round_index), locations, scores, 20,
-                      jnp.float32(0.0125 * (round_index + 1)), LOW, HIGH)
+        draw = jitted(
+            jax.random.fold_in(jax.random.key(0), round_index),
+            locations,
+            scores,
+            20,
+            jnp.float32(0.0125 * (round_index + 1)),
+            LOW,
+            HIGH,
+        )
         jax.block_until_ready(draw)
     assert len(traces) == 1 and jitted._cache_size() == 1
 
@@ -214,10 +246,17 @@ def test_proposal_density_matches_a_scipy_mixture() -> None:
     sigmas = rng.uniform(0.05, 0.2, 7)
     points_unit = rng.uniform(0.0, 1.0, (11, 2))
     ratio = 0.7
-    density = np.asarray(breed.proposal_density(low + points_unit * (high - low), low + centres_unit * (high - low),
-                                                sigmas, low, high, ratio))
-    gaussians = np.stack([scipy_stats.multivariate_normal(c, s**2 * np.eye(2)).pdf(points_unit)
-                          for c, s in zip(centres_unit, sigmas, strict=True)])
+    density = np.asarray(
+        breed.proposal_density(
+            low + points_unit * (high - low), low + centres_unit * (high - low), sigmas, low, high, ratio
+        )
+    )
+    gaussians = np.stack(
+        [
+            scipy_stats.multivariate_normal(c, s**2 * np.eye(2)).pdf(points_unit)
+            for c, s in zip(centres_unit, sigmas, strict=True)
+        ]
+    )
     np.testing.assert_allclose(density, ratio * gaussians.mean(axis=0) + (1 - ratio), rtol=1e-4)
 
 
@@ -232,8 +271,9 @@ def test_mixing_ratio_follows_the_corrected_schedule() -> None:
     # Traceable: a round counter inside jit gives the same values.
     np.testing.assert_allclose(jax.jit(breed.mixing_ratio)(jnp.arange(6), 0.5, 0.9, 3.0), values, rtol=1e-6)
     # A decreasing schedule moves monotonically down to r_e and stays there.
-    np.testing.assert_allclose([float(breed.mixing_ratio(s, 1.0, 0.1, 5)) for s in (0, 5, 9)], [1.0, 0.1, 0.1],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        [float(breed.mixing_ratio(s, 1.0, 0.1, 5)) for s in (0, 5, 9)], [1.0, 0.1, 0.1], rtol=1e-6
+    )
     with pytest.raises(ValueError, match="r_cycles"):
         breed.mixing_ratio(1, 0.5, 0.9, 0)
 
@@ -316,16 +356,20 @@ def test_loss_stats_match_a_numpy_reference_with_repeated_ids() -> None:
     np.testing.assert_array_equal(np.asarray(got_has_score), has_score)
     assert has_score.any() and not has_score.all()  # the test covers both cases
     np.testing.assert_allclose(np.asarray(got_scores), scores, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(breed.delta_mean(state)),
-                               np.where(delta_count > 0, delta_sum / np.maximum(delta_count, 1), 0.0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(breed.delta_mean(state)),
+        np.where(delta_count > 0, delta_sum / np.maximum(delta_count, 1), 0.0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_weighted_batch_statistics_and_degenerate_batches() -> None:
     state = breed.init_loss_stats(2, 2)
     # Weighted μ and σ: weight 3 on loss 0 and 1 on loss 4 -> μ = 1, σ = √3; δ(4) = 3/√3 = √3.
-    state = update(state, np.array([0.0, 4.0], np.float32), np.array([0, 3], np.int32),
-                   np.array([3.0, 1.0], np.float32))
+    state = update(
+        state, np.array([0.0, 4.0], np.float32), np.array([0, 3], np.int32), np.array([3.0, 1.0], np.float32)
+    )
     np.testing.assert_allclose(np.asarray(state.delta_sum), [[0.0, 0.0], [0.0, np.sqrt(3.0)]], rtol=1e-6)
     # Equal losses (σ = 0) and an all-padding batch add counts with δ = 0, or nothing, and no NaN.
     state = update(state, np.full(3, 0.7, np.float32), np.array([1, 1, 2], np.int32), np.ones(3, np.float32))
@@ -355,8 +399,7 @@ def test_merging_two_ranks_equals_computing_on_the_union() -> None:
     np.testing.assert_allclose(np.asarray(merged.delta_sum), np.asarray(union.delta_sum), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(merged.last_update), np.asarray(union.last_update))
     assert int(merged.n_updates) == int(union.n_updates) == len(batches)
-    np.testing.assert_allclose(np.asarray(scores_of(merged)[0]), np.asarray(scores_of(union)[0]), rtol=1e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(scores_of(merged)[0]), np.asarray(scores_of(union)[0]), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="same"):
         breed.combine_loss_stats([union, breed.init_loss_stats(3, 5)])
 
@@ -364,8 +407,9 @@ def test_merging_two_ranks_equals_computing_on_the_union() -> None:
 def test_recent_window_takes_the_most_recently_updated_scored_simulations() -> None:
     state = breed.init_loss_stats(6, 2)
     for sim in (4, 1, 5, 0):  # update order; simulations 2 and 3 are never seen
-        state = update(state, np.array([1.0, 3.0], np.float32), np.array([2 * sim, 2 * sim + 1], np.int32),
-                       np.ones(2, np.float32))
+        state = update(
+            state, np.array([1.0, 3.0], np.float32), np.array([2 * sim, 2 * sim + 1], np.int32), np.ones(2, np.float32)
+        )
     ids, valid = (np.asarray(x) for x in window_of(state, size=3))
     np.testing.assert_array_equal(ids, [0, 5, 1])
     assert valid.all()
@@ -388,8 +432,9 @@ def test_loss_stats_update_compiles_once_and_rejects_bad_shapes() -> None:
     state = breed.init_loss_stats(4, 3)
     rng = np.random.default_rng(7)
     for _ in range(3):
-        state = jitted(state, rng.random(8, np.float32), rng.integers(0, 12, 8).astype(np.int32),
-                       np.ones(8, np.float32))
+        state = jitted(
+            state, rng.random(8, np.float32), rng.integers(0, 12, 8).astype(np.int32), np.ones(8, np.float32)
+        )
     assert len(traces) == 1
     with pytest.raises(ValueError, match=r"one shape \[B\]"):
         breed.update_loss_stats(state, np.ones(8), np.zeros(7, np.int32), np.ones(8))
@@ -402,15 +447,18 @@ def test_loss_stats_update_compiles_once_and_rejects_bad_shapes() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_settings_defaults_are_table_1_and_validate() -> None:
-    settings = breed.BreedSettings()
+def test_config_defaults_are_table_1_and_sigma_converts_to_the_unit_cube() -> None:
+    from jaxsurro.config import BreedConfig
+
+    settings = BreedConfig()
     assert (settings.window, settings.period, settings.r_start, settings.r_end, settings.r_cycles) == (
-        200, 200, 0.5, 0.9, 3.0)
-    assert (settings.max_retries, settings.shrink, settings.importance_weights) == (5, 0.3, False)
-    assert settings.sigma_unit == pytest.approx(breed.unit_sigma(5.0, [100.0] * 5, [500.0] * 5)) == 0.0125
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        settings.window = 3  # type: ignore[misc]
-    with pytest.raises(ValueError, match="r_end must be in"):
-        breed.BreedSettings(r_end=1.5)
+        200,
+        200,
+        0.5,
+        0.9,
+        3.0,
+    )
+    assert settings.importance_weights is False
+    assert breed.unit_sigma(settings.sigma, [100.0] * 5, [500.0] * 5) == pytest.approx(0.0125)
     with pytest.raises(ValueError, match="same span"):
         breed.unit_sigma(5.0, [0.0, 0.0], [1.0, 2.0])

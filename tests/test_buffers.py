@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from jaxsurro.config import buffer_capacity_problems
 from jaxsurro.server.buffers import (
     BufferClosed,
     FIFOBuffer,
@@ -43,8 +44,9 @@ def check_rows(batch: SampleBatch) -> None:
 
 
 def build(kind: str, capacity: int = 16, watermark: int = 4, seed: int = 0):
-    return make_buffer(kind, capacity=capacity, watermark=watermark, input_dim=INPUT_DIM,
-                       field_size=FIELD_SIZE, seed=seed)
+    return make_buffer(
+        kind, capacity=capacity, watermark=watermark, input_dim=INPUT_DIM, field_size=FIELD_SIZE, seed=seed
+    )
 
 
 def put_ids(buffer, ids) -> None:
@@ -63,7 +65,7 @@ class ThreadResult:
         def run() -> None:
             try:
                 self.value = target()
-            except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            except BaseException as error:
                 self.error = error
             finally:
                 self.finished.set()
@@ -287,22 +289,28 @@ def test_same_seed_and_arrivals_give_the_same_batches(kind: str) -> None:
 
 
 def test_constructor_and_argument_validation() -> None:
-    with pytest.raises(ValueError, match="capacity must be >= 1"):
+    with pytest.raises(ValueError, match=r"fifo buffer: capacity \(0\) must be at least 1"):
         build("fifo", capacity=0, watermark=0)
-    with pytest.raises(ValueError, match="watermark 9 exceeds capacity 8.*never"):
+    with pytest.raises(ValueError, match=r"watermark \(9\) must not exceed capacity \(8\).*never"):
         build("reservoir", capacity=8, watermark=9)
-    with pytest.raises(ValueError, match="watermark must be >= 0"):
+    with pytest.raises(ValueError, match=r"watermark \(-1\) must be at least 0"):
         build("firo", capacity=8, watermark=-1)
-    with pytest.raises(ValueError, match="use watermark < capacity"):
+    with pytest.raises(ValueError, match=r"watermark \(8\) must be below capacity \(8\) for a FIRO buffer"):
         build("firo", capacity=8, watermark=8)
+    with pytest.raises(ValueError, match=r"watermark \(0\) must be at least 1 for a reservoir"):
+        build("reservoir", capacity=8, watermark=0)
     with pytest.raises(ValueError, match="input_dim and field_size must be >= 1"):
         make_buffer("fifo", capacity=4, watermark=0, input_dim=0, field_size=1, seed=0)
     with pytest.raises(TypeError, match="capacity must be an int"):
         make_buffer("fifo", capacity=4.0, watermark=0, input_dim=1, field_size=1, seed=0)
-    with pytest.raises(ValueError, match=r"unknown buffer kind 'lifo'; expected one of \['fifo', 'firo', 'reservoir'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown buffer kind 'lifo'; expected one of \['fifo', 'firo', 'reservoir'\]"
+    ):
         make_buffer("lifo", capacity=4, watermark=0, input_dim=1, field_size=1, seed=0)
     buffer = build("fifo", capacity=4, watermark=0)
-    with pytest.raises(ValueError, match="batch_size 5 exceeds capacity 4"):
+    with pytest.raises(ValueError, match=r"batch_size \(5\) must not exceed capacity \(4\) for a FIFO buffer"):
+        buffer.get_batch(5, timeout=0)
+    with pytest.raises(ValueError, match=r"batch_size \(5\) must not exceed"):  # checked on every new size
         buffer.get_batch(5, timeout=0)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         buffer.get_batch(0, timeout=0)
@@ -311,3 +319,40 @@ def test_constructor_and_argument_validation() -> None:
     with pytest.raises(ValueError, match=r"inputs must have 3 values"):
         buffer.put(0, np.zeros(4), np.zeros(FIELD_SIZE))
     assert build("reservoir", capacity=8, watermark=8).capacity == 8  # reservoir reaches W == C
+
+
+@pytest.mark.parametrize(
+    ("kind", "capacity", "watermark", "batch_size"),
+    [
+        ("fifo", 0, 0, 1),
+        ("firo", 8, 8, 4),
+        ("firo", 8, 9, 4),
+        ("reservoir", 8, 0, 4),
+        ("fifo", 4, 0, 5),
+        ("firo", 4, 2, 5),
+        ("reservoir", 4, 2, 50),
+        ("fifo", 4, 4, 4),
+    ],
+)
+def test_the_buffers_apply_the_configurations_size_rules(
+    kind: str, capacity: int, watermark: int, batch_size: int
+) -> None:
+    """One statement of the rules (jaxsurro.config.buffer_capacity_problems): what the configuration
+    rejects at load is exactly what a buffer refuses to be built with or to draw."""
+    problems = buffer_capacity_problems(
+        kind, capacity, watermark, batch_size, names=("capacity", "watermark", "batch_size")
+    )
+    size_problems = buffer_capacity_problems(kind, capacity, watermark, names=("capacity", "watermark", "batch_size"))
+    if size_problems:
+        with pytest.raises(ValueError) as info:
+            build(kind, capacity=capacity, watermark=watermark)
+        assert str(info.value) == f"{kind} buffer: " + "; ".join(size_problems)
+        return
+    buffer = build(kind, capacity=capacity, watermark=watermark)
+    if problems:
+        with pytest.raises(ValueError) as info:
+            buffer.get_batch(batch_size, timeout=0)
+        assert str(info.value) == f"{kind} buffer: " + "; ".join(problems)
+    else:
+        buffer.end_reception()
+        assert buffer.get_batch(batch_size, timeout=0) is None  # empty and over: a valid request

@@ -58,8 +58,7 @@ class FakeServer:
             self.pulls.append(pull)
         fields = {"temperature": (shape, dtype)}
         self.expectations = [
-            protocol.Expectation(self.token, n_steps, fields, rank, n_ranks, set(sim_ids))
-            for rank in range(n_ranks)
+            protocol.Expectation(self.token, n_steps, fields, rank, n_ranks, set(sim_ids)) for rank in range(n_ranks)
         ]
         self.unassigned = list(sim_ids)
         self.received: list[list[protocol.Received]] = [[] for _ in range(n_ranks)]
@@ -186,7 +185,7 @@ def fake_server(**kwargs):
 @pytest.fixture
 def environment(monkeypatch):
     """Clear JAXSURRO_* variables, return a setter for a server's variables."""
-    for name in client.ENVIRONMENT_VARIABLES:
+    for name in (client.ENV_SERVER, client.ENV_TOKEN, client.ENV_SIM_ID, client.ENV_TIMEOUT, client.ENV_WIRE_DTYPE):
         monkeypatch.delenv(name, raising=False)
 
     def set_for(server: FakeServer, **kwargs):
@@ -541,8 +540,39 @@ def test_communicator_of_one_rank_only(environment):
         server.wait_for(lambda: server.finished_ranks() == 1, "FINISH")
 
 
+def test_send_assembled_hands_over_wire_arrays_only(environment):
+    """send_assembled (the MPI root's path) sends a C-contiguous wire-dtype array as is; anything else is
+    a ValueError, and its time step and field name are checked like send()'s."""
+    whole = np.arange(16, dtype=np.float32).reshape(4, 4)
+    with fake_server(n_ranks=2, n_steps=2) as server:
+        environment(server)
+        with client.connect() as sim:
+            assert sim.wire_dtype == np.dtype("<f4") and sim.timeout == 10.0
+            for wrong in (whole.astype(np.float64), np.ones((4, 8), np.float32)[:, ::2], whole.tolist()):
+                with pytest.raises(ValueError, match="C-contiguous float32"):
+                    sim.send_assembled("temperature", 0, wrong)
+            with pytest.raises(ValueError, match="time_step"):
+                sim.send_assembled("temperature", -1, whole)
+            with pytest.raises(TypeError, match="field must be a str"):
+                sim.send_assembled(b"temperature", 0, whole)
+            assert sim.messages_sent == [0, 0]
+            sim.send_assembled("temperature", 1, whole)
+        server.wait_for(lambda: server.finished_ranks() == 2, "FINISH on both ranks")
+        (message,) = server.data()
+        assert message.time_step == 1 and server.received[protocol.rank_for(7, 1, 2)][0] is message
+        np.testing.assert_array_equal(message.array, whole)
+
+
+def test_public_names_resolve_and_dead_ones_are_gone():
+    """Every name in client.__all__ is there (the MPI client's on first use); removed names stay removed."""
+    for name in client.__all__:
+        assert getattr(client, name) is not None, name
+    for name in ("WIRE_DTYPES", "ENVIRONMENT_VARIABLES"):
+        assert not hasattr(client, name), name
+
+
 def test_client_process_never_imports_jax():
-    """A solver process using the client loads numpy and pyzmq, not JAX (nor mpi4py)."""
+    """A solver process using the client loads numpy and pyzmq, not JAX (nor mpi4py, nor the MPI client)."""
     script = """
 import json, sys
 import numpy as np
@@ -550,7 +580,8 @@ from jaxsurro import client
 with client.connect() as sim:
     for t in range(3):
         sim.send("temperature", t, np.full((4, 4), float(t)))
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax", "optax", "mpi4py"))
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax", "optax", "mpi4py")
+               or m == "jaxsurro.client.parallel")
 print(json.dumps({"heavy": heavy, "parameters": sim.parameters.tolist()}))
 """
     with fake_server(n_ranks=2, n_steps=3) as server:

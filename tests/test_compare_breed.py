@@ -37,14 +37,28 @@ compare = load_script()
 def metrics_record(kind: str, batch: int, **extra: object) -> dict[str, object]:
     """One line of metrics.jsonl as the trainer writes it."""
     record: dict[str, object] = {
-        "kind": kind, "time": 0.1 * batch, "batch": batch, "train_loss": 0.5 / (1 + batch),
-        "received_per_s": 100.0, "trained_per_s": 3000.0, "buffer_population": 300, "buffer_capacity": 2000}
+        "kind": kind,
+        "time": 0.1 * batch,
+        "batch": batch,
+        "train_loss": 0.5 / (1 + batch),
+        "received_per_s": 100.0,
+        "trained_per_s": 3000.0,
+        "buffer_population": 300,
+        "buffer_capacity": 2000,
+    }
     record.update(extra)
     return record
 
 
-def write_run(run_dir: Path, parameters: np.ndarray, bred: list[int], val_mse: list[float],
-              states: list[str] | None = None, final: float | None = None, baseline: float = 0.05) -> Path:
+def write_run(
+    run_dir: Path,
+    parameters: np.ndarray,
+    bred: list[int],
+    val_mse: list[float],
+    states: list[str] | None = None,
+    final: float | None = None,
+    baseline: float = 0.05,
+) -> Path:
     """A run directory with the three files the comparison reads."""
     run_dir.mkdir(parents=True)
     records = []
@@ -53,15 +67,52 @@ def write_run(run_dir: Path, parameters: np.ndarray, bred: list[int], val_mse: l
         records.append(metrics_record("validation", 100 * (i + 1), val_mse=mse))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     states = states or ["completed"] * len(parameters)
-    header = ["sim_id", *NAMES, "state", "attempts", "job_id", "submitted_at", "started_at", "ended_at",
-              "exit_code", "steps_finished", "generation", "bred", "parent", "score", "error"]
+    header = [
+        "sim_id",
+        *NAMES,
+        "state",
+        "attempts",
+        "job_id",
+        "submitted_at",
+        "started_at",
+        "ended_at",
+        "exit_code",
+        "steps_finished",
+        "generation",
+        "bred",
+        "parent",
+        "score",
+        "error",
+    ]
     lines = [",".join(header)]
     for j, (row, is_bred, state) in enumerate(zip(parameters, bred, states, strict=True)):
-        lines.append(",".join([str(j), *(repr(float(v)) for v in row), state, "1", str(1000 + j), "", "", "", "0",
-                               "50", str(int(is_bred)), str(is_bred), "3" if is_bred else "-1", "0.5", ""]))
+        lines.append(
+            ",".join(
+                [
+                    str(j),
+                    *(repr(float(v)) for v in row),
+                    state,
+                    "1",
+                    str(1000 + j),
+                    "",
+                    "",
+                    "",
+                    "0",
+                    "50",
+                    str(int(is_bred)),
+                    str(is_bred),
+                    "3" if is_bred else "-1",
+                    "0.5",
+                    "",
+                ]
+            )
+        )
     (run_dir / "simulations.csv").write_text("\n".join(lines) + "\n")
-    summary = {"final_validation_mse": val_mse[-1] if final is None else final,
-               "mean_field_validation_mse": baseline, "repetition_histogram": {"1": 10}}
+    summary = {
+        "final_validation_mse": val_mse[-1] if final is None else final,
+        "mean_field_validation_mse": baseline,
+        "repetition_histogram": {"1": 10},
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
 
@@ -89,9 +140,13 @@ def assert_png(path: Path) -> tuple[int, int]:
 
 
 def test_deviation_is_the_population_std_of_each_simulations_parameters() -> None:
-    parameters = np.array([[100.0, 100.0, 100.0, 100.0, 500.0],  # mean 180, variance 128000 / 5
-                           [300.0, 300.0, 300.0, 300.0, 300.0],
-                           [100.0, 200.0, 300.0, 400.0, 500.0]])
+    parameters = np.array(
+        [
+            [100.0, 100.0, 100.0, 100.0, 500.0],  # mean 180, variance 128000 / 5
+            [300.0, 300.0, 300.0, 300.0, 300.0],
+            [100.0, 200.0, 300.0, 400.0, 500.0],
+        ]
+    )
     deviation = compare.parameter_deviation(parameters)
     np.testing.assert_allclose(deviation, [160.0, 0.0, np.sqrt(20000.0)], rtol=1e-12)
     np.testing.assert_allclose(deviation, np.std(parameters, axis=1, ddof=0), rtol=1e-12)
@@ -105,8 +160,9 @@ def test_deviation_rejects_a_single_parameter() -> None:
 
 def test_read_simulations_keeps_completed_rows_and_their_bred_flags(tmp_path: Path) -> None:
     parameters = np.arange(20.0).reshape(4, 5) * 10 + 100
-    write_run(tmp_path / "run", parameters, [0, 1, 1, 0], [0.1], states=["completed", "completed", "failed",
-                                                                          "completed"])
+    write_run(
+        tmp_path / "run", parameters, [0, 1, 1, 0], [0.1], states=["completed", "completed", "failed", "completed"]
+    )
     simulations = compare.read_simulations(tmp_path / "run" / "simulations.csv")
     assert simulations.names == NAMES
     np.testing.assert_array_equal(simulations.parameters, parameters[[0, 1, 3]])
@@ -116,8 +172,10 @@ def test_read_simulations_keeps_completed_rows_and_their_bred_flags(tmp_path: Pa
 
 def test_deviation_stats_are_the_means_of_each_group(tmp_path: Path) -> None:
     random_parameters, breed_parameters, bred = two_runs(tmp_path)
-    stats = compare.deviation_stats(compare.read_simulations(tmp_path / "random" / "simulations.csv"),
-                                    compare.read_simulations(tmp_path / "breed" / "simulations.csv"))
+    stats = compare.deviation_stats(
+        compare.read_simulations(tmp_path / "random" / "simulations.csv"),
+        compare.read_simulations(tmp_path / "breed" / "simulations.csv"),
+    )
     breed_std = np.std(breed_parameters, axis=1)
     assert stats.breed_bred == pytest.approx(breed_std[bred].mean(), rel=1e-12)
     assert stats.breed_bred == pytest.approx(np.std([100.0, 480, 480, 480, 480]), rel=1e-12)
@@ -139,8 +197,10 @@ def test_deviation_figure_marks_each_groups_mean(tmp_path: Path) -> None:
     np.testing.assert_allclose(marked[0], [stats.breed_uniform, stats.breed_bred], rtol=1e-12)
     np.testing.assert_allclose(marked[1], [stats.random_all, stats.breed_all], rtol=1e-12)
     legend = [text.get_text() for text in left.get_legend().get_texts()]
-    assert legend == [f"uniform points (n = {stats.n_uniform}, mean {stats.breed_uniform:.1f})",
-                      f"bred points (n = {stats.n_bred}, mean {stats.breed_bred:.1f})"]
+    assert legend == [
+        f"uniform points (n = {stats.n_uniform}, mean {stats.breed_uniform:.1f})",
+        f"bred points (n = {stats.n_bred}, mean {stats.breed_bred:.1f})",
+    ]
 
 
 def test_from_runs_writes_both_pngs_and_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -215,8 +275,9 @@ def test_experiment_runs_breed_and_its_random_counterpart_differs_only_in_the_sa
 
 
 def test_help_runs_from_the_command_line() -> None:
-    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60,
-                            cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     for option in ("--set", "--runs-dir", "--out", "--from-runs"):
         assert option in result.stdout

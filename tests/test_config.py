@@ -14,7 +14,8 @@ EXPERIMENTS = sorted((ROOT / "experiments").glob("*.toml"))
 def test_every_shipped_experiment_loads(path):
     config = load_config(path)
     assert config.study.n_simulations >= 1
-    assert len(config.solver.parameters) == 5
+    assert config.solver.parameters and config.solver.fields
+    assert load_config(path, [f"study.name={config.study.name}"]) == config
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -31,7 +32,11 @@ def test_config_is_frozen():
 
 def _minimal(**sections):
     raw = {
-        "solver": {"command": ["{python}", "solver.py"], "parameters": {"a": [0.0, 1.0]}},
+        "solver": {
+            "command": ["{python}", "solver.py"],
+            "parameters": {"a": [0.0, 1.0]},
+            "fields": [{"name": "u", "shape": [4]}],
+        },
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
@@ -41,14 +46,16 @@ def _minimal(**sections):
 def test_defaults_fill_missing_sections():
     config = config_from_dict(_minimal())
     assert config.buffer.kind == "reservoir"
-    assert config.output_range == (0.0, 1.0)
+    assert config.model.output_range is None
 
 
 @pytest.mark.parametrize(
     ("sections", "expected"),
     [
-        ({"buffer": {"capacity": 300, "watermark": 500}},
-         "buffer.watermark (500) must not exceed buffer.capacity (300)"),
+        (
+            {"buffer": {"capacity": 300, "watermark": 500}},
+            "buffer.watermark (500) must not exceed buffer.capacity (300)",
+        ),
         ({"buffer": {"capcity": 3}}, "buffer.capcity is not a known key"),
         ({"buffer": {"kind": "lifo"}}, "buffer.kind ('lifo') must be one of 'fifo', 'firo', 'reservoir'"),
         ({"train": {"batch_size": "64"}}, "train.batch_size ('64') must be an integer"),
@@ -58,7 +65,7 @@ def test_defaults_fill_missing_sections():
         ({"solver": {"parameters": {"a": [0.0]}}}, "solver.parameters ("),
         ({"solver": {"command": ["{pyton}"]}}, "solver.command[0] ('{pyton}') has an unknown placeholder"),
         ({"launcher": {"max_concurrent": 0}}, "launcher.max_concurrent (0) must be at least 1"),
-        ({"model": {"name": "cnn"}}, "model.name ('cnn') must be one of 'mlp'"),
+        ({"model": {"name": "cnn"}}, "model.name ('cnn') must be one of mlp, conv or name a factory"),
         ({"study": {"n_simulations": 1.5}}, "study.n_simulations (1.5) must be an integer"),
         ({"bogus": {"x": 1}}, "bogus is not a known key"),
     ],
@@ -81,8 +88,10 @@ def test_all_errors_are_reported_at_once():
 
 
 def test_overrides_parse_toml_literals_and_bare_words():
-    raw = apply_overrides(_minimal(), ["train.batch_size=32", "buffer.kind=fifo",
-                                       "solver.parameters.b=[1, 2]", "train.learning_rate=1e-4"])
+    raw = apply_overrides(
+        _minimal(),
+        ["train.batch_size=32", "buffer.kind=fifo", "solver.parameters.b=[1, 2]", "train.learning_rate=1e-4"],
+    )
     config = config_from_dict(raw)
     assert config.train.batch_size == 32
     assert config.buffer.kind == "fifo"
@@ -125,10 +134,14 @@ def test_solver_argv_fills_placeholders():
 @pytest.mark.parametrize(
     ("sections", "expected"),
     [
-        ({"buffer": {"kind": "firo", "capacity": 100, "watermark": 100}},
-         "buffer.watermark (100) must be below buffer.capacity (100) for a FIRO buffer"),
-        ({"buffer": {"kind": "fifo", "capacity": 100}, "train": {"batch_size": 128}},
-         "train.batch_size (128) must not exceed buffer.capacity (100) for a FIFO buffer"),
+        (
+            {"buffer": {"kind": "firo", "capacity": 100, "watermark": 100}},
+            "buffer.watermark (100) must be below buffer.capacity (100) for a FIRO buffer",
+        ),
+        (
+            {"buffer": {"kind": "fifo", "capacity": 100}, "train": {"batch_size": 128}},
+            "train.batch_size (128) must not exceed buffer.capacity (100) for a FIFO buffer",
+        ),
         ({"buffer": {"kind": "reservoir", "watermark": 0}}, "buffer.watermark (0) must be at least 1"),
     ],
 )

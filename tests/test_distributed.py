@@ -4,10 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsurro.server.distributed import World, gradient_allreduce, launched_by_mpi
+from jaxsurro.core.fields import FieldSpec
 from jaxsurro.core.model import Scaling, make_model
-from jaxsurro.server.parallel import jit_reduced_train_step, jit_train_step, make_data_mesh, put_batch, replicate
 from jaxsurro.core.train import Batch, init_train_state, make_optimizer, make_train_step
+from jaxsurro.server.distributed import World, gradient_allreduce, launched_by_mpi
+from jaxsurro.server.parallel import jit_reduced_train_step, jit_train_step, make_data_mesh, put_batch, replicate
 
 
 def twice(sums):
@@ -17,13 +18,12 @@ def twice(sums):
 
 def test_split_step_on_several_devices_matches_the_single_jitted_step():
     assert jax.device_count() == 2
-    scaling = Scaling((0.0, 0.0), (1.0, 1.0), 1.0, 0.0, 1.0)
-    model = make_model("mlp", hidden=16, layers=2, field_shape=(3, 3), scaling=scaling)
+    scaling = Scaling((0.0, 0.0), (1.0, 1.0), 1.0, (0.0,), (1.0,), (9,))
+    model = make_model("mlp", hidden=16, layers=2, fields=(FieldSpec("u", (3, 3)),), scaling=scaling)
     optimizer = make_optimizer(1e-2, 8, 1000)
     mesh = make_data_mesh()
     rng = np.random.default_rng(0)
-    batch = Batch(rng.random((8, 3), dtype=np.float32), rng.random((8, 3, 3), dtype=np.float32),
-                  np.ones(8, np.float32))
+    batch = Batch(rng.random((8, 3), dtype=np.float32), rng.random((8, 9), dtype=np.float32), np.ones(8, np.float32))
     state = init_train_state(jax.random.key(0), model, optimizer, 3)
     split = jit_reduced_train_step(model, optimizer, twice, mesh)
     single = jit_train_step(make_train_step(model, optimizer, twice), make_data_mesh(jax.devices()[:1]))

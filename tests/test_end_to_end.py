@@ -22,11 +22,22 @@ N_SIMS, N_STEPS = 6, 10
 
 def tiny(tmp_path: Path, *extra: str) -> list[str]:
     """Overrides that shrink the default experiment to a few seconds."""
-    return [f"study.n_simulations={N_SIMS}", f"solver.n_steps={N_STEPS}", "solver.grid_size=8",
-            "train.n_validation=2", "train.batch_size=16", "train.validation_every=20",
-            "buffer.capacity=40", "buffer.watermark=10", "model.hidden=32",
-            f"study.output_dir='{tmp_path / 'runs'}'", f"study.cache_dir='{tmp_path / 'cache'}'",
-            "server.receive_timeout=60.0", "train.batch_timeout=60.0", *extra]
+    return [
+        f"study.n_simulations={N_SIMS}",
+        f"solver.n_steps={N_STEPS}",
+        "solver.grid_size=8",
+        "train.n_validation=2",
+        "train.batch_size=16",
+        "train.validation_every=20",
+        "buffer.capacity=40",
+        "buffer.watermark=10",
+        "model.hidden=32",
+        f"study.output_dir='{tmp_path / 'runs'}'",
+        f"study.cache_dir='{tmp_path / 'cache'}'",
+        "server.receive_timeout=60.0",
+        "train.batch_timeout=60.0",
+        *extra,
+    ]
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -64,9 +75,17 @@ def test_study_runs_to_the_end_with_every_buffer(tmp_path, buffer):
 
 
 def test_default_experiment_learns_below_the_mean_field_baseline(tmp_path):
-    config = load_config(ROOT / "experiments/heat.toml", tiny(
-        tmp_path, "study.n_simulations=16", "model.hidden=64", "train.batch_size=32", "buffer.capacity=200",
-        "buffer.watermark=40"))
+    config = load_config(
+        ROOT / "experiments/heat.toml",
+        tiny(
+            tmp_path,
+            "study.n_simulations=16",
+            "model.hidden=64",
+            "train.batch_size=32",
+            "buffer.capacity=200",
+            "buffer.watermark=40",
+        ),
+    )
     _, summary = run(config, show_progress=False)
     assert summary["final_validation_mse"] < 0.5 * summary["mean_field_validation_mse"]
 
@@ -81,8 +100,10 @@ def test_validation_set_is_produced_once_and_reused(tmp_path):
     assert list((tmp_path / "cache").glob("validation-*.npz")) == cached
     assert second["mean_field_validation_mse"] == first["mean_field_validation_mse"]
     # Anything that determines the set changes the key: a new grid gets its own cache entry.
-    run(load_config(ROOT / "experiments/heat.toml", tiny(tmp_path, "buffer.kind=fifo", "solver.grid_size=6")),
-        show_progress=False)
+    run(
+        load_config(ROOT / "experiments/heat.toml", tiny(tmp_path, "buffer.kind=fifo", "solver.grid_size=6")),
+        show_progress=False,
+    )
     assert len(list((tmp_path / "cache").glob("validation-*.npz"))) == 2
 
 
@@ -106,9 +127,19 @@ def test_simulation_failing_every_attempt_is_reported(tmp_path):
     # A solver that always fails: the validation ensemble cannot complete and the run says why.
     command = 'solver.command=["{python}", "-c", "import sys; print(\'no licence for this solver\'); sys.exit(7)"]'
     result = subprocess.run(
-        [sys.executable, "-m", "jaxsurro.run", str(ROOT / "experiments/heat.toml"), "--no-progress",
-         *[arg for o in tiny(tmp_path, command, "launcher.max_attempts=1") for arg in ("--set", o)]],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "jaxsurro.run",
+            str(ROOT / "experiments/heat.toml"),
+            "--no-progress",
+            *[arg for o in tiny(tmp_path, command, "launcher.max_attempts=1") for arg in ("--set", o)],
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "failed with exit code 7" in result.stderr
     assert "no licence for this solver" in result.stderr
@@ -120,15 +151,38 @@ def test_interrupting_the_run_cancels_every_simulation(tmp_path, sig):
     # Long simulations (many steps, a reservoir that fills): the run is interrupted mid-study.
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, "-m", "jaxsurro.run", str(ROOT / "experiments/heat.toml"), "--no-progress",
-         "--run-dir", str(run_dir),
-         *[arg for o in tiny(tmp_path, "solver.n_steps=200000", "train.n_validation=1", "solver.grid_size=4",
-                             "launcher.max_concurrent=2") for arg in ("--set", o)]],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "jaxsurro.run",
+            str(ROOT / "experiments/heat.toml"),
+            "--no-progress",
+            "--run-dir",
+            str(run_dir),
+            *[
+                arg
+                for o in tiny(
+                    tmp_path,
+                    "solver.n_steps=200000",
+                    "train.n_validation=1",
+                    "solver.grid_size=4",
+                    "launcher.max_concurrent=2",
+                )
+                for arg in ("--set", o)
+            ],
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # The validation simulation is long too: interrupting during it must cancel it as well.
-        wait_until(lambda: len(list((run_dir / "logs").glob("*.log"))) >= 1 if (run_dir / "logs").exists()
-                 else False, 60, "a simulation to start")
+        wait_until(
+            lambda: len(list((run_dir / "logs").glob("*.log"))) >= 1 if (run_dir / "logs").exists() else False,
+            60,
+            "a simulation to start",
+        )
         process.send_signal(sig)
         _, stderr = process.communicate(timeout=60)
     finally:
@@ -157,9 +211,18 @@ def _solver_pids() -> list[str]:
 
 
 def test_breed_steers_pending_simulations_and_accounts_for_every_step(tmp_path):
-    config = load_config(ROOT / "experiments/heat.toml", tiny(
-        tmp_path, "study.n_simulations=12", "sampler.kind=breed", "breed.period=5", "breed.window=10",
-        "breed.min_finished=2", "launcher.max_concurrent=1"))
+    config = load_config(
+        ROOT / "experiments/heat.toml",
+        tiny(
+            tmp_path,
+            "study.n_simulations=12",
+            "sampler.kind=breed",
+            "breed.period=5",
+            "breed.window=10",
+            "breed.min_finished=2",
+            "launcher.max_concurrent=1",
+        ),
+    )
     run_dir, summary = run(config, show_progress=False)
     assert summary["simulations_finished"] == 12
     assert summary["unique_samples_received"] == 12 * N_STEPS

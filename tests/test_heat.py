@@ -220,29 +220,50 @@ def test_client_mode_streams_every_step_to_a_real_server() -> None:
     import os
 
     from jaxsurro import client, protocol
-    from jaxsurro.table import SimState, SimulationTable
     from jaxsurro.server.receiver import Receiver, ValidationSink
+    from jaxsurro.table import SimState, SimulationTable
 
     grid, steps = 9, 4
     table = SimulationTable(PAPER_PARAMETERS[None, :].copy())
     table[0].attempts, table[0].state = 1, SimState.SUBMITTED
-    sink = ValidationSink(1, steps, (grid, grid))
-    receiver = Receiver(table=table, sink=sink, token=protocol.new_token(), field="temperature",
-                        field_shape=(grid, grid), wire_dtype="float64", n_steps=steps, host="127.0.0.1")
+    sink = ValidationSink(1, steps, grid * grid)
+    receiver = Receiver(
+        table=table,
+        sink=sink,
+        token=protocol.new_token(),
+        fields={"temperature": (grid, grid)},
+        wire_dtype="float64",
+        n_steps=steps,
+        host="127.0.0.1",
+    )
     receiver.start()
     try:
-        env = {**os.environ, client.ENV_SERVER: receiver.control_address, client.ENV_TOKEN: receiver.token.hex(),
-               client.ENV_SIM_ID: "0", client.ENV_TIMEOUT: "20", client.ENV_WIRE_DTYPE: "float64"}
-        result = subprocess.run([sys.executable, str(HEAT_PATH), "--client", "--grid-size", str(grid), "--steps",
-                                 str(steps)], env=env, capture_output=True, text=True, timeout=60, check=False)
+        env = {
+            **os.environ,
+            client.ENV_SERVER: receiver.control_address,
+            client.ENV_TOKEN: receiver.token.hex(),
+            client.ENV_SIM_ID: "0",
+            client.ENV_TIMEOUT: "20",
+            client.ENV_WIRE_DTYPE: "float64",
+        }
+        result = subprocess.run(
+            [sys.executable, str(HEAT_PATH), "--client", "--grid-size", str(grid), "--steps", str(steps)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr
         wait_until(lambda: table[0].steps_finished is not None, 20, "the FINISH (it may still be queued)")
         assert table[0].steps_finished == steps
     finally:
         receiver.stop()
-    assert receiver.unique_received == steps and not receiver.rejected
-    np.testing.assert_array_equal(sink.fields.astype(np.float64)[0], _trajectory(PAPER_PARAMETERS, grid, steps)
-                                  .astype(np.float32))
+    counters = receiver.counters()
+    assert counters.unique_received == steps and not counters.rejected
+    np.testing.assert_array_equal(
+        sink.samples[0].reshape(steps, grid, grid), _trajectory(PAPER_PARAMETERS, grid, steps).astype(np.float32)
+    )
 
 
 # ----------------------------------------------------------------------------- command line

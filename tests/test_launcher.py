@@ -1,22 +1,27 @@
-"""The local launcher with real subprocesses: concurrency limit, retries, missing FINISH, cancellation."""
+"""The local launcher with real subprocesses: concurrency limit, retries, missing FINISH, cancellation;
+and the job scripts of every backend, readable by their owner only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 from waiting import wait_until
 
-from jaxsurro.launcher import (
-    JobSpec,
-    Launcher,
-    LocalScheduler,
-    SimState,
-    SimulationTable,
-)
+from jaxsurro import submit
+from jaxsurro.launcher import JobSpec, JobStatus, Launcher, LocalScheduler
+from jaxsurro.launcher.commands import write_job_script
+from jaxsurro.launcher.oar import OarScheduler
+from jaxsurro.launcher.slurm import SlurmScheduler
+from jaxsurro.table import SimState, SimulationTable
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GATED_JOB = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.01)\nsys.exit(int(sys.argv[2]))"
 
@@ -25,11 +30,28 @@ def make_launcher(tmp_path: Path, n_sims: int, argv_for, **kwargs) -> Launcher:
     table = SimulationTable(np.zeros((n_sims, 1)))
 
     def job_for(sim_id: int, attempt: int) -> JobSpec:
-        return JobSpec(f"sim-{sim_id}", tuple(argv_for(sim_id, attempt)), {"ATTEMPT": str(attempt)},
-                       tmp_path / f"sim-{sim_id}.log", tmp_path)
+        return JobSpec(
+            f"sim-{sim_id}",
+            tuple(argv_for(sim_id, attempt)),
+            {"ATTEMPT": str(attempt)},
+            tmp_path / f"sim-{sim_id}.log",
+            tmp_path,
+        )
 
     options = {"max_concurrent": 2, "max_attempts": 2, "poll_interval": 0.02, "finish_grace": 30.0} | kwargs
-    return Launcher(table, LocalScheduler(kill_grace=2.0), job_for, **options)
+    return Launcher(table, CountingScheduler(kill_grace=2.0), job_for, **options)
+
+
+class CountingScheduler(LocalScheduler):
+    """The local backend, counting the launcher's polls: one per round while a job is active."""
+
+    def __init__(self, kill_grace: float):
+        super().__init__(kill_grace)
+        self.polls = 0
+
+    def poll(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        self.polls += 1
+        return super().poll(job_ids)
 
 
 def submitted(launcher: Launcher) -> int:
@@ -53,8 +75,8 @@ def test_at_most_m_simulations_run_and_all_complete(tmp_path):
     launcher.start()
     try:
         wait_until(lambda: submitted(launcher) == 2, 10, "two simulations to be submitted")
-        rounds = launcher.rounds
-        wait_until(lambda: observe() or launcher.rounds >= rounds + 20, 10, "twenty launcher rounds")
+        polls = launcher.scheduler.polls
+        wait_until(lambda: observe() or launcher.scheduler.polls >= polls + 20, 10, "twenty launcher rounds")
         gate.touch()
         wait_until(lambda: observe() or launcher.done.is_set(), 20, "every simulation to end")
     finally:
@@ -105,8 +127,14 @@ def test_shutdown_cancels_running_jobs_and_their_children(tmp_path):
     wait_until(lambda: submitted(launcher) == 2, 10, "two running simulations")
     wait_until(lambda: len(_descendants_running(tmp_path)) == 2, 10, "the jobs' children to start")
     launcher.shutdown()
-    assert launcher.table.counts() == {"pending": 1, "submitted": 0, "exited": 0, "completed": 0, "failed": 0,
-                                       "cancelled": 2}
+    assert launcher.table.counts() == {
+        "pending": 1,
+        "submitted": 0,
+        "exited": 0,
+        "completed": 0,
+        "failed": 0,
+        "cancelled": 2,
+    }
     wait_until(lambda: _descendants_running(tmp_path) == [], 10, "the children to be gone")
 
 
@@ -133,7 +161,7 @@ def test_unknown_scheduler_lists_the_available_ones():
 
 
 def test_jobs_do_not_inherit_the_server_ranks_mpi_identity(monkeypatch):
-    from jaxsurro.launcher.local import job_environment
+    from jaxsurro.launcher.process import job_environment
 
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
     monkeypatch.setenv("PMIX_RANK", "1")
@@ -142,3 +170,83 @@ def test_jobs_do_not_inherit_the_server_ranks_mpi_identity(monkeypatch):
     env = job_environment()
     assert "OMPI_COMM_WORLD_SIZE" not in env and "PMIX_RANK" not in env
     assert env["OMPI_ALLOW_RUN_AS_ROOT"] == "1" and env["SOLVER_LICENSE"] == "x"
+
+
+# -- job scripts: owner-only ------------------------------------------------------------------------
+def owner_only(path: Path) -> bool:
+    return stat.S_IMODE(path.stat().st_mode) & 0o077 == 0
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_write_job_script_replaces_an_old_file_whole_with_an_owner_only_one(tmp_path):
+    path = tmp_path / "job.sh"
+    path.write_text("old")
+    path.chmod(0o644)
+    target = tmp_path / "elsewhere"
+    target.write_text("untouched")
+    link = tmp_path / "link.sh"
+    link.symlink_to(target)
+    with umask(0):  # a permissive umask widens nothing
+        write_job_script(path, "#!/bin/bash\nexport TOKEN=secret\n", executable=False)
+        write_job_script(link, "new", executable=True)
+    assert path.read_text() == "#!/bin/bash\nexport TOKEN=secret\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not link.is_symlink() and stat.S_IMODE(link.stat().st_mode) == 0o700  # replaced, not followed
+    assert target.read_text() == "untouched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "job.sh", "link.sh"]  # no temporary left
+
+
+FAKE_COMMANDS = {"sbatch": "echo 7", "oarsub": "echo OAR_JOB_ID=3"}  # each one's answer to a submission
+
+
+@pytest.fixture
+def fake_schedulers(tmp_path, monkeypatch) -> Path:
+    """``sbatch`` and ``oarsub`` on the PATH that accept any script; a permissive umask."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, answer in FAKE_COMMANDS.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{answer}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with umask(0):
+        yield tmp_path
+
+
+def secret_job(tmp_path: Path) -> JobSpec:
+    return JobSpec("sim-1", ("solver",), {"JAXSURRO_TOKEN": "secret"}, tmp_path / "logs" / "sim-1.log", tmp_path)
+
+
+def submit_server(tmp_path: Path, scheduler: str) -> Path:
+    run_dir = tmp_path / "run"
+    code = submit.main(
+        [str(ROOT / "experiments" / "heat.toml"), "--run-dir", str(run_dir), "--set", f"launcher.scheduler={scheduler}"]
+    )
+    assert code == 0
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "backend, submit_job, script",
+    [
+        ("slurm job", lambda tmp: SlurmScheduler().submit(secret_job(tmp)), "logs/sim-1.sbatch"),
+        ("slurm server", lambda tmp: submit_server(tmp, "slurm"), "run/server.sbatch"),
+        ("oar job", lambda tmp: OarScheduler().submit(secret_job(tmp)), "logs/sim-1.oar.sh"),
+        ("oar server", lambda tmp: submit_server(tmp, "oar"), "run/server-job.oar.sh"),
+    ],
+)
+def test_job_scripts_of_every_backend_are_readable_by_their_owner_only(fake_schedulers, backend, submit_job, script):
+    path = fake_schedulers / script
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("a world-readable script of an earlier attempt")
+    path.chmod(0o644)
+    submit_job(fake_schedulers)
+    assert path.read_text().startswith("#!/bin/bash\n")
+    assert owner_only(path), f"{backend}: {path} has mode {stat.S_IMODE(path.stat().st_mode):o}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import socket
@@ -15,10 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import wait_until
 
 from jaxsurro import client, protocol
-from jaxsurro.table import SimState, SimulationTable
+from jaxsurro.client.settings import (
+    MPI_PMIX_RANK_VARIABLE,
+    MPI_SIZE_VARIABLES,
+    ParentProcess,
+    launched_by_mpi,
+    parent_process,
+)
+from jaxsurro.server import distributed
 from jaxsurro.server.receiver import Receiver, ValidationSink
+from jaxsurro.table import SimState, SimulationTable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HEAT_PATH = REPO_ROOT / "solvers" / "heat.py"
@@ -78,13 +88,22 @@ class Server:
         self.table = SimulationTable(PARAMETERS[None, :].copy())
         if submitted:
             self.table[0].attempts, self.table[0].state = 1, SimState.SUBMITTED
-        self.sink = ValidationSink(1, n_steps, field_shape)
-        self.sink.fields = np.zeros((1, n_steps, *field_shape))  # float64, to compare to 1e-10
+        self.trajectory_shape = (n_steps, *field_shape)  # the sink's flat samples of simulation 0, reshaped
+        self.sink = ValidationSink(1, n_steps, int(np.prod(field_shape)))
+        self.sink.samples = np.zeros((1, n_steps, int(np.prod(field_shape))))  # float64, to compare to 1e-10
         self.token = protocol.new_token()
         self.receivers = [
-            Receiver(table=self.table, sink=self.sink, token=self.token, field="temperature",
-                     field_shape=field_shape, wire_dtype="float64", n_steps=n_steps, host="127.0.0.1",
-                     rank=rank, n_ranks=n_ranks)
+            Receiver(
+                table=self.table,
+                sink=self.sink,
+                token=self.token,
+                fields={"temperature": field_shape},
+                wire_dtype="float64",
+                n_steps=n_steps,
+                host="127.0.0.1",
+                rank=rank,
+                n_ranks=n_ranks,
+            )
             for rank in range(n_ranks)
         ]
         self.receivers[0].addresses = tuple(r.data_address for r in self.receivers)
@@ -93,16 +112,24 @@ class Server:
 
     def environment(self, timeout: float = 20.0) -> dict[str, str]:
         """What the launcher would set for simulation 0, float64 on the wire."""
-        return _environment(**{
-            client.ENV_SERVER: self.receivers[0].control_address, client.ENV_TOKEN: self.token.hex(),
-            client.ENV_SIM_ID: "0", client.ENV_TIMEOUT: str(timeout), client.ENV_WIRE_DTYPE: "float64",
-        })
+        return _environment(
+            **{
+                client.ENV_SERVER: self.receivers[0].control_address,
+                client.ENV_TOKEN: self.token.hex(),
+                client.ENV_SIM_ID: "0",
+                client.ENV_TIMEOUT: str(timeout),
+                client.ENV_WIRE_DTYPE: "float64",
+            }
+        )
 
     def wait_for_finish(self) -> None:
         """Block until every server rank got its FINISH (each rank's data precede it), or fail."""
-        with self.table.changed:
-            done = self.table.changed.wait_for(lambda: all(r.finishes for r in self.receivers), WAIT)
-        assert done, f"no FINISH on every server rank within {WAIT} s: {[r.stats() for r in self.receivers]}"
+        # Polled: a receiver publishes its counters after it marks the FINISH in the table.
+        wait_until(
+            lambda: all(r.counters().finishes for r in self.receivers),
+            WAIT,
+            f"a FINISH on every server rank: {[r.counters() for r in self.receivers]}",
+        )
 
     def stop(self) -> None:
         """Stop every receiver thread and surface its error."""
@@ -132,14 +159,39 @@ def test_slab_offsets_balance_any_grid_over_any_rank_count() -> None:
 
 
 def test_mpi_is_detected_only_from_a_launcher_of_several_ranks() -> None:
-    """Sizes > 1 from mpirun, Hydra or srun mean MPI; size 1, sbatch's SLURM_NTASKS or nothing do not."""
-    assert heat.launched_by_mpi({"OMPI_COMM_WORLD_SIZE": "2"}, "mpirun")
-    assert heat.launched_by_mpi({"PMI_SIZE": "4"}, "hydra_pmi_proxy")
-    assert heat.launched_by_mpi({"SLURM_STEP_NUM_TASKS": "8"}, "slurmstepd")
-    assert heat.launched_by_mpi({"OMPI_COMM_WORLD_SIZE": "2"}, None)  # no /proc: the variables decide
-    assert not heat.launched_by_mpi({"OMPI_COMM_WORLD_SIZE": "1"}, "mpirun")
-    assert not heat.launched_by_mpi({"SLURM_NTASKS": "8"}, "slurmstepd")
-    assert not heat.launched_by_mpi({}, None)
+    """Sizes > 1 from mpirun, Hydra or srun (or a PMIx rank) mean MPI; size 1, sbatch's SLURM_NTASKS or
+    nothing do not; nor do variables inherited from a parent that is itself an MPI program."""
+    launcher = functools.partial(ParentProcess, uses_mpi=False)
+    assert launched_by_mpi({"OMPI_COMM_WORLD_SIZE": "2"}, launcher("mpirun"))
+    assert launched_by_mpi({"PMI_SIZE": "4"}, launcher("hydra_pmi_proxy"))
+    assert launched_by_mpi({"SLURM_STEP_NUM_TASKS": "8"}, launcher("slurmstepd"))
+    assert launched_by_mpi({"PMIX_RANK": "1"}, launcher("prted"))  # a PMIx launcher stating no count
+    assert launched_by_mpi({"OMPI_COMM_WORLD_SIZE": "2"}, None)  # no /proc: the variables decide
+    assert launched_by_mpi({"OMPI_COMM_WORLD_SIZE": "2"}, ParentProcess("bash", False))  # a wrapper script
+    assert not launched_by_mpi({"OMPI_COMM_WORLD_SIZE": "2"}, ParentProcess("python3", True))  # inherited
+    assert not launched_by_mpi({"OMPI_COMM_WORLD_SIZE": "1"}, launcher("mpirun"))
+    assert not launched_by_mpi({"OMPI_COMM_WORLD_SIZE": "1", "PMIX_RANK": "0"}, launcher("prted"))
+    assert not launched_by_mpi({"SLURM_NTASKS": "8"}, launcher("slurmstepd"))
+    assert not launched_by_mpi({}, None)
+
+
+def test_heat_and_the_server_follow_the_clients_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """solvers/heat.py --mpi auto and the server's World.detect ask jaxsurro.client.launched_by_mpi."""
+    for name in (*MPI_SIZE_VARIABLES, MPI_PMIX_RANK_VARIABLE):
+        monkeypatch.delenv(name, raising=False)
+    assert not heat.launched_by_mpi() and not distributed.launched_by_mpi() and not launched_by_mpi()
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "3")
+    expected = launched_by_mpi()  # this process's real parent decides the rest
+    assert heat.launched_by_mpi() == distributed.launched_by_mpi() == expected
+
+
+def test_the_parent_process_is_read_from_proc() -> None:
+    """On Linux the parent's name and whether it runs MPI come from /proc (pytest's parent runs no MPI)."""
+    parent = parent_process()
+    if parent is None:
+        pytest.skip("no /proc on this system")
+    assert parent.name and not parent.uses_mpi
+    assert parent_process(2**22 + 12345) is None  # no such process
 
 
 def test_a_solver_started_by_an_mpi_rank_stays_serial(tmp_path: Path) -> None:
@@ -197,9 +249,10 @@ def test_serial_runs_never_import_mpi4py() -> None:
         "heat.main(argv); heat.main([*argv, '--output', os.path.join(tempfile.mkdtemp(), 'run.npy')]); "
         "print(sorted(m for m in ('mpi4py', 'jax') if m in sys.modules))"
     )
-    env = {k: v for k, v in _environment().items() if k not in heat.MPI_SIZE_VARIABLES}
-    result = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True,
-                            timeout=RUN_TIMEOUT, check=True)
+    env = {k: v for k, v in _environment().items() if k not in (*MPI_SIZE_VARIABLES, MPI_PMIX_RANK_VARIABLE)}
+    result = subprocess.run(
+        [sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=True
+    )
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
@@ -247,18 +300,20 @@ def test_parallel_client_streams_the_serial_fields() -> None:
     """mpirun -n 2 heat.py --client: each rank sends its slab, two server ranks get simulate()'s fields."""
     grid, steps = 13, 6  # slabs of 7 and 6 rows
     with server((grid, grid), steps, n_ranks=2) as running:
-        result = mpirun(2, str(HEAT_PATH), "--client", "--grid-size", str(grid), "--steps", str(steps),
-                        env=running.environment())
+        result = mpirun(
+            2, str(HEAT_PATH), "--client", "--grid-size", str(grid), "--steps", str(steps), env=running.environment()
+        )
         assert result.returncode == 0, result.stderr
         running.wait_for_finish()
         assert running.table[0].steps_finished == steps
-    received = running.sink.fields[0]
+    received = running.sink.samples[0].reshape(running.trajectory_shape)
     assert _relative_max_error(received, np.stack(list(heat.simulate(PARAMETERS, grid, steps)))) <= 1e-10
     # One client as the server sees it: every step once, whole fields, one FINISH per server rank.
-    assert sum(r.unique_received for r in running.receivers) == steps
-    assert [r.unique_received for r in running.receivers] == [3, 3]  # (0 + t) mod 2
-    assert [r.finishes for r in running.receivers] == [1, 1]
-    assert all(not r.rejected and not r.duplicates for r in running.receivers)
+    counters = [r.counters() for r in running.receivers]
+    assert sum(c.unique_received for c in counters) == steps
+    assert [c.unique_received for c in counters] == [3, 3]  # (0 + t) mod 2
+    assert [c.finishes for c in counters] == [1, 1]
+    assert all(not c.rejected and not c.duplicates for c in counters)
 
 
 def test_any_block_layout_is_assembled_exactly_even_with_an_idle_root() -> None:
@@ -268,17 +323,25 @@ def test_any_block_layout_is_assembled_exactly_even_with_an_idle_root() -> None:
         result = mpirun(3, str(HELPER_PATH), "columns", env=running.environment())
         assert result.returncode == 0, result.stderr
         running.wait_for_finish()
-    expected = np.stack([1000.0 * t + 10.0 * np.arange(rows)[:, None] + np.arange(columns) + 0.25
-                         for t in range(steps)])
-    np.testing.assert_array_equal(running.sink.fields[0], expected)
-    assert running.receivers[0].unique_received == steps and not running.receivers[0].rejected
+    expected = np.stack(
+        [1000.0 * t + 10.0 * np.arange(rows)[:, None] + np.arange(columns) + 0.25 for t in range(steps)]
+    )
+    np.testing.assert_array_equal(running.sink.samples[0].reshape(running.trajectory_shape), expected)
+    counters = running.receivers[0].counters()
+    assert counters.unique_received == steps and not counters.rejected
 
 
 def test_unreachable_server_fails_on_every_rank_within_the_timeout() -> None:
     """The root's ServerUnreachable reaches every rank: all exit with the message, none hangs."""
     address = _dead_address()
-    env = _environment(**{client.ENV_SERVER: address, client.ENV_TOKEN: protocol.new_token().hex(),
-                          client.ENV_SIM_ID: "0", client.ENV_TIMEOUT: "1"})
+    env = _environment(
+        **{
+            client.ENV_SERVER: address,
+            client.ENV_TOKEN: protocol.new_token().hex(),
+            client.ENV_SIM_ID: "0",
+            client.ENV_TIMEOUT: "1",
+        }
+    )
     start = time.monotonic()
     result = mpirun(2, str(HEAT_PATH), "--client", "--grid-size", "8", "--steps", "2", env=env)
     elapsed = time.monotonic() - start
@@ -292,8 +355,9 @@ def test_unreachable_server_fails_on_every_rank_within_the_timeout() -> None:
 def test_refused_simulation_is_reported_on_every_rank() -> None:
     """A REJECT at the root (simulation not submitted) is the same SimulationRejected text everywhere."""
     with server((8, 8), 2, submitted=False) as running:
-        result = mpirun(2, str(HEAT_PATH), "--client", "--grid-size", "8", "--steps", "2",
-                        env=running.environment(timeout=5))
+        result = mpirun(
+            2, str(HEAT_PATH), "--client", "--grid-size", "8", "--steps", "2", env=running.environment(timeout=5)
+        )
     assert result.returncode != 0
     for rank in (0, 1):
         assert f"(MPI rank {rank} of 2): the jaxsurro server at" in result.stderr
@@ -306,9 +370,12 @@ def test_overlapping_parts_fail_on_every_rank_and_send_nothing() -> None:
         result = mpirun(3, str(HELPER_PATH), "overlap", env=running.environment(timeout=5))
     assert result.returncode != 0
     for rank in (0, 1, 2):
-        assert f"rank {rank}: ValueError: field 'temperature': rank 2's part [0:7, 3:10] overlaps rank 1's" \
-            in result.stderr, result.stderr
-    assert running.receivers[0].unique_received == 0 and running.receivers[0].finishes == 0
+        assert (
+            f"rank {rank}: ValueError: field 'temperature': rank 2's part [0:7, 3:10] overlaps rank 1's"
+            in result.stderr
+        ), result.stderr
+    counters = running.receivers[0].counters()
+    assert counters.unique_received == 0 and counters.finishes == 0
 
 
 def test_a_rank_with_an_invalid_part_raises_its_own_error_and_the_others_name_it() -> None:
@@ -319,7 +386,8 @@ def test_a_rank_with_an_invalid_part_raises_its_own_error_and_the_others_name_it
     assert "rank 2: TypeError: field 'temperature': expected a real numeric array" in result.stderr, result.stderr
     for rank in (0, 1):
         assert f"rank {rank}: ValueError: rank(s) [2] passed invalid arguments to send()" in result.stderr
-    assert running.receivers[0].unique_received == 0 and running.receivers[0].finishes == 0
+    counters = running.receivers[0].counters()
+    assert counters.unique_received == 0 and counters.finishes == 0
 
 
 def test_a_stuck_rank_makes_the_root_time_out_instead_of_hanging() -> None:

@@ -19,17 +19,41 @@ N_SIMS, N_STEPS = 10, 12
 def mpirun(n_ranks: int, tmp_path: Path, *overrides: str, timeout: float = 240, devices_per_rank: int = 1) -> dict:
     """Runs a tiny study with ``mpirun -n n_ranks python -m jaxsurro.run`` and returns its summary."""
     run_dir = tmp_path / f"run-{n_ranks}"
-    settings = [f"study.n_simulations={N_SIMS}", f"solver.n_steps={N_STEPS}", "solver.grid_size=8",
-                "train.n_validation=2", "train.batch_size=16", "buffer.capacity=60", "buffer.watermark=10",
-                "model.hidden=32", "train.validation_every=25", f"study.cache_dir='{tmp_path / 'cache'}'",
-                "train.batch_timeout=60.0", *overrides]
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+    settings = [
+        f"study.n_simulations={N_SIMS}",
+        f"solver.n_steps={N_STEPS}",
+        "solver.grid_size=8",
+        "train.n_validation=2",
+        "train.batch_size=16",
+        "buffer.capacity=60",
+        "buffer.watermark=10",
+        "model.hidden=32",
+        "train.validation_every=25",
+        f"study.cache_dir='{tmp_path / 'cache'}'",
+        "train.batch_timeout=60.0",
+        *overrides,
+    ]
+    env = {
+        **os.environ,
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    }
     # One device per rank, as on a node with one GPU per rank, or several (sharded within the rank).
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_rank}"
-    command = [MPIRUN, "-n", str(n_ranks), sys.executable, "-m", "jaxsurro.run",
-               str(ROOT / "experiments/heat.toml"), "--no-progress", "--run-dir", str(run_dir),
-               *[arg for o in settings for arg in ("--set", o)]]
+    command = [
+        MPIRUN,
+        "-n",
+        str(n_ranks),
+        sys.executable,
+        "-m",
+        "jaxsurro.run",
+        str(ROOT / "experiments/heat.toml"),
+        "--no-progress",
+        "--run-dir",
+        str(run_dir),
+        *[arg for o in settings for arg in ("--set", o)],
+    ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert f"run directory: {run_dir}" in result.stdout
@@ -52,7 +76,9 @@ def test_two_ranks_share_the_stream_and_keep_identical_parameters(tmp_path, devi
 
 
 def test_a_starved_rank_neither_deadlocks_nor_drifts(tmp_path):
-    command = f'solver.command=["{{python}}", "{ROOT / "tests/solvers/skewed_heat.py"}", "{{grid_size}}", "{{n_steps}}"]'
+    command = (
+        f'solver.command=["{{python}}", "{ROOT / "tests/solvers/skewed_heat.py"}", "{{grid_size}}", "{{n_steps}}"]'
+    )
     # Validation uses the same solver: with a single receiving rank it still gets every step.
     summary = mpirun(2, tmp_path, command, timeout=180)
     per_rank = [r["unique_samples_received"] for r in summary["ranks"]]
@@ -63,8 +89,16 @@ def test_a_starved_rank_neither_deadlocks_nor_drifts(tmp_path):
 
 
 def test_breed_across_two_ranks_keeps_ranks_in_step(tmp_path):
-    summary = mpirun(2, tmp_path, "study.n_simulations=24", "sampler.kind=breed", "breed.period=3",
-                     "breed.window=10", "breed.min_finished=2", "launcher.max_concurrent=1")
+    summary = mpirun(
+        2,
+        tmp_path,
+        "study.n_simulations=24",
+        "sampler.kind=breed",
+        "breed.period=3",
+        "breed.window=10",
+        "breed.min_finished=2",
+        "launcher.max_concurrent=1",
+    )
     assert summary["simulations_finished"] == 24
     assert summary["unique_samples_received"] == 24 * N_STEPS
     assert summary["breed_rounds"] and summary["simulations_bred"] > 0

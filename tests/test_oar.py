@@ -34,13 +34,20 @@ GOLDEN = HERE / "golden" / "oar"
 # A refused submission was not recorded. This is what OAR 2.5 prints when an admission rule refuses
 # a job (OAR::IO::add_micheline_job warns "Admission Rule ERROR : $@" and returns -2, which oarsub
 # passes to exit(), so 254), here the stock rule against submitting as root that CLUSTERS.md met.
-ADMISSION_REFUSED = ("", "Admission Rule ERROR : [ADMISSION RULE] root and oar users are not allowed to submit "
-                         "jobs.\n \n", 254)
+ADMISSION_REFUSED = (
+    "",
+    "Admission Rule ERROR : [ADMISSION RULE] root and oar users are not allowed to submit jobs.\n \n",
+    254,
+)
 # OAR's user documentation (usecases, "Mixing every together") shows a failed submission printing a negative id.
-NOT_ENOUGH_RESOURCES = ("[ADMISSION RULE] Set default walltime to 3600.\n"
-                        "[ADMISSION RULE] Modify resource description with type constraints\n"
-                        "There are not enough resources for your request\nOAR_JOB_ID=-5\n"
-                        "Oarsub failed: please verify your request syntax or ask for support to your admin.\n", "", 0)
+NOT_ENOUGH_RESOURCES = (
+    "[ADMISSION RULE] Set default walltime to 3600.\n"
+    "[ADMISSION RULE] Modify resource description with type constraints\n"
+    "There are not enough resources for your request\nOAR_JOB_ID=-5\n"
+    "Oarsub failed: please verify your request syntax or ask for support to your admin.\n",
+    "",
+    0,
+)
 
 
 def recorded(name: str) -> tuple[str, str, int]:
@@ -108,24 +115,38 @@ def scheduler(runner: FakeOar, fake_time: FakeTime | None = None, **kwargs) -> O
 
 
 def simple_job(tmp_path: Path) -> JobSpec:
-    return JobSpec("heat-train-3", (sys.executable, "-c", "pass"), {"JAXSURRO_SIM_ID": "3"},
-                   tmp_path / "logs" / "train-00003.log", tmp_path)
+    return JobSpec(
+        "heat-train-3",
+        (sys.executable, "-c", "pass"),
+        {"JAXSURRO_SIM_ID": "3"},
+        tmp_path / "logs" / "train-00003.log",
+        tmp_path,
+    )
 
 
 # -- the job script ----------------------------------------------------------------------------
 
 GOLDEN_JOBS = {
-    "plain": (JobSpec("heat-train-3", ("/usr/bin/python3", "-m", "solvers.heat", "--steps", "100"),
-                      {"JAXSURRO_SIM_ID": "3", "JAXSURRO_ATTEMPT": "1"},
-                      Path("/home/user/runs/logs/train-00003.log"), Path("/home/user/runs")),
-              ["-l nodes=1/core=1,walltime=00:10:00", "--project surrogates"]),
-    "quoting": (JobSpec("heat study #3 (it's $HOME)",
-                        ("/usr/bin/python3", "-c", "import os; print(os.environ['GREETING'], \"done\")", "an arg",
-                         "$HOME"),
-                        {"GREETING": "hello world", "QUOTE": "it's \"quoted\"", "DOLLAR": "$HOME and `id` and $(id)",
-                         "EMPTY": ""},
-                        Path("/home/user/runs/logs/train-00003.log"), Path("/home/user/my work/it's $x")),
-                ["-l nodes=1/core=1,walltime=00:10:00", "-p gpu='YES'", "--project=surrogates"]),
+    "plain": (
+        JobSpec(
+            "heat-train-3",
+            ("/usr/bin/python3", "-m", "solvers.heat", "--steps", "100"),
+            {"JAXSURRO_SIM_ID": "3", "JAXSURRO_ATTEMPT": "1"},
+            Path("/home/user/runs/logs/train-00003.log"),
+            Path("/home/user/runs"),
+        ),
+        ["-l nodes=1/core=1,walltime=00:10:00", "--project surrogates"],
+    ),
+    "quoting": (
+        JobSpec(
+            "heat study #3 (it's $HOME)",
+            ("/usr/bin/python3", "-c", "import os; print(os.environ['GREETING'], \"done\")", "an arg", "$HOME"),
+            {"GREETING": "hello world", "QUOTE": 'it\'s "quoted"', "DOLLAR": "$HOME and `id` and $(id)", "EMPTY": ""},
+            Path("/home/user/runs/logs/train-00003.log"),
+            Path("/home/user/my work/it's $x"),
+        ),
+        ["-l nodes=1/core=1,walltime=00:10:00", "-p gpu='YES'", "--project=surrogates"],
+    ),
 }
 
 
@@ -144,17 +165,22 @@ def test_quoted_values_come_back_unchanged_through_bash():
     body = job_script(job, options).splitlines()
     cd_line = next(line for line in body if line.startswith("cd "))
     exec_line = body[-1]
-    shown = subprocess.run(["bash", "-c", f"printf '%s\\n' {cd_line[3:]} {exec_line[5:]}"],
-                           capture_output=True, text=True, check=True, timeout=30).stdout
+    shown = subprocess.run(
+        ["bash", "-c", f"printf '%s\\n' {cd_line[3:]} {exec_line[5:]}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
     assert shown.splitlines()[0] == str(job.cwd)
     # printf splits on its newline-terminated arguments; argv[2] holds no newline, so lines map one to one.
     assert shown.splitlines()[1:] == list(job.argv)
 
 
 def test_options_are_validated_and_normalized():
-    assert check_options(["-l nodes=1/core=1,walltime=00:10:00", "--project=p1", "  -q  besteffort ", "--hold",
-                          "--checkpoint 60"]) == (
-        "-l nodes=1/core=1,walltime=00:10:00", "--project p1", "-q besteffort", "--hold", "--checkpoint 60")
+    assert check_options(
+        ["-l nodes=1/core=1,walltime=00:10:00", "--project=p1", "  -q  besteffort ", "--hold", "--checkpoint 60"]
+    ) == ("-l nodes=1/core=1,walltime=00:10:00", "--project p1", "-q besteffort", "--hold", "--checkpoint 60")
     with pytest.raises(TypeError, match="sequence of strings"):
         check_options("-l nodes=1")
     with pytest.raises(TypeError, match="must be a string"):
@@ -198,21 +224,38 @@ def test_paths_oar_cannot_take_literally_are_refused():
 def test_submitted_script_runs_as_plain_bash_outside_oar(tmp_path):
     work = tmp_path / "work dir $HOME 'q'"
     work.mkdir()
-    code = ("import json, os, sys; print(json.dumps({'cwd': os.getcwd(), 'A': os.environ['A'], "
-            "'B': os.environ['B'], 'argv': sys.argv[1:]}), flush=True); print('to stderr', file=sys.stderr)")
-    job = JobSpec("bash check", (sys.executable, "-c", code, "arg with space", "$HOME"),
-                  {"A": "x y", "B": "it's $HOME `id` \"q\""}, tmp_path / "logs" / "job.log", work)
+    code = (
+        "import json, os, sys; print(json.dumps({'cwd': os.getcwd(), 'A': os.environ['A'], "
+        "'B': os.environ['B'], 'argv': sys.argv[1:]}), flush=True); print('to stderr', file=sys.stderr)"
+    )
+    job = JobSpec(
+        "bash check",
+        (sys.executable, "-c", code, "arg with space", "$HOME"),
+        {"A": "x y", "B": 'it\'s $HOME `id` "q"'},
+        tmp_path / "logs" / "job.log",
+        work,
+    )
     runner = FakeOar(oarsub=[recorded("oarsub.txt")])
     assert scheduler(runner).submit(job) == "3"
     script = script_path(job)
     assert script == tmp_path / "logs" / "job.oar.sh" and os.access(script, os.X_OK)
 
-    result = subprocess.run([str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
-                            env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"})
+    result = subprocess.run(
+        [str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"},
+    )
     assert result.returncode == 0, result
     lines = result.stdout.splitlines()
-    assert json.loads(lines[0]) == {"cwd": str(work), "A": "x y", "B": "it's $HOME `id` \"q\"",
-                                    "argv": ["arg with space", "$HOME"]}
+    assert json.loads(lines[0]) == {
+        "cwd": str(work),
+        "A": "x y",
+        "B": 'it\'s $HOME `id` "q"',
+        "argv": ["arg with space", "$HOME"],
+    }
     assert lines[1:] == ["to stderr"] and result.stderr == ""  # stderr joins stdout, as in the job's log
 
 
@@ -226,8 +269,10 @@ def test_script_stops_when_its_directory_is_missing(tmp_path):
 
 # -- submission --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("name", "job_id"), [("oarsub.txt", "3"), ("oarsub_long.txt", "4"),
-                                              ("oarsub_fail.txt", "5")])  # _fail: the job that later exits 3
+
+@pytest.mark.parametrize(
+    ("name", "job_id"), [("oarsub.txt", "3"), ("oarsub_long.txt", "4"), ("oarsub_fail.txt", "5")]
+)  # _fail: the job that later exits 3
 def test_submit_writes_the_script_and_parses_the_recorded_id(tmp_path, name, job_id):
     runner = FakeOar(oarsub=[recorded(name)])
     job = simple_job(tmp_path)
@@ -255,7 +300,7 @@ def test_refused_submission_is_retried_with_backoff_then_reported_with_raw_outpu
         oar.submit(simple_job(tmp_path))
     assert len(runner.calls) == 4 and fake_time.sleeps == [1.0, 2.0, 4.0]
     message = str(info.value)
-    assert "oarsub failed 4 time(s)" in message and "exited with code 254" in message
+    assert "submitting job 'heat-train-3' failed 4 times" in message and "exited with code 254" in message
     assert f"oarsub -S {tmp_path}/logs/train-00003.oar.sh" in message
     assert "root and oar users are not allowed to submit jobs" in message
 
@@ -290,6 +335,7 @@ def test_missing_oarsub_is_reported_at_once(tmp_path):
 
 # -- parsing oarstat ---------------------------------------------------------------------------
 
+
 def test_recorded_states_map_to_common_states():
     def one(name: str, job_id: str, cancelled=()) -> JobStatus:
         return parse_oarstat((RECORDED / name).read_text(), [job_id], cancelled)[job_id]
@@ -305,8 +351,10 @@ def test_recorded_states_map_to_common_states():
     # The short view has no exit_code: terminated, exit code unknown.
     assert one("oarstat_terminated.json", "3") == JobStatus(JobState.COMPLETED, None)
     assert one("oarstat_running.json", "999") == JobStatus(JobState.UNKNOWN, None)
-    assert parse_oarstat("", ["3", "4"]) == {"3": JobStatus(JobState.UNKNOWN, None),
-                                             "4": JobStatus(JobState.UNKNOWN, None)}
+    assert parse_oarstat("", ["3", "4"]) == {
+        "3": JobStatus(JobState.UNKNOWN, None),
+        "4": JobStatus(JobState.UNKNOWN, None),
+    }
 
 
 def test_key_order_does_not_matter():
@@ -334,10 +382,16 @@ def test_signals_and_walltime():
     # Built from the recorded oardel: OAR's walltime check (sarko.pl) frags the job as user oar and adds WALLTIME.
     entry = json.loads((RECORDED / "oarstat_full_after_oardel.json").read_text())
     entry["4"]["events"][0]["description"] = "User oar requested to frag the job 4"
-    entry["4"]["events"].append({"event_id": 7, "job_id": 4, "type": "WALLTIME", "to_check": "NO",
-                                 "date": 1795330073,
-                                 "description": "[sarko] Job [4] from 1795322871 with 7200; current time=1795330072 "
-                                                "(Elapsed)"})
+    entry["4"]["events"].append(
+        {
+            "event_id": 7,
+            "job_id": 4,
+            "type": "WALLTIME",
+            "to_check": "NO",
+            "date": 1795330073,
+            "description": "[sarko] Job [4] from 1795322871 with 7200; current time=1795330072 (Elapsed)",
+        }
+    )
     assert parse_oarstat(json.dumps(entry), ["4"])["4"] == JobStatus(JobState.TIMEOUT, None)
 
 
@@ -357,20 +411,27 @@ def test_unreadable_answers_quote_what_oarstat_printed():
 
 # -- polling -----------------------------------------------------------------------------------
 
+
 def test_one_oarstat_call_for_many_jobs():
-    runner = FakeOar(oarstat=[stat("oarstat_full_terminated.json", "oarstat_full_after_oardel.json",
-                                   "oarstat_full_exit3.json")])
+    runner = FakeOar(
+        oarstat=[stat("oarstat_full_terminated.json", "oarstat_full_after_oardel.json", "oarstat_full_exit3.json")]
+    )
     statuses = scheduler(runner).poll(["3", "4", "5", "999"])
     assert runner.argvs() == [["oarstat", "-f", "-J", "-j", "3", "-j", "4", "-j", "5", "-j", "999"]]
     assert runner.calls[0][1]["shell"] is False
-    assert statuses == {"3": JobStatus(JobState.COMPLETED, 0), "4": JobStatus(JobState.CANCELLED, None),
-                        "5": JobStatus(JobState.FAILED, 3), "999": JobStatus(JobState.UNKNOWN, None)}
+    assert statuses == {
+        "3": JobStatus(JobState.COMPLETED, 0),
+        "4": JobStatus(JobState.CANCELLED, None),
+        "5": JobStatus(JobState.FAILED, 3),
+        "999": JobStatus(JobState.UNKNOWN, None),
+    }
 
 
 def test_polls_are_spaced_and_ended_jobs_are_not_asked_again():
     fake_time = FakeTime()
-    runner = FakeOar(oarstat=[stat("oarstat_running.json"),
-                              stat("oarstat_full_terminated.json", "oarstat_full_exit3.json")])
+    runner = FakeOar(
+        oarstat=[stat("oarstat_running.json"), stat("oarstat_full_terminated.json", "oarstat_full_exit3.json")]
+    )
     oar = scheduler(runner, fake_time, poll_interval=5.0)
     assert oar.min_poll_interval == 5.0  # the launcher spaces its rounds by it
     assert oar.poll(["3"]) == {"3": JobStatus(JobState.RUNNING, None)}
@@ -388,7 +449,7 @@ def test_failing_oarstat_is_retried_then_reported():
     fake_time = FakeTime()
     down = ("", "DB connection error, exiting.\n", 255)  # oarstat's own message when its database is down
     runner = FakeOar(oarstat=[down, down, down])
-    with pytest.raises(OarError, match=r"(?s)oarstat failed 3 time\(s\).*code 255.*DB connection error"):
+    with pytest.raises(OarError, match=r"(?s)failed 3 times.*`oarstat -f -J -j 3` exited with code 255.*DB connection"):
         scheduler(runner, fake_time, retries=2, backoff=2.0).poll(["3"])
     assert fake_time.sleeps == [2.0, 4.0]
 
@@ -401,6 +462,7 @@ def test_job_ids_must_be_numbers():
 
 
 # -- cancelling --------------------------------------------------------------------------------
+
 
 def test_cancel_then_poll_reads_cancelled():
     runner = FakeOar(oardel=[recorded("oardel.txt")], oarstat=[stat("oarstat_after_oardel.json")])
@@ -431,15 +493,21 @@ def test_cancel_of_several_jobs_reads_each_result():
     oar = scheduler(runner)
     oar.cancel(["4", "999"])
     assert runner.argvs() == [["oardel", "4", "999"], ["oarstat", "-f", "-J", "-j", "999"]]
-    assert oar.poll(["4", "999"]) == {"4": JobStatus(JobState.CANCELLED, None), "999": JobStatus(JobState.UNKNOWN, None)}
+    assert oar.poll(["4", "999"]) == {
+        "4": JobStatus(JobState.CANCELLED, None),
+        "999": JobStatus(JobState.UNKNOWN, None),
+    }
 
 
 def test_cancel_refused_for_a_live_job_raises_with_the_output():
     stdout, stderr, rc = recorded("oardel_bad.txt")  # the recorded refusal, for job 3 which is still running
     refusal = (stdout.replace("999", "3"), stderr.replace("999", "3"), rc)
     runner = FakeOar(oardel=[refusal], oarstat=[stat("oarstat_running.json")])
-    with pytest.raises(OarError, match=r"(?s)did not cancel OAR job\(s\) 3, which are still running.*exited with "
-                                       r"code 1.*Cannot frag 3 ; You are not the right user\."):
+    with pytest.raises(
+        OarError,
+        match=r"(?s)did not cancel OAR job\(s\) 3, which are still running.*exited with "
+        r"code 1.*Cannot frag 3 ; You are not the right user\.",
+    ):
         scheduler(runner).cancel(["3"])
 
 
@@ -474,6 +542,6 @@ def test_oardel_that_cannot_reach_oar_is_retried_then_reported():
     fake_time = FakeTime()
     down = ("", "DB connection error, exiting.\n", 255)  # no per-job result line: oardel did not reach OAR
     runner = FakeOar(oardel=[down, down])
-    with pytest.raises(OarError, match=r"(?s)oardel failed 2 time\(s\).*`oardel 3 4` exited with code 255"):
+    with pytest.raises(OarError, match=r"(?s)cancelling 2 job\(s\) failed 2 times.*`oardel 3 4` exited with code 255"):
         scheduler(runner, fake_time, retries=1).cancel(["3", "4"])
     assert fake_time.sleeps == [1.0]

@@ -21,10 +21,20 @@ FIGURES = ["loss.png", "throughput.png", "buffer.png", "repetitions.png"]
 def metrics_record(kind: str, time: float, batch: int, **extra: object) -> dict[str, object]:
     """One line of metrics.jsonl as ``jaxsurro.server.ensemble`` writes it."""
     record: dict[str, object] = {
-        "kind": kind, "time": time, "batch": batch, "samples_trained": 64 * batch,
-        "train_loss": 0.5 / (1 + batch), "received": 100 * batch, "received_per_s": 120.0 + batch,
-        "trained_per_s": 3000.0 - batch, "buffer_population": min(50 * batch, 300), "buffer_capacity": 300,
-        "duplicates": 0, "rejected": {"bad_shape": 1}, "simulations": {"running": 2, "done": batch, "failed": 0}}
+        "kind": kind,
+        "time": time,
+        "batch": batch,
+        "samples_trained": 64 * batch,
+        "train_loss": 0.5 / (1 + batch),
+        "received": 100 * batch,
+        "received_per_s": 120.0 + batch,
+        "trained_per_s": 3000.0 - batch,
+        "buffer_population": min(50 * batch, 300),
+        "buffer_capacity": 300,
+        "duplicates": 0,
+        "rejected": {"bad_shape": 1},
+        "simulations": {"running": 2, "done": batch, "failed": 0},
+    }
     record.update(extra)
     return record
 
@@ -45,8 +55,12 @@ def finished_records() -> list[dict[str, object]]:
     return records
 
 
-SUMMARY = {"repetition_histogram": {"1": 40, "2": 25, "5": 3}, "mean_field_validation_mse": 0.02,
-           "final_validation_mse": 0.01, "samples_trained": 8320}
+SUMMARY = {
+    "repetition_histogram": {"1": 40, "2": 25, "5": 3},
+    "mean_field_validation_mse": 0.02,
+    "final_validation_mse": 0.01,
+    "samples_trained": 8320,
+}
 
 
 def assert_png(path: Path) -> None:
@@ -75,8 +89,9 @@ def test_out_dir_is_created_and_run_dir_left_alone(tmp_path: Path) -> None:
     assert not list(run_dir.glob("*.png"))
 
 
-def test_running_run_without_validation_or_summary_plots_what_exists(tmp_path: Path,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_running_run_without_validation_or_summary_plots_what_exists(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     records = [metrics_record("train", 0.4 * i, 20 * i) for i in range(1, 4)]
     run_dir = tmp_path / "run"
     write_run(run_dir, records, summary=None)
@@ -117,12 +132,17 @@ def test_malformed_metrics_line_is_named(tmp_path: Path) -> None:
         plot.plot_run(run_dir)
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"kind": "train", "time": 1.0}, r"line 1 has no 'batch' field"),
-    (metrics_record("train", 1.0, 20, buffer_population="full"),
-     r"line 1 field 'buffer_population' should be a number"),
-    (metrics_record("validation", 1.0, 20), r"line 1 has no 'val_mse' field"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"kind": "train", "time": 1.0}, r"line 1 has no 'batch' field"),
+        (
+            metrics_record("train", 1.0, 20, buffer_population="full"),
+            r"line 1 field 'buffer_population' should be a number",
+        ),
+        (metrics_record("validation", 1.0, 20), r"line 1 has no 'val_mse' field"),
+    ],
+)
 def test_incomplete_record_is_named(tmp_path: Path, record: dict[str, object], message: str) -> None:
     run_dir = write_run(tmp_path / "run", [record], SUMMARY)
     with pytest.raises(plot.PlotInputError, match=message):
@@ -148,13 +168,18 @@ def test_missing_directory_and_files(tmp_path: Path) -> None:
         plot.plot_run(tmp_path / "empty")
 
 
-@pytest.mark.parametrize("summary_text, message", [
-    ("{", r"summary\.json is not JSON"),
-    (json.dumps({"final_validation_mse": 0.1}), r"'repetition_histogram' should be an object"),
-    (json.dumps({"repetition_histogram": {"one": 3}}), r"entry 'one': 3 should map"),
-    (json.dumps({"repetition_histogram": {"1": 3}, "mean_field_validation_mse": "low"}),
-     r"'mean_field_validation_mse' should be a number"),
-])
+@pytest.mark.parametrize(
+    "summary_text, message",
+    [
+        ("{", r"summary\.json is not JSON"),
+        (json.dumps({"final_validation_mse": 0.1}), r"'repetition_histogram' should be an object"),
+        (json.dumps({"repetition_histogram": {"one": 3}}), r"entry 'one': 3 should map"),
+        (
+            json.dumps({"repetition_histogram": {"1": 3}, "mean_field_validation_mse": "low"}),
+            r"'mean_field_validation_mse' should be a number",
+        ),
+    ],
+)
 def test_malformed_summary_is_named(tmp_path: Path, summary_text: str, message: str) -> None:
     run_dir = write_run(tmp_path / "run", finished_records(), None)
     (run_dir / "summary.json").write_text(summary_text)
@@ -177,11 +202,13 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 def test_module_runs_as_a_program(tmp_path: Path) -> None:
     run_dir = write_run(tmp_path / "run", finished_records(), SUMMARY)
-    done = subprocess.run([sys.executable, "-m", "jaxsurro.plot", str(run_dir)], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxsurro.plot", str(run_dir)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.split()) == 4
-    missing = subprocess.run([sys.executable, "-m", "jaxsurro.plot", str(tmp_path / "nowhere")],
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "jaxsurro.plot", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 2
     assert "does not exist" in missing.stderr

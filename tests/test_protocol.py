@@ -35,8 +35,13 @@ def data_frames(time_step: int | None = None, array: np.ndarray | None = None, *
     if array is None:
         array = np.arange(20, dtype=np.float32).reshape(SHAPE)
     fields = dict(
-        kind=protocol.DATA, token=TOKEN, sim_id=SIM, time_step=time_step, client_id=11,
-        dtype_code=protocol.DTYPE_TO_CODE[array.dtype], shape=array.shape,
+        kind=protocol.DATA,
+        token=TOKEN,
+        sim_id=SIM,
+        time_step=time_step,
+        client_id=11,
+        dtype_code=protocol.DTYPE_TO_CODE[array.dtype],
+        shape=array.shape,
     )
     fields.update(header_changes)
     return [protocol.encode_header(**fields), b"temperature", array.tobytes()]
@@ -77,9 +82,11 @@ def test_header_round_trip_and_byte_layout(kind, sim_id, time_step, client_id, d
 
 @pytest.mark.parametrize(
     "frame",
-    [np.frombuffer(protocol.encode_header(protocol.DATA, TOKEN, 1, 2, 3, 1, (4,)), np.uint8),
-     memoryview(protocol.encode_header(protocol.DATA, TOKEN, 1, 2, 3, 1, (4,))),
-     zmq.Frame(protocol.encode_header(protocol.DATA, TOKEN, 1, 2, 3, 1, (4,)))],
+    [
+        np.frombuffer(protocol.encode_header(protocol.DATA, TOKEN, 1, 2, 3, 1, (4,)), np.uint8),
+        memoryview(protocol.encode_header(protocol.DATA, TOKEN, 1, 2, 3, 1, (4,))),
+        zmq.Frame(protocol.encode_header(protocol.DATA, TOKEN, 1, 2, 3, 1, (4,))),
+    ],
     ids=["ndarray", "memoryview", "zmq.Frame"],
 )
 def test_decode_accepts_any_buffer(frame):
@@ -109,7 +116,7 @@ def test_encode_rejects_values_that_do_not_fit(arguments):
 def corrupt(offset: int, value: bytes) -> bytes:
     """A valid DATA header with `value` written at `offset`."""
     frame = bytearray(protocol.encode_header(protocol.DATA, TOKEN, SIM, 0, 0, 1, SHAPE))
-    frame[offset:offset + len(value)] = value
+    frame[offset : offset + len(value)] = value
     return bytes(frame)
 
 
@@ -170,6 +177,9 @@ def make_bad(reason: str) -> tuple[list, protocol.Expectation]:
     if reason == "non_finite":
         array[2, 3] = np.nan
         return data_frames(array=array), expectation()
+    if reason == "field_mismatch":  # a HELLO declaring the field with another shape
+        declaration = protocol.encode_declaration({"temperature": ((5, 4), np.float32)})
+        return protocol.encode_hello(TOKEN, SIM, 11, declaration), expectation()
     raise AssertionError(f"no crafted message for {reason}")
 
 
@@ -177,18 +187,61 @@ def make_bad(reason: str) -> tuple[list, protocol.Expectation]:
 def test_every_rejection_reason_is_triggered(reason):
     """Each crafted bad message is rejected with its own reason, and the valid one passes."""
     frames, expected = make_bad(reason)
+    validate = protocol.validate_hello if reason == "field_mismatch" else protocol.validate_message
     with pytest.raises(ProtocolError) as caught:
-        protocol.validate_message(frames, expected)
+        validate(frames, expected)
     assert caught.value.reason == reason, caught.value
     assert reason in str(caught.value)
 
 
 def test_valid_data_passes_and_rejection_reasons_are_complete():
-    """The untouched message validates; REJECTION_REASONS lists exactly the twelve codes."""
+    """The untouched message validates; REJECTION_REASONS lists exactly the thirteen codes."""
     message = protocol.validate_message(data_frames(), expectation())
     assert message.kind == protocol.DATA and message.field == "temperature" and message.client_id == 11
     np.testing.assert_array_equal(message.array, np.arange(20, dtype=np.float32).reshape(SHAPE))
-    assert len(set(protocol.REJECTION_REASONS)) == len(protocol.REJECTION_REASONS) == 12
+    assert len(set(protocol.REJECTION_REASONS)) == len(protocol.REJECTION_REASONS) == 13
+
+
+def test_a_field_declaration_round_trips_and_a_matching_one_is_accepted():
+    fields = {"temperature": (SHAPE, np.float32)}
+    declared = protocol.decode_declaration(protocol.encode_declaration(fields))
+    assert declared == {"temperature": (SHAPE, np.dtype("<f4"))}
+    header = protocol.validate_hello(
+        protocol.encode_hello(TOKEN, SIM, 11, protocol.encode_declaration(fields)), expectation()
+    )
+    assert header.sim_id == SIM
+    scalar = protocol.decode_declaration(protocol.encode_declaration({"e": ((), np.float64)}))
+    assert scalar == {"e": ((), np.dtype("<f8"))}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"", b"u float16 3", b"u float32 x", b"u float32 1 2 3 4 5", b"\xff", b"u float32 3\nu float32 3", b"float32"],
+)
+def test_a_malformed_declaration_is_refused(text):
+    with pytest.raises(ProtocolError) as caught:
+        protocol.validate_hello(protocol.encode_hello(TOKEN, SIM, 11, text), expectation())
+    assert caught.value.reason == "malformed"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"temperature": (SHAPE, np.float32), "p": ((2,), np.float32)}, "declares field 'p'"),
+        ({}, "does not declare field"),
+        ({"temperature": (SHAPE, np.float64)}, "float64, the experiment expects"),
+    ],
+)
+def test_a_declaration_that_differs_names_the_field(fields, message):
+    declaration = protocol.encode_declaration(fields) if fields else b"x float32 1"
+    if not fields:
+        expected = expectation()
+        with pytest.raises(ProtocolError, match="declares field 'x'"):
+            protocol.validate_hello(protocol.encode_hello(TOKEN, SIM, 11, declaration), expected)
+        return
+    with pytest.raises(ProtocolError, match=message) as caught:
+        protocol.validate_hello(protocol.encode_hello(TOKEN, SIM, 11, declaration), expectation())
+    assert caught.value.reason == "field_mismatch"
 
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import zmq
@@ -9,8 +11,8 @@ from waiting import wait_until
 
 from jaxsurro import client, protocol
 from jaxsurro.server.buffers import FIFOBuffer
+from jaxsurro.server.receiver import LATE, BufferSink, ExperimentMismatch, Receiver, ValidationSink
 from jaxsurro.table import SimState, SimulationTable
-from jaxsurro.server.receiver import LATE, BufferSink, Receiver, ValidationSink
 
 N_SIMS, N_STEPS, SHAPE = 3, 4, (5, 5)
 
@@ -25,9 +27,16 @@ def table():
 
 @pytest.fixture
 def receiver(table):
-    sink = ValidationSink(N_SIMS, N_STEPS, SHAPE)
-    receiver = Receiver(table=table, sink=sink, token=protocol.new_token(), field="u", field_shape=SHAPE,
-                        wire_dtype="float32", n_steps=N_STEPS, host="127.0.0.1")
+    sink = ValidationSink(N_SIMS, N_STEPS, int(np.prod(SHAPE)))
+    receiver = Receiver(
+        table=table,
+        sink=sink,
+        token=protocol.new_token(),
+        fields={"u": SHAPE},
+        wire_dtype="float32",
+        n_steps=N_STEPS,
+        host="127.0.0.1",
+    )
     receiver.start()
     yield receiver
     receiver.stop()
@@ -63,21 +72,24 @@ def test_bad_messages_are_counted_by_reason_and_the_receiver_keeps_going(receive
     for frames in bad.values():
         push.send_multipart(frames)
     push.send_multipart(protocol.encode_data(token, 0, 1, 1, b"u", field(7.0)))  # one good message after all
-    wait_until(lambda: receiver.unique_received == 1, 10, "the good message")
-    assert receiver.stats()["rejected"] == {reason: 1 for reason in bad}
+    wait_until(lambda: receiver.counters().unique_received == 1, 10, "the good message")
+    assert receiver.counters().rejected == {reason: 1 for reason in bad}
     assert set(bad) <= set(protocol.REJECTION_REASONS)
-    np.testing.assert_array_equal(receiver.sink.fields[0, 1], field(7.0))
+    np.testing.assert_array_equal(receiver.sink.samples[0, 1], field(7.0).reshape(-1))
     assert receiver.stored.sum() == 1
-    receiver.check()  # the thread is still healthy
+    assert receiver.error is None  # the thread is still healthy, but the fields disagree with the experiment:
+    with pytest.raises(ExperimentMismatch, match=r"field b'v' is not expected"):  # the first mismatch stops the run
+        receiver.check()
 
 
 def test_a_time_step_sent_twice_is_stored_once(receiver, push):
     for value in (1.0, 2.0):  # a restarted client resends step 0 (here with other bits, to tell them apart)
         push.send_multipart(protocol.encode_data(receiver.token, 1, 0, 1, b"u", field(value)))
     push.send_multipart(protocol.encode_finish(receiver.token, 1, 1, 1))
-    wait_until(lambda: receiver.finishes == 1, 10, "the FINISH")
-    assert (receiver.unique_received, receiver.duplicates) == (1, 1)
-    np.testing.assert_array_equal(receiver.sink.fields[1, 0], field(1.0))  # the first copy is kept
+    wait_until(lambda: receiver.counters().finishes == 1, 10, "the FINISH")
+    counters = receiver.counters()
+    assert (counters.unique_received, counters.duplicates) == (1, 1)
+    np.testing.assert_array_equal(receiver.sink.samples[1, 0], field(1.0).reshape(-1))  # the first copy is kept
     assert receiver.table[1].steps_finished == 1
 
 
@@ -87,31 +99,41 @@ def test_handshake_welcomes_submitted_simulations_and_refuses_others(receiver, t
         assert sim.n_ranks == 1
         for t in range(N_STEPS):
             sim.send("u", t, np.full(SHAPE, t, dtype=np.float64))  # float64 goes out as float32
-    wait_until(lambda: receiver.finishes == 1, 10, "the FINISH")
-    assert receiver.unique_received == N_STEPS
-    np.testing.assert_array_equal(receiver.sink.fields[1, :, 0, 0], np.arange(N_STEPS))
+    wait_until(lambda: receiver.counters().finishes == 1, 10, "the FINISH")
+    assert receiver.counters().unique_received == N_STEPS
+    np.testing.assert_array_equal(receiver.sink.samples[1, :, 0], np.arange(N_STEPS))
 
     with pytest.raises(client.SimulationRejected, match="unknown_simulation: simulation 2 is not in this run"):
         client.connect(server=receiver.control_address, token=receiver.token, sim_id=2, timeout=5)
     with pytest.raises(client.SimulationRejected, match="bad_token"):
         client.connect(server=receiver.control_address, token=protocol.new_token(), sim_id=0, timeout=5)
-    assert receiver.stats()["rejected"] == {"unknown_simulation": 1, "bad_token": 1}
+    assert receiver.counters().rejected == {"unknown_simulation": 1, "bad_token": 1}
 
 
 def test_a_full_buffer_blocks_the_client_without_losing_data(table):
     # Capacity 2 and nobody reading: the receiver stops reading, the queues fill and send() blocks.
     buffer = FIFOBuffer(capacity=2, watermark=0, input_dim=3, field_size=int(np.prod(SHAPE)), seed=0)
-    receiver = Receiver(table=table, sink=BufferSink(buffer, table, N_STEPS, 0.1), token=protocol.new_token(),
-                        field="u", field_shape=SHAPE, wire_dtype="float32", n_steps=N_STEPS, host="127.0.0.1")
+    receiver = Receiver(
+        table=table,
+        sink=BufferSink(buffer, table, N_STEPS, 0.1),
+        token=protocol.new_token(),
+        fields={"u": SHAPE},
+        wire_dtype="float32",
+        n_steps=N_STEPS,
+        host="127.0.0.1",
+    )
     receiver.start()
     try:
         with client.connect(server=receiver.control_address, token=receiver.token, sim_id=0, timeout=5) as sim:
             for t in range(N_STEPS):
                 sim.send("u", t, field(t))
             wait_until(lambda: buffer.stats().population == 2, 10, "the buffer to fill")
-            assert receiver.unique_received == 2  # the rest waits in ZeroMQ's queues, not dropped
+            # The counts show the stored steps once the receiver waits on the full sink (within 0.1 s).
+            wait_until(lambda: receiver.counters().unique_received == 2, 10, "the stored steps to be counted")
+            assert buffer.stats().population == 2  # the rest waits in ZeroMQ's queues, not dropped
             drained = [buffer.get_batch(2, timeout=5) for _ in range(2)]
-        wait_until(lambda: receiver.finishes == 1, 10, "the FINISH")
+        wait_until(lambda: receiver.counters().finishes == 1, 10, "the FINISH")
+        assert receiver.counters().unique_received == N_STEPS
         ids = np.concatenate([batch.sample_ids for batch in drained])
         np.testing.assert_array_equal(np.sort(ids), np.arange(N_STEPS))  # sim 0: ids 0..3, each once
         np.testing.assert_allclose(drained[0].inputs[0], [0.0, 1.0, 0.1])  # parameters, then time (t+1)*dt
@@ -122,16 +144,50 @@ def test_a_full_buffer_blocks_the_client_without_losing_data(table):
 def test_a_time_step_arriving_after_reception_ended_is_counted_not_stored(table):
     buffer = FIFOBuffer(capacity=8, watermark=0, input_dim=3, field_size=int(np.prod(SHAPE)), seed=0)
     buffer.end_reception()
-    receiver = Receiver(table=table, sink=BufferSink(buffer, table, N_STEPS, 0.1), token=protocol.new_token(),
-                        field="u", field_shape=SHAPE, wire_dtype="float32", n_steps=N_STEPS, host="127.0.0.1")
+    receiver = Receiver(
+        table=table,
+        sink=BufferSink(buffer, table, N_STEPS, 0.1),
+        token=protocol.new_token(),
+        fields={"u": SHAPE},
+        wire_dtype="float32",
+        n_steps=N_STEPS,
+        host="127.0.0.1",
+    )
     receiver.start()
     try:
         socket = zmq.Context.instance().socket(zmq.PUSH)
         socket.connect(receiver.data_address)
         socket.send_multipart(protocol.encode_data(receiver.token, 0, 0, 1, b"u", field(1.0)))
-        wait_until(lambda: receiver.stats()["rejected"].get(LATE) == 1, 10, "the late message to be counted")
+        wait_until(lambda: receiver.counters().rejected.get(LATE) == 1, 10, "the late message to be counted")
         socket.close(linger=0)
-        assert receiver.unique_received == 0
+        assert receiver.counters().unique_received == 0
         receiver.check()
     finally:
         receiver.stop()
+
+
+def test_counters_are_a_consistent_snapshot_the_caller_owns(receiver, push):
+    before = receiver.counters()
+    assert before.unique_received == before.duplicates == before.finishes == before.bytes_received == 0
+    assert before.first_data_at is None and before.last_data_at is None and before.rejected == {}
+    for step in (0, 1, 1):  # two steps stored, one duplicate
+        push.send_multipart(protocol.encode_data(receiver.token, 0, step, 1, b"u", field(float(step))))
+    push.send_multipart(protocol.encode_data(protocol.new_token(), 0, 2, 1, b"u", field(2.0)))  # bad token
+    wait_until(lambda: receiver.counters().rejected.get("bad_token") == 1, 10, "the four messages")
+    after = receiver.counters()
+    assert (after.unique_received, after.duplicates) == (2, 1)
+    assert after.bytes_received == 2 * field(0.0).nbytes
+    assert before.last_message_at <= after.first_data_at <= after.last_data_at <= after.last_message_at
+    after.rejected["bad_token"] = 99  # a copy: the receiver's counts do not change
+    assert receiver.counters().rejected == {"bad_token": 1}
+
+
+def test_the_first_rejection_of_each_reason_is_a_warning_naming_simulation_step_and_field(receiver, push, caplog):
+    caplog.set_level(logging.DEBUG, logger="jaxsurro")
+    for t in (0, 1):
+        push.send_multipart(protocol.encode_data(receiver.token, 0, t, 1, b"u", field(np.nan)))
+    wait_until(lambda: receiver.counters().rejected.get("non_finite") == 2, 10, "both rejections")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "non_finite" in warnings[0] and "'u' of simulation 0 step 0" in warnings[0]
+    receiver.check()  # bad values are noise to count, not a reason to stop

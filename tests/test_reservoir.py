@@ -137,8 +137,9 @@ def test_random_streams_keep_the_invariants(seed: int) -> None:
                 np.testing.assert_array_equal(np.asarray(state.sample_ids), ids_before)
         before = stored_ids(state)
         batch_size = int(rng.integers(1, 5))
-        state, *batch = jit_sample(state, jax.random.fold_in(key, 10**6 + step), batch_size=batch_size,
-                                   watermark=watermark)
+        state, *batch = jit_sample(
+            state, jax.random.fold_in(key, 10**6 + step), batch_size=batch_size, watermark=watermark
+        )
         check_batch(*batch)
         valid = np.asarray(batch[3])
         assert valid.all() == (len(before) >= watermark) and (valid.all() or not valid.any())
@@ -171,8 +172,9 @@ def test_evicting_draws_empty_the_buffer(batch_size: int) -> None:
     calls = 0
     while int(state.population) > 0:
         population = int(state.population)
-        state, *batch = jit_sample(state, jax.random.fold_in(key, calls), batch_size=batch_size, watermark=8,
-                                   evict=True)
+        state, *batch = jit_sample(
+            state, jax.random.fold_in(key, calls), batch_size=batch_size, watermark=8, evict=True
+        )
         check_batch(*batch)
         valid = np.asarray(batch[3])
         assert valid.sum() == min(batch_size, population) and valid[: valid.sum()].all()
@@ -245,15 +247,17 @@ def run_device(schedule: list[int], n_samples: int, seed: int):
                 refused += 1
                 break
             next_id += 1
-        state, _, _, ids, valid = jit_sample(state, jax.random.fold_in(key, 3 * step + 2), batch_size=BATCH,
-                                             watermark=WATERMARK)
+        state, _, _, ids, valid = jit_sample(
+            state, jax.random.fold_in(key, 3 * step + 2), batch_size=BATCH, watermark=WATERMARK
+        )
         drawn.append(np.asarray(ids)[np.asarray(valid)])
         assert np.asarray(jit_histogram(state))[0] == int(jit_unseen(state))  # only seen samples evicted
     assert next_id == n_samples
     step = 0
     while int(state.population) > 0:
-        state, _, _, ids, valid = jit_sample(state, jax.random.fold_in(key, 10**6 + step), batch_size=BATCH,
-                                             watermark=WATERMARK, evict=True)
+        state, _, _, ids, valid = jit_sample(
+            state, jax.random.fold_in(key, 10**6 + step), batch_size=BATCH, watermark=WATERMARK, evict=True
+        )
         drawn.append(np.asarray(ids)[np.asarray(valid)])
         step += 1
     histogram = np.asarray(jit_histogram(state))

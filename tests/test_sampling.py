@@ -36,8 +36,9 @@ def test_marginals_are_uniform(kind):
 
 def test_halton_and_lhs_cover_the_cube_better_than_uniform():
     n, d = 256, 5
-    discrepancy = {kind: stats.qmc.discrepancy(BoxSampler(kind, [0] * d, [1] * d, seed=1).unit(n))
-                   for kind in SAMPLER_KINDS}
+    discrepancy = {
+        kind: stats.qmc.discrepancy(BoxSampler(kind, [0] * d, [1] * d, seed=1).unit(n)) for kind in SAMPLER_KINDS
+    }
     assert discrepancy["halton"] < discrepancy["uniform"]
     assert discrepancy["lhs"] < discrepancy["uniform"]
 

@@ -78,30 +78,47 @@ def scheduler(runner: Replay, sleeps: list[float] | None = None, **kwargs) -> Sl
 
 
 def plain_job(tmp_path: Path) -> JobSpec:
-    return JobSpec("heat-sim-3", ("/opt/venv/bin/python", "-m", "solvers.heat", "--steps", "100"),
-                   {"JAXSURRO_SIM_ID": "3", "JAXSURRO_SERVER": "tcp://10.0.0.1:5555"},
-                   Path("/scratch/run/logs/sim-00003.log"), Path("/scratch/run"))
+    return JobSpec(
+        "heat-sim-3",
+        ("/opt/venv/bin/python", "-m", "solvers.heat", "--steps", "100"),
+        {"JAXSURRO_SIM_ID": "3", "JAXSURRO_SERVER": "tcp://10.0.0.1:5555"},
+        Path("/scratch/run/logs/sim-00003.log"),
+        Path("/scratch/run"),
+    )
 
 
 def quoting_job() -> JobSpec:
-    return JobSpec("it's \"$HOME\" job", ("python", "-c", "print('a b', \"$x\")", "back\\slash", "*"),
-                   {"MESSAGE": "it's $HOME & \"more\"; `date`", "EMPTY": "", "PATH_WITH_SPACE": "/a b/c"},
-                   Path("/scratch/my run/100% done/sim-1.log"), Path("/scratch/my run"))
+    return JobSpec(
+        'it\'s "$HOME" job',
+        ("python", "-c", "print('a b', \"$x\")", "back\\slash", "*"),
+        {"MESSAGE": 'it\'s $HOME & "more"; `date`', "EMPTY": "", "PATH_WITH_SPACE": "/a b/c"},
+        Path("/scratch/my run/100% done/sim-1.log"),
+        Path("/scratch/my run"),
+    )
 
 
 # -- pure builders ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, job, options", [
-    ("plain", plain_job(Path("/")), ["--time=00:10:00", "--partition=debug", "-c2"]),
-    ("quoting", quoting_job(), ["--comment=a 'quoted' $VALUE", "--constraint=x\\y"]),
-])
+@pytest.mark.parametrize(
+    "name, job, options",
+    [
+        ("plain", plain_job(Path("/")), ["--time=00:10:00", "--partition=debug", "-c2"]),
+        ("quoting", quoting_job(), ["--comment=a 'quoted' $VALUE", "--constraint=x\\y"]),
+    ],
+)
 def test_job_script_matches_golden(name, job, options):
     assert job_script(job, options) == (GOLDEN / f"{name}.sh").read_text()
 
 
 def test_server_script_matches_golden():
-    script = server_script("experiments/heat.toml", ["study.name=my study", "training.lr=1e-3", "x.y=$HOME"],
-                           ["--time=02:00:00", "--cpus-per-task=4", "--gres=gpu:1"], 2,
-                           "/opt/my venv/bin/python", "/home/user/project", "/scratch/runs/heat 1")
+    script = server_script(
+        "experiments/heat.toml",
+        ["study.name=my study", "training.lr=1e-3", "x.y=$HOME"],
+        ["--time=02:00:00", "--cpus-per-task=4", "--gres=gpu:1"],
+        2,
+        "/opt/my venv/bin/python",
+        "/home/user/project",
+        "/scratch/runs/heat 1",
+    )
     assert script == (GOLDEN / "server.sh").read_text()
 
 
@@ -109,11 +126,16 @@ def test_quoted_sbatch_lines_read_back_as_one_word_each():
     """Each #SBATCH line splits, under sbatch's rules (quotes group, backslash escapes everywhere), to one word."""
     job = quoting_job()
     options = ["--comment=a 'quoted' $VALUE", "--constraint=x\\y"]
-    directives = [line[len("#SBATCH "):] for line in job_script(job, options).splitlines()
-                  if line.startswith("#SBATCH ")]
+    directives = [
+        line[len("#SBATCH ") :] for line in job_script(job, options).splitlines() if line.startswith("#SBATCH ")
+    ]
     assert [sbatch_word(d) for d in directives] == [
-        f"--job-name={job.name}", "--output=/scratch/my run/100%% done/sim-1.log", "--open-mode=append",
-        "--chdir=/scratch/my run", *options]
+        f"--job-name={job.name}",
+        "--output=/scratch/my run/100%% done/sim-1.log",
+        "--open-mode=append",
+        "--chdir=/scratch/my run",
+        *options,
+    ]
 
 
 def sbatch_word(text: str) -> str:
@@ -144,21 +166,32 @@ def sbatch_word(text: str) -> str:
 def test_step_command_is_one_exact_task_of_the_allocation():
     job = quoting_job()
     assert step_command(job, ["--mpi=pmix", "--cpus-per-task=2"], "1234") == [
-        "srun", "--jobid=1234", "--exact", "--ntasks=1", f"--job-name={job.name}", "--mpi=pmix",
-        "--cpus-per-task=2", "--", *job.argv]
+        "srun",
+        "--jobid=1234",
+        "--exact",
+        "--ntasks=1",
+        f"--job-name={job.name}",
+        "--mpi=pmix",
+        "--cpus-per-task=2",
+        "--",
+        *job.argv,
+    ]
 
 
-@pytest.mark.parametrize("option, message", [
-    ("-p debug", "one command-line word"),
-    ("--partition debug", "one command-line word"),
-    ("partition=debug", "one command-line word"),
-    ("--time=1:00\n#SBATCH --mem=1", "on one line"),
-    ("--output=/tmp/x.log", "set by jaxsurro itself"),
-    ("--out=/tmp/x.log", "set by jaxsurro itself"),
-    ("-o/tmp/x.log", "set by jaxsurro itself"),
-    ("--chdir=/tmp", "set by jaxsurro itself"),
-    ("--array=0-3", "set by jaxsurro itself"),
-])
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("-p debug", "one command-line word"),
+        ("--partition debug", "one command-line word"),
+        ("partition=debug", "one command-line word"),
+        ("--time=1:00\n#SBATCH --mem=1", "on one line"),
+        ("--output=/tmp/x.log", "set by jaxsurro itself"),
+        ("--out=/tmp/x.log", "set by jaxsurro itself"),
+        ("-o/tmp/x.log", "set by jaxsurro itself"),
+        ("--chdir=/tmp", "set by jaxsurro itself"),
+        ("--array=0-3", "set by jaxsurro itself"),
+    ],
+)
 def test_invalid_sbatch_options_are_refused_with_the_fix(option, message):
     with pytest.raises(ValueError, match=message):
         validate_options([option])
@@ -175,13 +208,16 @@ def test_options_must_be_a_sequence_and_server_owns_its_task_count():
         server_script("c.toml", [], [], 0, "python", "/w", "/w/run")
     with pytest.raises(ValueError, match="SECTION.KEY=VALUE"):
         server_script("c.toml", ["training.lr"], [], 1, "python", "/w", "/w/run")
-    assert validate_options(["--ntasks-per-node=2", "-c4", "--exclusive"]) == ("--ntasks-per-node=2", "-c4",
-                                                                              "--exclusive")
+    assert validate_options(["--ntasks-per-node=2", "-c4", "--exclusive"]) == (
+        "--ntasks-per-node=2",
+        "-c4",
+        "--exclusive",
+    )
 
 
 def test_job_script_refuses_what_sbatch_or_bash_would_misread(tmp_path):
     job = plain_job(tmp_path)
-    with pytest.raises(ValueError, match="not a shell identifier"):
+    with pytest.raises(ValueError, match="not a valid shell name"):
         job_script(JobSpec(job.name, job.argv, {"BAD-NAME": "1"}, job.log_path, job.cwd))
     with pytest.raises(ValueError, match="heterogeneous-job separator"):
         job_script(JobSpec("my-hetjob", job.argv, {}, job.log_path, job.cwd))
@@ -192,10 +228,21 @@ def test_job_script_refuses_what_sbatch_or_bash_would_misread(tmp_path):
 
 
 def test_submit_environment_drops_the_enclosing_jobs_and_mpi_launchers_variables():
-    environ = {"PATH": "/bin", "SLURM_CONF": "/etc/slurm/slurm.conf", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "5",
-               "SRUN_CPUS_PER_TASK": "4", "SBATCH_ACCOUNT": "proj", "HOME": "/home/u"}
-    assert submit_environment(environ) == {"PATH": "/bin", "SLURM_CONF": "/etc/slurm/slurm.conf",
-                                           "SBATCH_ACCOUNT": "proj", "HOME": "/home/u"}
+    environ = {
+        "PATH": "/bin",
+        "SLURM_CONF": "/etc/slurm/slurm.conf",
+        "SLURM_NTASKS": "8",
+        "SLURM_JOB_ID": "5",
+        "SRUN_CPUS_PER_TASK": "4",
+        "SBATCH_ACCOUNT": "proj",
+        "HOME": "/home/u",
+    }
+    assert submit_environment(environ) == {
+        "PATH": "/bin",
+        "SLURM_CONF": "/etc/slurm/slurm.conf",
+        "SBATCH_ACCOUNT": "proj",
+        "HOME": "/home/u",
+    }
 
 
 # -- parsers on every recorded answer --------------------------------------------------------------
@@ -208,10 +255,18 @@ def test_parse_sbatch_on_recorded_answers():
 
 def test_parse_squeue_on_recorded_answers():
     assert parse_squeue(recorded("squeue_running.txt")[0]) == {
-        "11": ("PENDING", "JobHeldUser"), "9": ("RUNNING", "None"), "10": ("RUNNING", "None")}
+        "11": ("PENDING", "JobHeldUser"),
+        "9": ("RUNNING", "None"),
+        "10": ("RUNNING", "None"),
+    }
     assert parse_squeue(recorded("squeue_states_all.txt")[0]) == {
-        "40": ("CANCELLED", "None"), "38": ("COMPLETED", "None"), "39": ("FAILED", "NonZeroExitCode"),
-        "36": ("PENDING", "JobHeldUser"), "37": ("RUNNING", "None"), "41": ("TIMEOUT", "TimeLimit")}
+        "40": ("CANCELLED", "None"),
+        "38": ("COMPLETED", "None"),
+        "39": ("FAILED", "NonZeroExitCode"),
+        "36": ("PENDING", "JobHeldUser"),
+        "37": ("RUNNING", "None"),
+        "41": ("TIMEOUT", "TimeLimit"),
+    }
     with pytest.raises(SlurmError, match="JOBID PARTITION"):  # the default format is not ours: quoted, refused
         parse_squeue(recorded("squeue_default.txt")[0])
     # NODE_FAIL: no recording exists; the line is built in the recorded '%i|%T|%r' format.
@@ -220,15 +275,18 @@ def test_parse_squeue_on_recorded_answers():
         parse_squeue("13|MELTED|None\n")
 
 
-@pytest.mark.parametrize("name, status", [
-    ("scontrol_failed.txt", JobStatus(JobState.FAILED, 3)),  # the multi-line form
-    ("scontrol_cancelled.txt", JobStatus(JobState.CANCELLED, -15)),
-    ("scontrol_oneline_failed.txt", JobStatus(JobState.FAILED, 3)),
-    ("scontrol_oneline_running.txt", JobStatus(JobState.RUNNING, None)),
-    ("scontrol_oneline_completed.txt", JobStatus(JobState.COMPLETED, 0)),
-    ("scontrol_oneline_cancelled.txt", JobStatus(JobState.CANCELLED, -15)),
-    ("scontrol_oneline_timeout.txt", JobStatus(JobState.TIMEOUT, -15)),
-])
+@pytest.mark.parametrize(
+    "name, status",
+    [
+        ("scontrol_failed.txt", JobStatus(JobState.FAILED, 3)),  # the multi-line form
+        ("scontrol_cancelled.txt", JobStatus(JobState.CANCELLED, -15)),
+        ("scontrol_oneline_failed.txt", JobStatus(JobState.FAILED, 3)),
+        ("scontrol_oneline_running.txt", JobStatus(JobState.RUNNING, None)),
+        ("scontrol_oneline_completed.txt", JobStatus(JobState.COMPLETED, 0)),
+        ("scontrol_oneline_cancelled.txt", JobStatus(JobState.CANCELLED, -15)),
+        ("scontrol_oneline_timeout.txt", JobStatus(JobState.TIMEOUT, -15)),
+    ],
+)
 def test_parse_scontrol_on_recorded_answers(name, status):
     assert parse_scontrol(recorded(name)[0]) == status
 
@@ -247,20 +305,37 @@ def test_parse_sacct_lines():
     # No recording with accounting exists (the recorded cluster has none): the lines are in the documented
     # format of `sacct -n -P -X -o JobIDRaw,State,ExitCode`.
     assert parse_sacct("8|FAILED|3:0\n9|CANCELLED by 0|0:15\n10|COMPLETED|0:0\n11|RUNNING|0:0\n") == {
-        "8": JobStatus(JobState.FAILED, 3), "9": JobStatus(JobState.CANCELLED, -15),
-        "10": JobStatus(JobState.COMPLETED, 0), "11": JobStatus(JobState.RUNNING, None)}
+        "8": JobStatus(JobState.FAILED, 3),
+        "9": JobStatus(JobState.CANCELLED, -15),
+        "10": JobStatus(JobState.COMPLETED, 0),
+        "11": JobStatus(JobState.RUNNING, None),
+    }
     with pytest.raises(SlurmError, match="Slurm accounting storage is disabled"):
         parse_sacct(recorded("sacct_noaccounting.txt")[0])
 
 
-@pytest.mark.parametrize("text, state", [
-    ("PENDING", JobState.PENDING), ("CONFIGURING", JobState.PENDING), ("REQUEUED", JobState.PENDING),
-    ("RESIZING", JobState.PENDING), ("RUNNING", JobState.RUNNING), ("COMPLETING", JobState.RUNNING),
-    ("SUSPENDED", JobState.RUNNING), ("COMPLETED", JobState.COMPLETED), ("FAILED", JobState.FAILED),
-    ("OUT_OF_MEMORY", JobState.FAILED), ("BOOT_FAIL", JobState.FAILED), ("DEADLINE", JobState.FAILED),
-    ("PREEMPTED", JobState.FAILED), ("CANCELLED", JobState.CANCELLED), ("CANCELLED by 0", JobState.CANCELLED),
-    ("TIMEOUT", JobState.TIMEOUT), ("NODE_FAIL", JobState.NODE_FAIL),
-])
+@pytest.mark.parametrize(
+    "text, state",
+    [
+        ("PENDING", JobState.PENDING),
+        ("CONFIGURING", JobState.PENDING),
+        ("REQUEUED", JobState.PENDING),
+        ("RESIZING", JobState.PENDING),
+        ("RUNNING", JobState.RUNNING),
+        ("COMPLETING", JobState.RUNNING),
+        ("SUSPENDED", JobState.RUNNING),
+        ("COMPLETED", JobState.COMPLETED),
+        ("FAILED", JobState.FAILED),
+        ("OUT_OF_MEMORY", JobState.FAILED),
+        ("BOOT_FAIL", JobState.FAILED),
+        ("DEADLINE", JobState.FAILED),
+        ("PREEMPTED", JobState.FAILED),
+        ("CANCELLED", JobState.CANCELLED),
+        ("CANCELLED by 0", JobState.CANCELLED),
+        ("TIMEOUT", JobState.TIMEOUT),
+        ("NODE_FAIL", JobState.NODE_FAIL),
+    ],
+)
 def test_slurm_states_map_onto_the_common_ones(text, state):
     assert slurm_state(text) == state
 
@@ -330,7 +405,7 @@ def test_submit_does_not_retry_a_hung_sbatch_that_may_have_submitted(tmp_path):
 
 def test_submit_without_slurm_says_so(tmp_path):
     runner = Replay(("sbatch", FileNotFoundError(2, "No such file or directory", "sbatch")))
-    with pytest.raises(SlurmError, match="'sbatch' is not on PATH"):
+    with pytest.raises(SlurmError, match="'sbatch' is not on the PATH"):
         scheduler(runner).submit(job_in(tmp_path))
 
 
@@ -345,8 +420,11 @@ def test_submit_refuses_an_unreadable_id_without_resubmitting(tmp_path):
 def test_poll_asks_squeue_once_for_many_jobs():
     runner = Replay(answer("squeue", "squeue_running.txt"))
     statuses = scheduler(runner).poll(["9", "10", "11"])
-    assert statuses == {"9": JobStatus(JobState.RUNNING, None), "10": JobStatus(JobState.RUNNING, None),
-                        "11": JobStatus(JobState.PENDING, None)}
+    assert statuses == {
+        "9": JobStatus(JobState.RUNNING, None),
+        "10": JobStatus(JobState.RUNNING, None),
+        "11": JobStatus(JobState.PENDING, None),
+    }
     assert runner.calls == [["squeue", "-h", "-o", "%i|%T|%r", "--states=all", "--jobs=9,10,11"]]
 
 
@@ -361,9 +439,13 @@ def test_poll_without_accounting_asks_scontrol_about_ended_jobs_once_each():
     )
     slurm = scheduler(runner)
     statuses = slurm.poll(["9", "8", "11", "12", "13"])
-    assert statuses == {"9": JobStatus(JobState.RUNNING, None), "8": JobStatus(JobState.FAILED, 3),
-                        "11": JobStatus(JobState.PENDING, None), "12": JobStatus(JobState.UNKNOWN, None),
-                        "13": JobStatus(JobState.TIMEOUT, -15)}
+    assert statuses == {
+        "9": JobStatus(JobState.RUNNING, None),
+        "8": JobStatus(JobState.FAILED, 3),
+        "11": JobStatus(JobState.PENDING, None),
+        "12": JobStatus(JobState.UNKNOWN, None),
+        "13": JobStatus(JobState.TIMEOUT, -15),
+    }
     assert list(statuses) == ["9", "8", "11", "12", "13"]
     assert runner.calls[1] == ["sacct", "-n", "-P", "-X", "-o", "JobIDRaw,State,ExitCode", "--jobs=8,12,13"]
     assert runner.calls[2:] == [["scontrol", "-o", "show", "job", job_id] for job_id in ("8", "12", "13")]
@@ -375,8 +457,11 @@ def test_poll_without_accounting_asks_scontrol_about_ended_jobs_once_each():
 
 
 def test_no_accounting_answer_on_stdout_is_recognised_too():
-    runner = Replay(("squeue", 0, "", ""), answer("sacct", "sacct_noaccounting.txt"),
-                    answer("scontrol", "scontrol_oneline_failed.txt"))
+    runner = Replay(
+        ("squeue", 0, "", ""),
+        answer("sacct", "sacct_noaccounting.txt"),
+        answer("scontrol", "scontrol_oneline_failed.txt"),
+    )
     slurm = scheduler(runner)
     assert slurm.poll(["8"]) == {"8": JobStatus(JobState.FAILED, 3)}
     assert slurm.accounting is False
@@ -392,9 +477,14 @@ def test_poll_reads_terminal_states_from_squeue_and_exit_codes_from_scontrol():
         answer("scontrol", "scontrol_oneline_timeout.txt"),
     )
     statuses = scheduler(runner).poll(["36", "37", "38", "39", "40", "41"])
-    assert statuses == {"36": JobStatus(JobState.PENDING, None), "37": JobStatus(JobState.RUNNING, None),
-                        "38": JobStatus(JobState.COMPLETED, 0), "39": JobStatus(JobState.FAILED, 3),
-                        "40": JobStatus(JobState.CANCELLED, -15), "41": JobStatus(JobState.TIMEOUT, -15)}
+    assert statuses == {
+        "36": JobStatus(JobState.PENDING, None),
+        "37": JobStatus(JobState.RUNNING, None),
+        "38": JobStatus(JobState.COMPLETED, 0),
+        "39": JobStatus(JobState.FAILED, 3),
+        "40": JobStatus(JobState.CANCELLED, -15),
+        "41": JobStatus(JobState.TIMEOUT, -15),
+    }
     assert runner.done()
 
 
@@ -407,15 +497,20 @@ def test_poll_with_accounting_asks_sacct_once_and_scontrol_only_for_what_it_lack
     )
     slurm = scheduler(runner)
     assert slurm.poll(["8", "9", "12", "14"]) == {
-        "8": JobStatus(JobState.FAILED, 3), "9": JobStatus(JobState.RUNNING, None),
-        "12": JobStatus(JobState.NODE_FAIL, 0), "14": JobStatus(JobState.CANCELLED, -15)}
+        "8": JobStatus(JobState.FAILED, 3),
+        "9": JobStatus(JobState.RUNNING, None),
+        "12": JobStatus(JobState.NODE_FAIL, 0),
+        "14": JobStatus(JobState.CANCELLED, -15),
+    }
     assert slurm.accounting is True and runner.calls[-1] == ["scontrol", "-o", "show", "job", "14"]
 
 
 def test_poll_of_one_forgotten_job_survives_squeues_refusal():
-    runner = Replay(answer("squeue", "squeue_unknown.txt", "stderr"),
-                    ("sacct", 1, "", "Slurm accounting storage is disabled\n"),
-                    answer("scontrol", "squeue_unknown.txt", "stderr"))
+    runner = Replay(
+        answer("squeue", "squeue_unknown.txt", "stderr"),
+        ("sacct", 1, "", "Slurm accounting storage is disabled\n"),
+        answer("scontrol", "squeue_unknown.txt", "stderr"),
+    )
     sleeps: list[float] = []
     assert scheduler(runner, sleeps).poll(["99"]) == {"99": JobStatus(JobState.UNKNOWN, None)}
     assert sleeps == [] and runner.done()
@@ -454,8 +549,13 @@ def test_a_reported_cluster_is_named_in_later_commands(tmp_path):
 
 # -- cancel ----------------------------------------------------------------------------------------
 def test_cancel_is_one_scancel_for_all_jobs_and_ignores_ended_ones():
-    gone = ("scancel", 1, "", "scancel: error: Kill job error on job id 8: Job/step already completing or completed\n"
-                              "scancel: error: Kill job error on job id 99: Invalid job id specified\n")
+    gone = (
+        "scancel",
+        1,
+        "",
+        "scancel: error: Kill job error on job id 8: Job/step already completing or completed\n"
+        "scancel: error: Kill job error on job id 99: Invalid job id specified\n",
+    )
     runner = Replay(gone)
     sleeps: list[float] = []
     scheduler(runner, sleeps).cancel(["8", "9", "99", "9"])
@@ -498,8 +598,9 @@ def step_job(tmp_path: Path, name: str, code: str, env=None) -> JobSpec:
 
 def test_steps_need_an_allocation(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    with pytest.raises(SlurmError, match="runs inside an allocation: submit the server with python -m "
-                                         "jaxsurro.submit or salloc"):
+    with pytest.raises(
+        SlurmError, match="runs inside an allocation: submit the server with python -m jaxsurro.submit or salloc"
+    ):
         SlurmStepScheduler()
 
 
@@ -512,8 +613,11 @@ def test_steps_run_complete_fail_and_cancel(tmp_path, fake_srun):
     assert ok.startswith("step-")
     wait_until(lambda: all(s.state.is_terminal for s in steps.poll([ok, bad]).values()), 20, "two steps to end")
     assert steps.poll([ok, bad, slow, "step-9-1"]) == {
-        ok: JobStatus(JobState.COMPLETED, 0), bad: JobStatus(JobState.FAILED, 3),
-        slow: JobStatus(JobState.RUNNING, None), "step-9-1": JobStatus(JobState.UNKNOWN, None)}
+        ok: JobStatus(JobState.COMPLETED, 0),
+        bad: JobStatus(JobState.FAILED, 3),
+        slow: JobStatus(JobState.RUNNING, None),
+        "step-9-1": JobStatus(JobState.UNKNOWN, None),
+    }
     steps.cancel([slow, ok])
     assert steps.poll([slow]) == {slow: JobStatus(JobState.CANCELLED, -15)}
     assert (tmp_path / "logs" / "ok.log").read_text() == "V = a b\n"
@@ -527,8 +631,10 @@ def test_steps_run_complete_fail_and_cancel(tmp_path, fake_srun):
 def test_step_cancel_kills_an_srun_that_ignores_sigterm(tmp_path, fake_srun):
     steps = SlurmStepScheduler(srun=str(fake_srun), kill_grace=0.2)
     ready = tmp_path / "ready"
-    code = (f"import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)")
+    code = (
+        f"import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)"
+    )
     stubborn = steps.submit(step_job(tmp_path, "stubborn", code))
     wait_until(ready.exists, 20, "the step to ignore SIGTERM")
     steps.cancel([stubborn])

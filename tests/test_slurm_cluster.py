@@ -11,7 +11,17 @@ import pytest
 
 SETUP_HINT = "bring the cluster up with `bash scripts/setup_slurm.sh` (as root, or with sudo)"
 UP_STATES = {"idle", "mix", "alloc"}  # the node answers and accepts jobs
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 JOB_TIMEOUT = 20.0  # seconds for a tiny job to go from submission to a terminal state
 MPI_PROGRAM = (
     "from mpi4py import MPI; comm = MPI.COMM_WORLD; "
@@ -46,7 +56,10 @@ def wait_for_job_end(job_id: str, timeout: float = JOB_TIMEOUT) -> dict[str, str
     fields = job_fields(job_id)
     while fields.get("JobState") not in TERMINAL_STATES:
         if time.monotonic() > deadline:
-            pytest.fail(f"job {job_id} is still {fields.get('JobState')} ({fields.get('Reason')}) after {timeout} s, expected it to finish")
+            pytest.fail(
+                f"job {job_id} is still {fields.get('JobState')} ({fields.get('Reason')}) after {timeout} s, "
+                f"expected it to finish"
+            )
         time.sleep(0.1)  # the polling interval of a condition with a deadline, not a wait for an event
         fields = job_fields(job_id)
     return fields
@@ -74,12 +87,16 @@ def node() -> str:
 
 def test_node_is_up_in_the_default_partition(node: str) -> None:
     partitions = run(["sinfo", "-h", "-o", "%P %a %D %N"]).stdout.split()
-    assert partitions == ["debug*", "up", "1", node], f"sinfo shows {partitions!r}, expected the default partition debug up with node {node}"
+    assert partitions == ["debug*", "up", "1", node], (
+        f"sinfo shows {partitions!r}, expected the default partition debug up with node {node}"
+    )
 
 
 def test_batch_job_completes_and_writes_its_output(node: str, tmp_path: Path) -> None:
     script = tmp_path / "hello.sh"
-    script.write_text('#!/bin/bash\n#SBATCH --output=hello-%j.out\necho "hello from job $SLURM_JOB_ID on $(hostname -s)"\n')
+    script.write_text(
+        '#!/bin/bash\n#SBATCH --output=hello-%j.out\necho "hello from job $SLURM_JOB_ID on $(hostname -s)"\n'
+    )
     job_id = submit(script)
     fields = wait_for_job_end(job_id)
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"job {job_id} ended {fields}"
@@ -97,7 +114,9 @@ def test_batch_job_exit_code_is_reported(node: str, tmp_path: Path) -> None:
 
 def test_srun_pmix_runs_two_mpi4py_ranks(node: str) -> None:
     result = run(["srun", "-n", "2", "--mpi=pmix", sys.executable, "-c", MPI_PROGRAM], timeout=30)
-    assert sorted(result.stdout.splitlines()) == EXPECTED_RANK_LINES, f"srun printed {result.stdout!r}, stderr {result.stderr!r}"
+    assert sorted(result.stdout.splitlines()) == EXPECTED_RANK_LINES, (
+        f"srun printed {result.stdout!r}, stderr {result.stderr!r}"
+    )
 
 
 def test_batch_job_runs_mpi_ranks_with_srun_pmix(node: str, tmp_path: Path) -> None:
@@ -109,5 +128,7 @@ def test_batch_job_runs_mpi_ranks_with_srun_pmix(node: str, tmp_path: Path) -> N
     job_id = submit(script)
     fields = wait_for_job_end(job_id)
     output = (tmp_path / f"mpi-{job_id}.out").read_text()
-    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"job {job_id} ended {fields}; output: {output!r}"
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), (
+        f"job {job_id} ended {fields}; output: {output!r}"
+    )
     assert sorted(output.splitlines()) == EXPECTED_RANK_LINES, f"job {job_id} wrote {output!r}"

@@ -34,17 +34,42 @@ def job_state(job_id: str) -> str:
 
 
 def submit(tmp_path: Path, name: str, *overrides: str) -> tuple[str, Path]:
-    settings = [f"study.name={name}", f"study.n_simulations={N_SIMS}", f"solver.n_steps={N_STEPS}",
-                "solver.grid_size=8", "train.n_validation=2", "train.batch_size=16", "buffer.capacity=60",
-                "buffer.watermark=10", "model.hidden=32", f"study.cache_dir='{tmp_path / 'cache'}'",
-                "launcher.scheduler=slurm", "launcher.server_ranks=2", "launcher.max_concurrent=2",
-                "launcher.client_options=[\"--time=00:10:00\"]", "server.client_timeout=60.0", *overrides]
+    settings = [
+        f"study.name={name}",
+        f"study.n_simulations={N_SIMS}",
+        f"solver.n_steps={N_STEPS}",
+        "solver.grid_size=8",
+        "train.n_validation=2",
+        "train.batch_size=16",
+        "buffer.capacity=60",
+        "buffer.watermark=10",
+        "model.hidden=32",
+        f"study.cache_dir='{tmp_path / 'cache'}'",
+        "launcher.scheduler=slurm",
+        "launcher.server_ranks=2",
+        "launcher.max_concurrent=2",
+        'launcher.client_options=["--time=00:10:00"]',
+        "server.client_timeout=60.0",
+        *overrides,
+    ]
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = subprocess.run(
-        [sys.executable, "-m", "jaxsurro.submit", str(ROOT / "experiments/heat.toml"), "--run-dir", str(run_dir),
-         *[arg for o in settings for arg in ("--set", o)]],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+        [
+            sys.executable,
+            "-m",
+            "jaxsurro.submit",
+            str(ROOT / "experiments/heat.toml"),
+            "--run-dir",
+            str(run_dir),
+            *[arg for o in settings for arg in ("--set", o)],
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert result.returncode == 0, f"submit failed ({HINT}):\n{result.stdout}\n{result.stderr}"
     assert f"run directory: {run_dir}" in result.stdout
     job_id = result.stdout.split("job ", 1)[1].split()[0]
@@ -60,8 +85,11 @@ def test_submitted_study_runs_to_the_end_and_leaves_no_job(tmp_path, mode):
     name = f"t{uuid.uuid4().hex[:8]}"
     job_id, run_dir = submit(tmp_path, name, f"launcher.slurm_mode={mode}")
     try:
-        wait_until(lambda: job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240,
-                   f"server job {job_id} to end")
+        wait_until(
+            lambda: job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+            240,
+            f"server job {job_id} to end",
+        )
     finally:
         subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
     assert job_state(job_id) == "COMPLETED", server_log(run_dir)
@@ -77,14 +105,26 @@ def test_submitted_study_runs_to_the_end_and_leaves_no_job(tmp_path, mode):
 def test_cancelling_the_server_cancels_every_client_job(tmp_path):
     name = f"t{uuid.uuid4().hex[:8]}"
     # Long simulations: clients are still queued or running when the server job is cancelled.
-    job_id, run_dir = submit(tmp_path, name, "solver.n_steps=200000", "train.n_validation=1",
-                             "launcher.max_concurrent=3", "launcher.server_ranks=1")
+    job_id, run_dir = submit(
+        tmp_path,
+        name,
+        "solver.n_steps=200000",
+        "train.n_validation=1",
+        "launcher.max_concurrent=3",
+        "launcher.server_ranks=1",
+    )
     try:
-        wait_until(lambda: any(n.startswith(f"{name}-") and n != f"{name}-server" for n in job_names()), 120,
-                   "client jobs to be submitted")
+        wait_until(
+            lambda: any(n.startswith(f"{name}-") and n != f"{name}-server" for n in job_names()),
+            120,
+            "client jobs to be submitted",
+        )
         slurm("scancel", job_id)
-        wait_until(lambda: not [n for n in job_names() if n.startswith(name)], 60,
-                   "every client job to be cancelled with the server")
+        wait_until(
+            lambda: not [n for n in job_names() if n.startswith(name)],
+            60,
+            "every client job to be cancelled with the server",
+        )
     finally:
         leftovers = [n for n in job_names() if n.startswith(name)]
         if leftovers:

@@ -9,20 +9,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsurro.config import load_config
-from jaxsurro.server.distributed import World
-from jaxsurro.table import SimState
-from jaxsurro.server.parallel import make_data_mesh
 from jaxsurro.run import plan_simulations
+from jaxsurro.server.distributed import World
+from jaxsurro.server.parallel import make_data_mesh
 from jaxsurro.server.steering import Steering
+from jaxsurro.table import SimState
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SIMS, N_STEPS = 40, 5
 
 
 def setup(*overrides: str):
-    config = load_config(ROOT / "experiments/heat.toml", [
-        f"study.n_simulations={N_SIMS}", f"solver.n_steps={N_STEPS}", "sampler.kind=breed", "breed.window=20",
-        "breed.period=1", "breed.min_finished=5", *overrides])
+    config = load_config(
+        ROOT / "experiments/heat.toml",
+        [
+            f"study.n_simulations={N_SIMS}",
+            f"solver.n_steps={N_STEPS}",
+            "sampler.kind=breed",
+            "breed.window=20",
+            "breed.period=1",
+            "breed.min_finished=5",
+            *overrides,
+        ],
+    )
     table = plan_simulations(config)
     steering = Steering(config, World(), table, make_data_mesh())
     return config, table, steering

@@ -7,16 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxsurro.core.fields import FieldSpec
 from jaxsurro.core.model import Scaling, make_model
-from jaxsurro.server.parallel import (
-    DATA_AXIS,
-    jit_eval_step,
-    jit_train_step,
-    make_data_mesh,
-    pad_batch,
-    put_batch,
-    replicate,
-)
 from jaxsurro.core.train import (
     Batch,
     TrainState,
@@ -26,15 +18,26 @@ from jaxsurro.core.train import (
     make_train_step,
     schedule_transition_steps,
 )
+from jaxsurro.server.parallel import (
+    DATA_AXIS,
+    jit_eval_step,
+    jit_train_step,
+    make_data_mesh,
+    pad_batch,
+    put_batch,
+    replicate,
+)
 
 NUM_PARAMS = 3
 FIELD_SHAPE = (4, 4)
+FIELD_SIZE = 16
 SCALING = Scaling(
     param_low=(100.0,) * NUM_PARAMS,
     param_high=(500.0,) * NUM_PARAMS,
     time_scale=2.0,
-    field_low=100.0,
-    field_high=500.0,
+    field_low=(100.0,),
+    field_high=(500.0,),
+    field_sizes=(16,),
 )
 # Float32 sums split over two devices are added in another order than on one device.
 CROSS_DEVICE_RTOL = 1e-5
@@ -42,7 +45,7 @@ CROSS_DEVICE_ATOL = 1e-6
 
 
 def small_model(hidden: int = 16):
-    return make_model("mlp", field_shape=FIELD_SHAPE, scaling=SCALING, hidden=hidden, layers=2)
+    return make_model("mlp", fields=(FieldSpec("u", FIELD_SHAPE),), scaling=SCALING, hidden=hidden, layers=2)
 
 
 def random_batch(seed: int, rows: int, real_rows: int | None = None) -> Batch:
@@ -55,7 +58,7 @@ def random_batch(seed: int, rows: int, real_rows: int | None = None) -> Batch:
         weights[real_rows:] = 0.0
     return Batch(
         inputs=np.concatenate([params, time], axis=1).astype(np.float32),
-        targets=rng.uniform(100.0, 500.0, size=(rows, *FIELD_SHAPE)).astype(np.float32),
+        targets=rng.uniform(100.0, 500.0, size=(rows, FIELD_SIZE)).astype(np.float32),
         weights=weights,
     )
 
@@ -192,7 +195,7 @@ def test_put_batch_pads_to_device_multiple_and_shards_rows():
     mesh = make_data_mesh()
     device_batch = put_batch(random_batch(0, 7), mesh)
     assert device_batch.inputs.shape == (8, NUM_PARAMS + 1)
-    assert device_batch.targets.shape == (8, *FIELD_SHAPE)
+    assert device_batch.targets.shape == (8, FIELD_SIZE)
     np.testing.assert_array_equal(jax.device_get(device_batch.weights), [1] * 7 + [0])
     np.testing.assert_array_equal(jax.device_get(device_batch.targets)[7], 0.0)
     for leaf in device_batch:
@@ -222,9 +225,7 @@ def test_sum_reduction_across_participants_weights_by_sample_count():
         )
     )
     state_ranks, metrics_ranks, _ = ranked_step(fresh_state(model, optimizer), stacked)
-    state_single, metrics_single, _ = jax.jit(make_train_step(model, optimizer))(
-        fresh_state(model, optimizer), full
-    )
+    state_single, metrics_single, _ = jax.jit(make_train_step(model, optimizer))(fresh_state(model, optimizer), full)
     for ranked, single in zip(host_leaves(state_ranks), host_leaves(state_single), strict=True):
         for rank in range(3):
             np.testing.assert_array_equal(ranked[rank], ranked[0])  # identical on every rank
@@ -265,10 +266,8 @@ def test_training_loop_runs_under_transfer_guard_disallow():
         state = replicate(host_state, mesh)
         for batch in host_batches:
             state, metrics, per_sample = step(state, put_batch(batch, mesh))
-        losses, loss_sum, weight_sum = evaluate(state.params, put_batch(host_batches[0], mesh))
-        metrics, losses, loss_sum, weight_sum = jax.device_get(
-            (metrics, losses, loss_sum, weight_sum)
-        )
+        losses, loss_sum, weight_sum, _ = evaluate(state.params, put_batch(host_batches[0], mesh))
+        metrics, losses, loss_sum, weight_sum = jax.device_get((metrics, losses, loss_sum, weight_sum))
     assert losses.shape == (8,) and weight_sum == 8.0
     np.testing.assert_allclose(loss_sum, losses.sum(), rtol=1e-6)
     assert np.isfinite(metrics["loss"])
@@ -281,7 +280,7 @@ def test_eval_step_matches_train_step_losses_and_ignores_padding():
     state = fresh_state(model, optimizer)
     batch = random_batch(4, 8, real_rows=5)
     evaluate = jit_eval_step(make_eval_step(model), mesh)
-    losses, loss_sum, weight_sum = jax.device_get(
+    losses, loss_sum, weight_sum, field_sums = jax.device_get(
         evaluate(replicate(state.params, mesh), put_batch(batch, mesh))
     )
     _, metrics, train_losses = jax.jit(make_train_step(model, optimizer))(state, batch)
@@ -289,6 +288,7 @@ def test_eval_step_matches_train_step_losses_and_ignores_padding():
     assert weight_sum == 5.0
     np.testing.assert_allclose(loss_sum, losses[:5].sum(), rtol=1e-6)
     np.testing.assert_allclose(loss_sum / weight_sum, metrics["loss"], rtol=1e-6)
+    np.testing.assert_allclose(field_sums, [loss_sum], rtol=1e-6)  # one field: its loss is the loss
 
 
 def smooth_field(inputs: np.ndarray) -> np.ndarray:
@@ -299,7 +299,7 @@ def smooth_field(inputs: np.ndarray) -> np.ndarray:
     start, end, amplitude = (inputs[:, i, None, None] for i in range(NUM_PARAMS))
     decay = np.exp(-2.0 * inputs[:, NUM_PARAMS, None, None])
     blend = end + (start - end) * decay
-    return (blend + 0.2 * (amplitude - 300.0) * pattern * decay).astype(np.float32)
+    return (blend + 0.2 * (amplitude - 300.0) * pattern * decay).astype(np.float32).reshape(len(inputs), -1)
 
 
 def test_mlp_learns_a_smooth_problem():
@@ -317,9 +317,33 @@ def test_mlp_learns_a_smooth_problem():
     evaluate = jax.jit(make_eval_step(model))
     state = fresh_state(model, optimizer)
     held_out = sample(256)
-    _, initial_sum, count = evaluate(state.params, held_out)
+    _, initial_sum, count, _ = evaluate(state.params, held_out)
     for _ in range(400):
         state, _, _ = step(state, sample(32))
-    _, final_sum, _ = evaluate(state.params, held_out)
+    _, final_sum, _, _ = evaluate(state.params, held_out)
     initial, final = float(initial_sum / count), float(final_sum / count)
     assert final < initial / 100, f"loss went from {initial:.3g} to {final:.3g}"
+
+
+def test_per_field_losses_are_weighted_and_reported_per_field():
+    """Two fields of different scales: each field's loss is its own normalized MSE; weights mix them."""
+    fields = (FieldSpec("u", (3,)), FieldSpec("s", ()))
+    scaling = Scaling((0.0,), (1.0,), 1.0, field_low=(0.0, -10.0), field_high=(1.0, 10.0), field_sizes=(3, 1))
+    model = make_model("mlp", fields=fields, scaling=scaling, hidden=8, layers=1)
+    optimizer = make_optimizer(1e-3, batch_size=4, halve_every_samples=100)
+    state = init_train_state(jax.random.key(0), model, optimizer, input_dim=2)
+    rng = np.random.default_rng(0)
+    batch = Batch(
+        rng.uniform(0, 1, (4, 2)).astype(np.float32),
+        np.concatenate([rng.uniform(0, 1, (4, 3)), rng.uniform(-10, 10, (4, 1))], 1).astype(np.float32),
+        np.ones(4, np.float32),
+    )
+    predicted = np.asarray(model.apply(state.params, batch.inputs, normalized_output=True))
+    target = (batch.targets - np.array([0, 0, 0, -10.0])) / np.array([1, 1, 1, 20.0])
+    expected_u = ((predicted[:, :3] - target[:, :3]) ** 2).mean(1)
+    expected_s = (predicted[:, 3] - target[:, 3]) ** 2
+    _, metrics, per_sample = jax.jit(make_train_step(model, optimizer, field_weights=(3.0, 1.0)))(state, batch)
+    np.testing.assert_allclose(per_sample, 0.75 * expected_u + 0.25 * expected_s, rtol=1e-5)
+    np.testing.assert_allclose(metrics["field_loss"], [expected_u.mean(), expected_s.mean()], rtol=1e-5)
+    with pytest.raises(ValueError, match="2 non-negative field weights"):
+        make_train_step(model, optimizer, field_weights=(1.0,))

@@ -1,8 +1,10 @@
 """MPI-parallel clients: every solver rank passes its block of the field, the client's root sends it whole.
 
-Split from :mod:`jaxsurro.client`, which loads this module only when ``connect`` gets a
-communicator of more than one rank. mpi4py itself is never imported: the communicator's
-own methods are used, on a duplicate of it.
+:func:`jaxsurro.client.connect` loads this module only when it gets a communicator of more than
+one rank. The root (rank 0 of the communicator) speaks to the server through an ordinary
+:class:`jaxsurro.client.simulation.Simulation`; the server sees one client sending whole fields.
+mpi4py itself is never imported: the communicator's own methods are used, on a duplicate of it.
+The steps, deadlines and limits are in docs/protocol.md, section 12 (MPI-parallel clients).
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxsurro import protocol
-from jaxsurro.client.simulation import (
+from jaxsurro.client.settings import (
     DEFAULT_TIMEOUT,
     ENV_TIMEOUT,
     ClientConfigurationError,
     ServerUnreachable,
-    Simulation,
     SimulationRejected,
-    _as_time_step,
-    connect,
+    check_field_name,
+    check_real_array,
+    check_time_step,
+    resolve_settings,
 )
+from jaxsurro.client.simulation import Simulation
 
 # An MPI rank polls a pending request without sleeping for this long, then sleeps with doubling pauses
 # up to _MAX_PAUSE: low latency when the ranks are in step, little CPU taken from the solver when one
@@ -45,8 +49,9 @@ _META_SIZE = _META_LAYOUT + 3 * protocol.MAX_NDIM
 _PART_OK, _PART_INVALID, _PART_NONE = 1, 0, 2
 # Root announcements (WELCOME or an error) are a uint64 header then an optional byte payload.
 _ANNOUNCE_SIZE = 10
-(_A_ERROR, _A_PAYLOAD, _A_REASON, _A_SIM, _A_STEPS, _A_CLIENT, _A_RANKS, _A_PARAMETERS, _A_DTYPE,
- _A_TIMEOUT) = range(_ANNOUNCE_SIZE)
+(_A_ERROR, _A_PAYLOAD, _A_REASON, _A_SIM, _A_STEPS, _A_CLIENT, _A_RANKS, _A_PARAMETERS, _A_DTYPE, _A_TIMEOUT) = range(
+    _ANNOUNCE_SIZE
+)
 
 
 class ClientRankTimeout(TimeoutError):
@@ -104,9 +109,7 @@ def plan_assembly(
     ndim = len(global_shape)
     total = math.prod(global_shape)
     if total > MPI_MAX_ELEMENTS:
-        raise ValueError(
-            f"global_shape {global_shape} has {total} elements; MPI gathers at most 2**31 - 1 per field"
-        )
+        raise ValueError(f"global_shape {global_shape} has {total} elements; MPI gathers at most 2**31 - 1 per field")
     counts, boxes = [], []
     for r in range(len(starts)):
         if shapes[r] is None:
@@ -149,9 +152,7 @@ def plan_assembly(
     for r, box in enumerate(boxes):
         if box is None:
             continue
-        if box[0].start != next_row or any(
-            (s.start, s.stop) != (0, g) for s, g in zip(box[1:], global_shape[1:])
-        ):
+        if box[0].start != next_row or any((s.start, s.stop) != (0, g) for s, g in zip(box[1:], global_shape[1:])):
             in_place = False
             break
         next_row = box[0].stop
@@ -206,9 +207,7 @@ def _waiting_timeout(timeout: float | None) -> float:
 
 def _error_announcement(error: BaseException) -> tuple[np.ndarray, bytes]:
     """Header and payload telling every rank which error the root met."""
-    code = next(
-        (i + 1 for i, kind in enumerate(_SHARED_ERRORS) if isinstance(error, kind)), len(_SHARED_ERRORS)
-    )
+    code = next((i + 1 for i, kind in enumerate(_SHARED_ERRORS) if isinstance(error, kind)), len(_SHARED_ERRORS))
     reason = getattr(error, "reason", "") or ""
     message = error.message if isinstance(error, protocol.ProtocolError) else str(error)
     if code == len(_SHARED_ERRORS) and not isinstance(error, RuntimeError):
@@ -254,15 +253,20 @@ def _receive_announcement(comm: Any, deadline: float, what: str) -> tuple[np.nda
     return header, payload.tobytes()
 
 
-def _connect_parallel(
+def connect_parallel(
     comm: Any,
-    server: str | None,
-    token: bytes | str | None,
-    sim_id: int | None,
-    timeout: float | None,
-    wire_dtype: Any,
+    server: str | None = None,
+    token: bytes | str | None = None,
+    sim_id: int | None = None,
+    timeout: float | None = None,
+    wire_dtype: Any = None,
+    fields: Any = None,
 ) -> ParallelSimulation:
-    """Collective connect: rank 0 shakes hands with the server, then tells every rank the outcome."""
+    """Collective connect: rank 0 shakes hands with the server, then tells every rank the outcome.
+
+    What jaxsurro.client.connect(comm=comm) does for a communicator of more than one rank (call that);
+    the arguments are connect()'s. Every rank returns a ParallelSimulation or raises the root's error.
+    """
     waiting = _waiting_timeout(timeout)
     comm, request = comm.Idup()  # the client's own collectives never match the solver's
     _wait(
@@ -299,7 +303,7 @@ def _connect_parallel(
 
     simulation: Simulation | None = None
     try:
-        simulation = connect(server, token, sim_id, timeout, wire_dtype)
+        simulation = Simulation.open(resolve_settings(server, token, sim_id, timeout, wire_dtype, fields=fields))
     except BaseException as error:
         header, payload = _error_announcement(error)
         try:
@@ -312,13 +316,13 @@ def _connect_parallel(
     header[_A_SIM], header[_A_STEPS] = simulation.sim_id, simulation.n_steps or 0
     header[_A_CLIENT], header[_A_RANKS] = simulation.client_id, simulation.n_ranks
     header[_A_PARAMETERS] = simulation.parameters.size
-    header[_A_DTYPE] = protocol.DTYPE_TO_CODE[simulation._wire_dtype]
-    header[_A_TIMEOUT:] = np.array([simulation._timeout], dtype=np.float64).view(np.uint64)
+    header[_A_DTYPE] = protocol.DTYPE_TO_CODE[simulation.wire_dtype]
+    header[_A_TIMEOUT:] = np.array([simulation.timeout], dtype=np.float64).view(np.uint64)
     payload = np.ascontiguousarray(simulation.parameters, dtype="<f8").tobytes()
     payload += "\n".join(simulation.addresses).encode()
     header[_A_PAYLOAD] = len(payload)
     try:
-        _publish(comm, header, payload, time.monotonic() + simulation._timeout + _GRACE_SECONDS)
+        _publish(comm, header, payload, time.monotonic() + simulation.timeout + _GRACE_SECONDS)
     except BaseException:
         simulation.abort()
         raise
@@ -330,8 +334,8 @@ def _connect_parallel(
         n_steps=simulation.n_steps,
         client_id=simulation.client_id,
         addresses=simulation.addresses,
-        timeout=simulation._timeout,
-        wire_dtype=simulation._wire_dtype,
+        timeout=simulation.timeout,
+        wire_dtype=simulation.wire_dtype,
     )
 
 
@@ -355,24 +359,12 @@ def _prepare_part(
     metadata = np.zeros(_META_SIZE, dtype=np.int64)
     empty = np.empty(0, dtype=wire_dtype)
     try:
-        if not isinstance(field, str) or not 0 < len(field.encode()) <= protocol.MAX_FIELD_NAME_BYTES:
-            raise ValueError(
-                f"field must be a str name of 1..{protocol.MAX_FIELD_NAME_BYTES} UTF-8 bytes such as "
-                f"'temperature', got {field!r}"
-            )
-        metadata[_META_FIELD] = zlib.crc32(field.encode())
-        step = time_step if type(time_step) is int else _as_time_step(time_step)
-        if not 0 <= step <= protocol.MAX_U32:
-            raise ValueError(f"time_step must be in [0, 2**32), got {step}")
-        metadata[_META_STEP] = step
+        metadata[_META_FIELD] = zlib.crc32(check_field_name(field))
+        metadata[_META_STEP] = check_time_step(time_step)
         if part is None:
             metadata[_META_STATUS] = _PART_NONE
             return _Part(metadata, empty, None)
-        values = np.asarray(part)
-        if values.dtype.kind not in "fiu":
-            raise TypeError(
-                f"field {field!r}: expected a real numeric array (float or int), got dtype {values.dtype}"
-            )
+        values = check_real_array(field, part)
         if start is None or global_shape is None:
             raise ValueError(
                 f"field {field!r}: with an MPI communicator every rank passes where its part lies: "
@@ -412,9 +404,10 @@ def _prepare_part(
 class ParallelSimulation:
     """One simulation streamed by an MPI-parallel solver: every rank sends its part, the root the whole.
 
-    Made by connect(comm=...) on every rank (collective). `parameters`, `sim_id`, `n_steps` are the same
-    on every rank. send() and finish() are collective: every rank calls them in the same order. Only the
-    root (rank 0 of the communicator) talks to the server; its errors are raised on every rank.
+    Made by connect(comm=...) on every rank (collective). `parameters`, `sim_id`, `n_steps`, `addresses`,
+    `n_ranks` (server ranks), `client_id`, `timeout` and `wire_dtype` are the same on every rank. send()
+    and finish() are collective: every rank calls them in the same order. Only the root (rank 0 of the
+    communicator) talks to the server, through `root_simulation`; its errors are raised on every rank.
     """
 
     def __init__(
@@ -441,8 +434,8 @@ class ParallelSimulation:
         self.client_id = client_id  # the root's: the server sees one client
         self.addresses = addresses
         self.n_ranks = len(addresses)  # server ranks
-        self.timeout = timeout
-        self._wire_dtype = wire_dtype
+        self.timeout = timeout  # seconds
+        self.wire_dtype = wire_dtype  # little-endian float32 or float64
         self._plans: dict[str, tuple[bytes, AssemblyPlan]] = {}  # root: last layout per field
         self._steps_sent: set[int] = set()
         self._closed = False
@@ -494,7 +487,7 @@ class ParallelSimulation:
                 f"simulation {self.sim_id} is closed (finished or aborted): send() must be called "
                 "inside the `with client.connect(comm=comm) as sim:` block"
             )
-        local = _prepare_part(field, time_step, part, start, global_shape, self._wire_dtype)
+        local = _prepare_part(field, time_step, part, start, global_shape, self.wire_dtype)
         step_text = f"step {time_step!r} of field {field!r}"
         if not self.is_root:
             _wait(
@@ -551,11 +544,11 @@ class ParallelSimulation:
         except ValueError as error:
             problem = error
         if plan is not None:
-            field_array = np.empty(plan.global_shape, dtype=self._wire_dtype)
-            receive = field_array.reshape(-1) if plan.boxes is None else np.empty(sum(counts), self._wire_dtype)
+            field_array = np.empty(plan.global_shape, dtype=self.wire_dtype)
+            receive = field_array.reshape(-1) if plan.boxes is None else np.empty(sum(counts), self.wire_dtype)
             displacements = plan.displacements
         else:
-            field_array, receive = None, np.empty(sum(counts), dtype=self._wire_dtype)
+            field_array, receive = None, np.empty(sum(counts), dtype=self.wire_dtype)
             displacements = tuple(int(d) for d in np.cumsum([0, *counts[:-1]]))
         _wait(
             [self.comm.Igatherv(local.values, [receive, (counts, displacements)], root=0)],
@@ -574,7 +567,7 @@ class ParallelSimulation:
                     )
         try:
             assert self.root_simulation is not None
-            self.root_simulation._send_assembled(field, int(local.metadata[_META_STEP]), field_array)
+            self.root_simulation.send_assembled(field, int(local.metadata[_META_STEP]), field_array)
         except Exception as error:  # shared with every rank, raised there too
             return error
         return None
@@ -594,7 +587,7 @@ class ParallelSimulation:
                 f"{steps.tolist()}, field-name CRC32 by rank {names.tolist()} (root: {field!r}); every rank "
                 "must send the same (field, time step) in the same order"
             )
-        layout = metadata[:, _META_STATUS:_META_STATUS + 1].tobytes() + metadata[:, _META_NDIM:].tobytes()
+        layout = metadata[:, _META_STATUS : _META_STATUS + 1].tobytes() + metadata[:, _META_NDIM:].tobytes()
         cached = self._plans.get(field)
         if cached is not None and cached[0] == layout:
             return cached[1]

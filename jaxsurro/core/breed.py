@@ -26,7 +26,7 @@ N(parent, σ²I) in the unit cube that the bounds map to. A child out of bounds 
 σ ← σ·shrink (0.3), at most ``max_retries`` (5) times, then takes its parent's location; its final
 σ is returned so it can be passed on. Each pending simulation then gets a child with probability
 r(s) = min(r_s + s·(r_e − r_s)/r_c, r_e), else a uniform draw (:func:`mixing_ratio`, :func:`mix`;
-the paper prints max(...), which cannot be meant, ARCHITECTURE.md §4.5).
+the paper prints max(...), which cannot be meant; docs/architecture.md, "Breed").
 
 Jit with ``jax.jit(amis_resample, static_argnames=AMIS_STATIC_ARGNAMES)`` and
 ``jax.jit(recent_window, static_argnames=("size",))``; the other functions take no static
@@ -35,8 +35,6 @@ arguments.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -47,7 +45,6 @@ from jax import Array
 __all__ = [
     "AMIS_STATIC_ARGNAMES",
     "AmisDraw",
-    "BreedSettings",
     "LossMoments",
     "LossStatsState",
     "amis_resample",
@@ -75,58 +72,13 @@ _RELATIVE_SIGMA_FLOOR = 1e-6
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class BreedSettings:
-    """Breed hyperparameters; defaults are the paper's Table 1, studies (2) and (3).
-
-    ``sigma_unit`` is the proposal width in unit-cube units: the paper's σ = 5.0 on the temperature
-    scale with bounds [100, 500] is 5 / 400 = 0.0125 (use :func:`unit_sigma` to convert).
-    ``window`` is N (the last N simulations whose score was updated), ``period`` is P (training
-    batches between resampling rounds), (``r_start``, ``r_end``, ``r_cycles``) = (r_s, r_e, r_c) the
-    concentrate-explore schedule of :func:`mixing_ratio`. ``importance_weights`` divides the scores
-    by the proposal density (the paper omits it, footnote 1). ``max_retries`` and ``shrink`` are the
-    out-of-bounds rule (σ ← 0.3 σ, at most 5 times, then the parent's location).
-    """
-
-    sigma_unit: float = 0.0125  # = 5.0 temperature units / (500 − 100)
-    window: int = 200
-    period: int = 200
-    r_start: float = 0.5
-    r_end: float = 0.9
-    r_cycles: float = 3.0
-    importance_weights: bool = False
-    max_retries: int = 5
-    shrink: float = 0.3
-
-    def __post_init__(self) -> None:
-        """Reject values the algorithm cannot use, naming the field and the valid range."""
-        problems = []
-        if not (math.isfinite(self.sigma_unit) and self.sigma_unit > 0):
-            problems.append(f"sigma_unit must be a finite number > 0, got {self.sigma_unit}")
-        if self.window < 1:
-            problems.append(f"window must be >= 1, got {self.window}")
-        if self.period < 1:
-            problems.append(f"period must be >= 1, got {self.period}")
-        for name in ("r_start", "r_end"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                problems.append(f"{name} must be in [0, 1], got {value}")
-        if not self.r_cycles > 0:
-            problems.append(f"r_cycles must be > 0, got {self.r_cycles}")
-        if self.max_retries < 0:
-            problems.append(f"max_retries must be >= 0, got {self.max_retries}")
-        if not 0.0 < self.shrink < 1.0:
-            problems.append(f"shrink must be in (0, 1), got {self.shrink}")
-        if problems:
-            raise ValueError("BreedSettings: " + "; ".join(problems))
-
-
 def unit_sigma(physical_sigma: float, low: Sequence[float], high: Sequence[float]) -> float:
     """Convert a proposal width in physical units to unit-cube units (all bounds must share one span)."""
     spans = [float(h) - float(l) for l, h in zip(low, high, strict=True)]
     if not spans or any(not s > 0 for s in spans):
-        raise ValueError(f"unit_sigma: expected non-empty bounds with low < high, got low={list(low)}, "
-                         f"high={list(high)}")
+        raise ValueError(
+            f"unit_sigma: expected non-empty bounds with low < high, got low={list(low)}, high={list(high)}"
+        )
     if max(spans) - min(spans) > 1e-9 * max(spans):
         raise ValueError(
             f"unit_sigma: a physical σ is isotropic in the unit cube only when every parameter has the same "
@@ -160,8 +112,10 @@ class LossMoments(NamedTuple):
 def init_loss_stats(n_simulations: int, n_steps: int) -> LossStatsState:
     """Empty statistics for S simulations of T time steps each."""
     if n_simulations < 1 or n_steps < 1:
-        raise ValueError(f"init_loss_stats: n_simulations and n_steps must be >= 1, got "
-                         f"n_simulations={n_simulations}, n_steps={n_steps}")
+        raise ValueError(
+            f"init_loss_stats: n_simulations and n_steps must be >= 1, got "
+            f"n_simulations={n_simulations}, n_steps={n_steps}"
+        )
     return LossStatsState(
         delta_sum=jnp.zeros((n_simulations, n_steps), jnp.float32),
         delta_count=jnp.zeros((n_simulations, n_steps), jnp.int32),
@@ -174,8 +128,10 @@ def _check_batch(name: str, per_sample_loss: Array, sample_ids: Array, weights: 
     """Trace-time check that losses, ids and weights are three vectors of one length B."""
     shapes = (per_sample_loss.shape, sample_ids.shape, weights.shape)
     if per_sample_loss.ndim != 1 or len(set(shapes)) != 1:
-        raise ValueError(f"{name}: expected per_sample_loss, sample_ids and weights of one shape [B], got "
-                         f"{per_sample_loss.shape}, {sample_ids.shape} and {weights.shape}")
+        raise ValueError(
+            f"{name}: expected per_sample_loss, sample_ids and weights of one shape [B], got "
+            f"{per_sample_loss.shape}, {sample_ids.shape} and {weights.shape}"
+        )
 
 
 def loss_moments(per_sample_loss: Array, weights: Array) -> LossMoments:
@@ -206,8 +162,9 @@ def _local_mean_std(losses: Array, weights: Array) -> tuple[Array, Array]:
     return mean, jnp.sqrt(jnp.sum(w * centred * centred) / total)
 
 
-def update_loss_stats(state: LossStatsState, per_sample_loss: Array, sample_ids: Array, weights: Array,
-                      moments: LossMoments | None = None) -> LossStatsState:
+def update_loss_stats(
+    state: LossStatsState, per_sample_loss: Array, sample_ids: Array, weights: Array, moments: LossMoments | None = None
+) -> LossStatsState:
     """Add one batch's deviations δ = max(l − μ, 0)/σ to the per-(simulation, time step) sums.
 
     ``sample_ids`` [B] int are ``sim_id * n_steps + t``; ``weights`` [B] mark real rows (> 0) and
@@ -331,8 +288,9 @@ class AmisDraw(NamedTuple):
     uniform_fallback: Array  # [] bool, True when no usable weight existed and parents were drawn uniformly
 
 
-def _parent_weights(scores: Array, valid: Array, importance_weights: bool,
-                    proposal_density: Array | None) -> tuple[Array, Array]:
+def _parent_weights(
+    scores: Array, valid: Array, importance_weights: bool, proposal_density: Array | None
+) -> tuple[Array, Array]:
     """Normalized multinomial weights over the window, and whether the uniform fallback was used."""
     q = jnp.where(valid & jnp.isfinite(scores), jnp.maximum(scores, 0.0), 0.0)
     if importance_weights:
@@ -360,14 +318,25 @@ def _multinomial(key: Array, probabilities: Array, count: int) -> Array:
 def _check_bounds(name: str, locations: Array, low: Array, high: Array) -> None:
     """Trace-time check that locations are [N, d] and bounds are [d]."""
     if locations.ndim != 2 or low.shape != (locations.shape[1],) or high.shape != (locations.shape[1],):
-        raise ValueError(f"{name}: expected locations [N, d] and low, high [d], got {locations.shape}, "
-                         f"{low.shape} and {high.shape}")
+        raise ValueError(
+            f"{name}: expected locations [N, d] and low, high [d], got {locations.shape}, {low.shape} and {high.shape}"
+        )
 
 
-def amis_resample(key: Array, locations: Array, scores: Array, n_children: int, sigma: float | Array,
-                  low: Array, high: Array, importance_weights: bool = False,
-                  proposal_density: Array | None = None, max_retries: int = 5, shrink: float | Array = 0.3,
-                  valid: Array | None = None) -> AmisDraw:
+def amis_resample(
+    key: Array,
+    locations: Array,
+    scores: Array,
+    n_children: int,
+    sigma: float | Array,
+    low: Array,
+    high: Array,
+    importance_weights: bool = False,
+    proposal_density: Array | None = None,
+    max_retries: int = 5,
+    shrink: float | Array = 0.3,
+    valid: Array | None = None,
+) -> AmisDraw:
     """Draw K = ``n_children`` children from the score-weighted Gaussian mixture around the window.
 
     ``locations`` [N, d] are the window's parameters (physical units, within [low, high]); ``scores``
@@ -394,23 +363,29 @@ def amis_resample(key: Array, locations: Array, scores: Array, n_children: int, 
     _check_bounds("amis_resample", locations, low, high)
     n_window, dim = locations.shape
     if scores.shape != (n_window,):
-        raise ValueError(f"amis_resample: expected scores of shape ({n_window},) (one per location), got "
-                         f"{scores.shape}")
+        raise ValueError(
+            f"amis_resample: expected scores of shape ({n_window},) (one per location), got {scores.shape}"
+        )
     if n_children < 1:
         raise ValueError(f"amis_resample: n_children must be >= 1, got {n_children}")
     if max_retries < 0:
         raise ValueError(f"amis_resample: max_retries must be >= 0, got {max_retries}")
     if importance_weights and proposal_density is None:
-        raise ValueError("amis_resample: importance_weights=True divides the scores by the proposal density; "
-                         "pass proposal_density [N] (see proposal_density())")
+        raise ValueError(
+            "amis_resample: importance_weights=True divides the scores by the proposal density; "
+            "pass proposal_density [N] (see proposal_density())"
+        )
     if not importance_weights and proposal_density is not None:
-        raise ValueError("amis_resample: proposal_density is only used with importance_weights=True; "
-                         "set importance_weights=True or drop proposal_density")
+        raise ValueError(
+            "amis_resample: proposal_density is only used with importance_weights=True; "
+            "set importance_weights=True or drop proposal_density"
+        )
     if proposal_density is not None:
         proposal_density = jnp.asarray(proposal_density, jnp.float32)
         if proposal_density.shape != (n_window,):
-            raise ValueError(f"amis_resample: expected proposal_density of shape ({n_window},), got "
-                             f"{proposal_density.shape}")
+            raise ValueError(
+                f"amis_resample: expected proposal_density of shape ({n_window},), got {proposal_density.shape}"
+            )
     valid = jnp.ones((n_window,), bool) if valid is None else jnp.asarray(valid, bool)
     if valid.shape != (n_window,):
         raise ValueError(f"amis_resample: expected valid of shape ({n_window},), got {valid.shape}")
@@ -438,8 +413,9 @@ def amis_resample(key: Array, locations: Array, scores: Array, n_children: int, 
     return AmisDraw(children=children, parents=parents, sigma=final_sigma, uniform_fallback=fallback)
 
 
-def proposal_density(points: Array, centres: Array, sigmas: Array | float, low: Array, high: Array,
-                     ratio: float | Array = 1.0) -> Array:
+def proposal_density(
+    points: Array, centres: Array, sigmas: Array | float, low: Array, high: Array, ratio: float | Array = 1.0
+) -> Array:
     """Density [M] of the unit-cube proposal r·(1/K)Σ_k N(·|centre_k, σ_k²I) + (1 − r)·U at ``points`` [M, d].
 
     For ``importance_weights``: evaluate the window's locations under the previous round's proposal
@@ -476,7 +452,7 @@ def mixing_ratio(s: int | Array, r_start: float, r_end: float, r_cycles: float) 
 
     Written as r_s + min(s/r_c, 1)·(r_e − r_s), which is the same for r_e >= r_s and also moves a
     decreasing schedule (r_e < r_s) monotonically to r_e. The paper prints max(...), which would be
-    r_e or more from the start (ARCHITECTURE.md §4.5). Returns a [] float32 array.
+    r_e or more from the start (docs/architecture.md, "Breed"). Returns a [] float32 array.
     """
     if isinstance(r_cycles, (int, float)) and not r_cycles > 0:
         raise ValueError(f"mixing_ratio: r_cycles (r_c) must be > 0, got {r_cycles}")
@@ -489,7 +465,8 @@ def mix(key: Array, children: Array, uniform: Array, ratio: float | Array) -> tu
     children = jnp.asarray(children)
     uniform = jnp.asarray(uniform)
     if children.shape != uniform.shape or children.ndim != 2:
-        raise ValueError(f"mix: expected children and uniform of one shape [K, d], got {children.shape} and "
-                         f"{uniform.shape}")
+        raise ValueError(
+            f"mix: expected children and uniform of one shape [K, d], got {children.shape} and {uniform.shape}"
+        )
     is_child = jax.random.bernoulli(key, jnp.asarray(ratio, jnp.float32), (children.shape[0],))
     return jnp.where(is_child[:, None], children, uniform.astype(children.dtype)), is_child

@@ -7,13 +7,14 @@ explicit PRNG key and returning the new state. Shapes are static: the capacity, 
 ``batch_size``, ``watermark`` and ``evict`` are fixed at trace time, so jit ``sample`` with
 ``static_argnames=("batch_size", "watermark", "evict")``.
 
-Rules (the same as :class:`jaxsurro.server.buffers.ReservoirBuffer`): a new sample takes the first free
-slot, else overwrites a uniformly random *seen* sample; when every slot holds an unseen sample,
-``add`` refuses it (``accepted=False``), the device analogue of the host producer blocking, and the
-caller retries after the next draw. ``sample`` draws ``batch_size`` slots uniformly with replacement
-among the stored samples once the population reaches the watermark; drawn samples become seen and
-their use counts grow by one per draw. With ``evict=True`` (reception over) it draws
-``min(batch_size, population)`` distinct stored samples and frees their slots, so the buffer empties.
+Rules (the same as :class:`jaxsurro.server.buffers.ReservoirBuffer`; docs/architecture.md,
+"Buffers"): a new sample takes the first free slot, else overwrites a uniformly random *seen*
+sample; when every slot holds an unseen sample, ``add`` refuses it (``accepted=False``), the device
+analogue of the host producer blocking, and the caller retries after the next draw. ``sample``
+draws ``batch_size`` slots uniformly with replacement among the stored samples once the population
+reaches the watermark; drawn samples become seen and their use counts grow by one per draw. With
+``evict=True`` (reception over) it draws ``min(batch_size, population)`` distinct stored samples
+and frees their slots, so the buffer empties.
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ def _kth_true(mask: Array, k: Array) -> Array:
     return jnp.argmax(mask & (rank == k))
 
 
-def add(state: ReservoirState, key: Array, inputs: Array, targets: Array, sample_id: Array | int
-        ) -> tuple[ReservoirState, Array]:
+def add(
+    state: ReservoirState, key: Array, inputs: Array, targets: Array, sample_id: Array | int
+) -> tuple[ReservoirState, Array]:
     """Store one sample in the first free slot, else over a uniformly random seen one; returns accepted."""
     inputs = jnp.asarray(inputs)
     targets = jnp.asarray(targets)
@@ -106,9 +108,7 @@ def add(state: ReservoirState, key: Array, inputs: Array, targets: Array, sample
     last_bin = state.evicted_uses.shape[0] - 1
     return ReservoirState(
         inputs=state.inputs.at[slot].set(jnp.where(accepted, inputs.astype(jnp.float32), state.inputs[slot])),
-        targets=state.targets.at[slot].set(
-            jnp.where(accepted, targets.astype(jnp.float32), state.targets[slot])
-        ),
+        targets=state.targets.at[slot].set(jnp.where(accepted, targets.astype(jnp.float32), state.targets[slot])),
         sample_ids=state.sample_ids.at[slot].set(
             jnp.where(accepted, jnp.asarray(sample_id, jnp.int32), state.sample_ids[slot])
         ),
@@ -123,8 +123,9 @@ def add(state: ReservoirState, key: Array, inputs: Array, targets: Array, sample
     ), accepted
 
 
-def add_many(state: ReservoirState, key: Array, inputs: Array, targets: Array, sample_ids: Array
-             ) -> tuple[ReservoirState, Array]:
+def add_many(
+    state: ReservoirState, key: Array, inputs: Array, targets: Array, sample_ids: Array
+) -> tuple[ReservoirState, Array]:
     """Add n samples in order (a lax.scan over add); returns accepted [n] bool."""
     inputs = jnp.asarray(inputs)
     targets = jnp.asarray(targets)
@@ -146,8 +147,9 @@ def _zero_invalid_rows(valid: Array, rows: Array) -> Array:
     return jnp.where(valid.reshape(valid.shape + (1,) * (rows.ndim - 1)), rows, jnp.zeros((), rows.dtype))
 
 
-def sample(state: ReservoirState, key: Array, batch_size: int, watermark: int, evict: bool = False
-           ) -> tuple[ReservoirState, Array, Array, Array, Array]:
+def sample(
+    state: ReservoirState, key: Array, batch_size: int, watermark: int, evict: bool = False
+) -> tuple[ReservoirState, Array, Array, Array, Array]:
     """Draw a batch; returns (state, inputs [B, D], targets [B, ...], sample_ids [B], valid_mask [B]).
 
     Without ``evict``: B slots uniformly with replacement among stored samples, only when
@@ -211,7 +213,9 @@ def num_unseen(state: ReservoirState) -> Array:
 def repetition_histogram(state: ReservoirState) -> Array:
     """counts[k] = samples ever stored that were used exactly k times ([max_uses + 1] int32; last bin >= max_uses)."""
     last_bin = state.evicted_uses.shape[0] - 1
-    stored = jnp.zeros_like(state.evicted_uses).at[jnp.minimum(state.use_count, last_bin)].add(
-        state.occupied.astype(jnp.int32)
+    stored = (
+        jnp.zeros_like(state.evicted_uses)
+        .at[jnp.minimum(state.use_count, last_bin)]
+        .add(state.occupied.astype(jnp.int32))
     )
     return state.evicted_uses + stored

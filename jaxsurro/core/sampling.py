@@ -53,8 +53,10 @@ class BoxSampler:
         self.low = np.asarray(low, dtype=np.float64)
         self.high = np.asarray(high, dtype=np.float64)
         if self.low.ndim != 1 or self.low.shape != self.high.shape or self.low.size == 0:
-            raise ValueError(f"bounds must be two 1-D sequences of the same non-zero length, got "
-                             f"low={list(low)} and high={list(high)}")
+            raise ValueError(
+                f"bounds must be two 1-D sequences of the same non-zero length, got "
+                f"low={list(low)} and high={list(high)}"
+            )
         if not np.all(self.low < self.high):
             bad = [i for i in range(self.low.size) if not self.low[i] < self.high[i]]
             raise ValueError(f"every low bound must be below its high bound; dimensions {bad} are not")
@@ -87,8 +89,9 @@ def sample(kind: SamplerKind, n: int, low: Sequence[float], high: Sequence[float
     return BoxSampler(kind, low, high, seed).draw(n)
 
 
-def plan_parameters(kind: SamplerKind, n: int, low: Sequence[float], high: Sequence[float],
-                    study_seed: int) -> np.ndarray:
+def plan_parameters(
+    kind: SamplerKind, n: int, low: Sequence[float], high: Sequence[float], study_seed: int
+) -> np.ndarray:
     """The study's initial plan: ``n`` simulation parameters ``[n, d]`` float64 from the sampler stream."""
     return sample(kind, n, low, high, derive_seed(study_seed, "sampler"))
 

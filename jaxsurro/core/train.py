@@ -1,8 +1,9 @@
 """Pure training and evaluation steps for surrogates (jit at the call site: `jaxsurro.server.parallel`).
 
-Loss of one sample i (normalized units, so it is O(1) whatever the temperature scale):
+Loss of one sample i (normalized units, so it is O(1) whatever each field's physical scale):
 
-    l_i = mean over the field of (û_θ(x_i) − û_i)²,   û = normalize_field(u, model.scaling)
+    l_{i,f} = mean over field f of (û_θ(x_i) − û_i)²,   û = normalize_field(u, model.scaling)
+    l_i = Σ_f c_f l_{i,f} / Σ_f c_f                     (c_f: the field's weight in the loss)
 
 The update minimizes the weighted mean L = Σ_i w_i l_i / Σ_i w_i. Each participant (device
 shard, MPI rank) contributes sums (Σ w_i ∇l_i, Σ w_i l_i, Σ w_i); `reduce_fn` adds them up
@@ -13,12 +14,13 @@ total weight is 0 the step leaves parameters and optimizer state bitwise unchang
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxsurro.core.model import normalize_field
@@ -27,12 +29,14 @@ __all__ = [
     "Batch",
     "EvalStep",
     "ReduceFn",
+    "Sums",
     "TrainState",
     "TrainStep",
     "init_train_state",
     "make_eval_step",
     "make_optimizer",
     "make_train_step",
+    "per_field_loss",
     "schedule_transition_steps",
 ]
 
@@ -43,7 +47,7 @@ class Batch(NamedTuple):
     """One training batch; padding rows carry weight 0."""
 
     inputs: jax.Array  # [B, d+1] float32: physical parameters then physical time
-    targets: jax.Array  # [B, *field_shape] float32: physical units
+    targets: jax.Array  # [B, sample_size] float32: every field of the step, flat, physical units
     weights: jax.Array  # [B] float32: 1 for real rows, 0 for padding
 
 
@@ -55,25 +59,32 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
 
 
-# (grad_sum, loss_sum, weight_sum) -> the same sums added over every participant.
-ReduceFn = Callable[[tuple[Params, jax.Array, jax.Array]], tuple[Params, jax.Array, jax.Array]]
+class Sums(NamedTuple):
+    """What each participant (device shard, MPI rank) contributes; participants combine by adding."""
+
+    grad: Params  # Σ_i w_i ∇l_i
+    loss: jax.Array  # [] Σ_i w_i l_i
+    weight: jax.Array  # [] Σ_i w_i
+    field_loss: jax.Array  # [F] Σ_i w_i l_{i,f}
+
+
+# Sums -> the same sums added over every participant.
+ReduceFn = Callable[[Sums], Sums]
 TrainStep = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array], jax.Array]]
-EvalStep = Callable[[Params, Batch], tuple[jax.Array, jax.Array, jax.Array]]
+# (params, batch) -> (per-sample loss [B], Σ w·l, Σ w, per-field Σ w·l_f [F])
+EvalStep = Callable[[Params, Batch], tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
 
 
 def schedule_transition_steps(batch_size: int, halve_every_samples: int) -> int:
     """Optimizer steps between two halvings: max(1, halve_every_samples // batch_size)."""
     if batch_size <= 0 or halve_every_samples <= 0:
         raise ValueError(
-            f"Expected batch_size > 0 and halve_every_samples > 0; got {batch_size} and "
-            f"{halve_every_samples}."
+            f"Expected batch_size > 0 and halve_every_samples > 0; got {batch_size} and {halve_every_samples}."
         )
     return max(1, halve_every_samples // batch_size)
 
 
-def make_optimizer(
-    learning_rate: float, batch_size: int, halve_every_samples: int
-) -> optax.GradientTransformation:
+def make_optimizer(learning_rate: float, batch_size: int, halve_every_samples: int) -> optax.GradientTransformation:
     """Adam whose learning rate halves every `halve_every_samples` samples (the papers' schedule).
 
     The schedule counts optimizer updates, one per full batch of `batch_size` samples, so the
@@ -97,43 +108,54 @@ def init_train_state(
 ) -> TrainState:
     """Initialize parameters from `key` (same key, same bits) and the optimizer state."""
     params = model.init(key, jnp.zeros((1, input_dim), dtype=jnp.float32))
-    return TrainState(
-        step=jnp.zeros((), dtype=jnp.int32), params=params, opt_state=optimizer.init(params)
-    )
+    return TrainState(step=jnp.zeros((), dtype=jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
-def _per_sample_loss(model: nn.Module, params: Params, batch: Batch) -> jax.Array:
-    """[B] mean over the field of the squared error in normalized units."""
+def per_field_loss(model: nn.Module, params: Params, batch: Batch) -> jax.Array:
+    """[B, F] mean over each field of the squared error in normalized units."""
     predicted = model.apply(params, batch.inputs, normalized_output=True)
     target = normalize_field(batch.targets.astype(jnp.float32), model.scaling)
     squared_error = jnp.square(predicted - target)
-    return jnp.mean(squared_error.reshape(squared_error.shape[0], -1), axis=1)
+    bounds = np.cumsum((0, *model.scaling.field_sizes))
+    return jnp.stack(
+        [jnp.mean(squared_error[:, bounds[f] : bounds[f + 1]], axis=1) for f in range(len(bounds) - 1)], axis=1
+    )
 
 
-def _identity_reduce(
-    sums: tuple[Params, jax.Array, jax.Array],
-) -> tuple[Params, jax.Array, jax.Array]:
+def _loss_weights(model: nn.Module, field_weights: Sequence[float] | None) -> np.ndarray:
+    """The fields' weights c_f normalized to sum 1 (equal weights by default)."""
+    n_fields = len(model.scaling.field_sizes)
+    weights = np.ones(n_fields) if field_weights is None else np.asarray(field_weights, dtype=np.float64)
+    if weights.shape != (n_fields,) or not np.all(weights >= 0) or not weights.sum() > 0:
+        raise ValueError(f"Expected {n_fields} non-negative field weights with a positive sum; got {field_weights}.")
+    return (weights / weights.sum()).astype(np.float32)
+
+
+def _identity_reduce(sums: Sums) -> Sums:
     """Single participant: the local sums are the totals."""
     return sums
 
 
-Sums = tuple[Params, jax.Array, jax.Array]  # (Σ w·∇l, Σ w·l, Σ w)
-
-
-def make_gradient_sums(model: nn.Module) -> Callable[[Params, Batch], tuple[Sums, jax.Array]]:
-    """Build the pure (params, batch) -> ((Σ w·∇l, Σ w·l, Σ w), per_sample_loss [B]).
+def make_gradient_sums(
+    model: nn.Module, field_weights: Sequence[float] | None = None
+) -> Callable[[Params, Batch], tuple[Sums, jax.Array]]:
+    """Build the pure (params, batch) -> (Sums, per_sample_loss [B]).
 
     Sums, not means, so that participants (devices, ranks) combine by adding and each
     counts in proportion to its samples.
     """
+    weights = _loss_weights(model, field_weights)
 
-    def weighted_loss_sum(params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        per_sample = _per_sample_loss(model, params, batch)
-        return jnp.sum(batch.weights * per_sample), per_sample
+    def weighted_loss_sum(params: Params, batch: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        per_field = per_field_loss(model, params, batch)
+        per_sample = per_field @ weights
+        return jnp.sum(batch.weights * per_sample), (per_sample, batch.weights @ per_field)
 
     def gradient_sums(params: Params, batch: Batch) -> tuple[Sums, jax.Array]:
-        (loss_sum, per_sample), grad_sum = jax.value_and_grad(weighted_loss_sum, has_aux=True)(params, batch)
-        return (grad_sum, loss_sum, jnp.sum(batch.weights)), per_sample
+        (loss_sum, (per_sample, field_sums)), grad_sum = jax.value_and_grad(weighted_loss_sum, has_aux=True)(
+            params, batch
+        )
+        return Sums(grad_sum, loss_sum, jnp.sum(batch.weights), field_sums), per_sample
 
     return gradient_sums
 
@@ -147,7 +169,7 @@ def make_apply_sums(
     """
 
     def apply_sums(state: TrainState, sums: Sums) -> tuple[TrainState, dict[str, jax.Array]]:
-        grad_sum, loss_sum, weight_sum = sums
+        grad_sum, loss_sum, weight_sum, field_loss_sum = sums
         denominator = jnp.maximum(weight_sum, jnp.finfo(jnp.float32).tiny)
         grads = jax.tree.map(lambda g: g / denominator, grad_sum)
         updates, candidate_opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -170,6 +192,7 @@ def make_apply_sums(
         )
         metrics = {
             "loss": loss_sum / denominator,
+            "field_loss": field_loss_sum / denominator,
             "weight": weight_sum,
             "learning_rate": (
                 jnp.asarray(jnp.nan, dtype=jnp.float32)
@@ -184,24 +207,26 @@ def make_apply_sums(
 
 
 def make_train_step(
-    model: nn.Module, optimizer: optax.GradientTransformation, reduce_fn: ReduceFn | None = None
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    reduce_fn: ReduceFn | None = None,
+    field_weights: Sequence[float] | None = None,
 ) -> TrainStep:
     """Build the pure step (state, batch) -> (new_state, metrics, per_sample_loss [B]).
 
     It is gradient sums, then ``reduce_fn`` over the sums (identity by default; a sum
     across MPI ranks in a multi-rank server), then one update from the totals.
-    metrics: loss (weighted mean over all participants), weight (total weight), learning_rate
+    metrics: loss (weighted mean over all participants), field_loss ([F], each field's weighted mean
+    loss), weight (total weight), learning_rate
     (the rate of this update; NaN if the optimizer does not expose one through
     optax.inject_hyperparams), grad_norm (global norm of the averaged gradient). Per-sample
     losses are returned for every row, padding included; keep the rows with weight > 0.
     """
     reduce = _identity_reduce if reduce_fn is None else reduce_fn
-    gradient_sums = make_gradient_sums(model)
+    gradient_sums = make_gradient_sums(model, field_weights)
     apply_sums = make_apply_sums(optimizer)
 
-    def train_step(
-        state: TrainState, batch: Batch
-    ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
         sums, per_sample = gradient_sums(state.params, batch)
         new_state, metrics = apply_sums(state, reduce(sums))
         return new_state, metrics, per_sample
@@ -209,11 +234,13 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model: nn.Module) -> EvalStep:
-    """Build the pure eval_step(params, batch) -> (per_sample_loss [B], Σ w·l, Σ w)."""
+def make_eval_step(model: nn.Module, field_weights: Sequence[float] | None = None) -> EvalStep:
+    """Build the pure eval_step(params, batch) -> (per_sample_loss [B], Σ w·l, Σ w, per-field Σ w·l_f [F])."""
+    weights = _loss_weights(model, field_weights)
 
-    def eval_step(params: Params, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
-        per_sample = _per_sample_loss(model, params, batch)
-        return per_sample, jnp.sum(batch.weights * per_sample), jnp.sum(batch.weights)
+    def eval_step(params: Params, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        per_field = per_field_loss(model, params, batch)
+        per_sample = per_field @ weights
+        return per_sample, jnp.sum(batch.weights * per_sample), jnp.sum(batch.weights), batch.weights @ per_field
 
     return eval_step

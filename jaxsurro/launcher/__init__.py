@@ -1,14 +1,15 @@
-"""Runs the ensemble of simulations through a scheduler backend."""
+"""Runs the ensemble of simulations through a scheduler backend (docs/architecture.md, section "Launcher").
+
+The simulation table the launcher drives lives in :mod:`jaxsurro.table`.
+"""
 
 from collections.abc import Sequence
 
-from jaxsurro.launcher.supervisor import Launcher
 from jaxsurro.launcher.local import LocalScheduler
 from jaxsurro.launcher.scheduler import JobSpec, JobState, JobStatus, Scheduler
-from jaxsurro.table import SimState, SimulationRecord, SimulationTable
+from jaxsurro.launcher.supervisor import Launcher
 
-__all__ = ["JobSpec", "JobState", "JobStatus", "Launcher", "LocalScheduler", "Scheduler", "SimState",
-           "SimulationRecord", "SimulationTable", "make_scheduler"]
+__all__ = ["JobSpec", "JobState", "JobStatus", "Launcher", "LocalScheduler", "Scheduler", "make_scheduler"]
 
 
 def make_scheduler(name: str, options: Sequence[str] = (), slurm_mode: str = "jobs") -> Scheduler:

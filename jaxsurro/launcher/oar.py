@@ -12,6 +12,7 @@ Commands run as argument lists with ``shell=False``: ``oarsub -S SCRIPT`` (the i
 ``OAR_JOB_ID=N`` line), one ``oarstat -f -J -j ID -j ID ...`` per poll for all jobs (only the
 full view carries ``exit_code``, a raw wait status), and ``oardel ID ...``. Failed commands are
 retried with exponential back-off; every error quotes the command's exit code and output.
+See docs/architecture.md, section "Launcher".
 """
 
 from __future__ import annotations
@@ -27,17 +28,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from jaxsurro.launcher.commands import CommandError, Commands, Runner, describe, export_lines, write_job_script
 from jaxsurro.launcher.scheduler import JobSpec, JobState, JobStatus
 
 log = logging.getLogger("jaxsurro.launcher.oar")
 
-T = TypeVar("T")
-Runner = Callable[..., subprocess.CompletedProcess]
 
-
-class OarError(RuntimeError):
+class OarError(CommandError):
     """An OAR command failed or answered something this backend cannot read."""
 
 
@@ -49,53 +48,89 @@ class OarError(RuntimeError):
 # and replaces "%jobid%" in the -O/-E paths; it also runs `oardodo cat SCRIPT` through a shell,
 # splitting the script path on spaces.
 _OAR_LITERAL = re.compile(r"[A-Za-z0-9_./+,:=-]+")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _OPTION = re.compile(r"(--?[A-Za-z][A-Za-z0-9-]*)(?:(?:=|\s+)(.*))?")
 
 # The directives OAR 2.5's script scanner accepts (OAR::Sub::scan_script), by the value each takes.
 _VALUE, _NUMBER, _FLAG = "a value", "a number", "no value"
 _DIRECTIVES: dict[str, str] = {
-    "-l": _VALUE, "--resource": _VALUE, "-q": _VALUE, "--queue": _VALUE, "-p": _VALUE, "--property": _VALUE,
-    "--checkpoint": _NUMBER, "--notify": _VALUE, "-t": _VALUE, "--type": _VALUE, "--project": _VALUE,
-    "--hold": _FLAG, "-a": _NUMBER, "--anterior": _NUMBER, "--signal": _NUMBER, "-k": _FLAG,
-    "--use-job-key": _FLAG, "--import-job-key-inline-priv": _VALUE, "-i": _VALUE,
-    "--import-job-key-from-file": _VALUE, "-e": _VALUE, "--export-job-key-to-file": _VALUE, "-s": _VALUE,
-    "--stagein": _VALUE, "--stagein-md5sum": _VALUE,
+    "-l": _VALUE,
+    "--resource": _VALUE,
+    "-q": _VALUE,
+    "--queue": _VALUE,
+    "-p": _VALUE,
+    "--property": _VALUE,
+    "--checkpoint": _NUMBER,
+    "--notify": _VALUE,
+    "-t": _VALUE,
+    "--type": _VALUE,
+    "--project": _VALUE,
+    "--hold": _FLAG,
+    "-a": _NUMBER,
+    "--anterior": _NUMBER,
+    "--signal": _NUMBER,
+    "-k": _FLAG,
+    "--use-job-key": _FLAG,
+    "--import-job-key-inline-priv": _VALUE,
+    "-i": _VALUE,
+    "--import-job-key-from-file": _VALUE,
+    "-e": _VALUE,
+    "--export-job-key-to-file": _VALUE,
+    "-s": _VALUE,
+    "--stagein": _VALUE,
+    "--stagein-md5sum": _VALUE,
 }
 # Directives the backend sets from the JobSpec itself, or that would turn one job into several.
 _RESERVED: dict[str, str] = {
-    "-n": "the job's name", "--name": "the job's name", "-O": "the job's log path", "--stdout": "the job's log path",
-    "-E": "the job's log path", "--stderr": "the job's log path", "-d": "the job's cwd", "--directory": "the job's cwd",
-    "--array": "one JobSpec per job", "--array-param-file": "one JobSpec per job",
+    "-n": "the job's name",
+    "--name": "the job's name",
+    "-O": "the job's log path",
+    "--stdout": "the job's log path",
+    "-E": "the job's log path",
+    "--stderr": "the job's log path",
+    "-d": "the job's cwd",
+    "--directory": "the job's cwd",
+    "--array": "one JobSpec per job",
+    "--array-param-file": "one JobSpec per job",
 }
 
 
 def check_options(options: Sequence[str]) -> tuple[str, ...]:
     """The user's OAR options as canonical ``FLAG VALUE`` directives; raises on anything OAR would refuse."""
     if isinstance(options, str) or not isinstance(options, Sequence):
-        raise TypeError(f"OAR options must be a sequence of strings such as ['-l nodes=1/core=1,walltime=00:10:00'], "
-                        f"got {options!r}; wrap a single option in a list")
+        raise TypeError(
+            f"OAR options must be a sequence of strings such as ['-l nodes=1/core=1,walltime=00:10:00'], "
+            f"got {options!r}; wrap a single option in a list"
+        )
     directives = []
     for option in options:
         if not isinstance(option, str):
-            raise TypeError(f"each OAR option must be a string such as '-l nodes=1', got {option!r} "
-                            f"({type(option).__name__})")
+            raise TypeError(
+                f"each OAR option must be a string such as '-l nodes=1', got {option!r} ({type(option).__name__})"
+            )
         if any(c in option for c in "\n\r\0"):
-            raise ValueError(f"OAR option {option!r} spans several lines; OAR reads one '#OAR' directive per line, "
-                             f"so give each option as its own string")
+            raise ValueError(
+                f"OAR option {option!r} spans several lines; OAR reads one '#OAR' directive per line, "
+                f"so give each option as its own string"
+            )
         match = _OPTION.fullmatch(option.strip())
         if match is None:
-            raise ValueError(f"OAR option {option!r} is not of the form '-FLAG VALUE' or '--flag VALUE' "
-                             f"(e.g. '-l nodes=1/core=1,walltime=00:10:00', '--project myproject')")
+            raise ValueError(
+                f"OAR option {option!r} is not of the form '-FLAG VALUE' or '--flag VALUE' "
+                f"(e.g. '-l nodes=1/core=1,walltime=00:10:00', '--project myproject')"
+            )
         flag, value = match.group(1), (match.group(2) or "").strip()
         if flag in _RESERVED:
-            raise ValueError(f"OAR option {option!r} sets {flag}, which the oar backend sets from "
-                             f"{_RESERVED[flag]}; remove it from the options")
+            raise ValueError(
+                f"OAR option {option!r} sets {flag}, which the oar backend sets from "
+                f"{_RESERVED[flag]}; remove it from the options"
+            )
         kind = _DIRECTIVES.get(flag)
         if kind is None:
             valid = ", ".join(f"{f} ({k})" for f, k in _DIRECTIVES.items())
-            raise ValueError(f"OAR option {option!r}: {flag} is not a directive OAR reads from a batch script; "
-                             f"valid ones are: {valid}")
+            raise ValueError(
+                f"OAR option {option!r}: {flag} is not a directive OAR reads from a batch script; "
+                f"valid ones are: {valid}"
+            )
         if (kind == _FLAG and value) or (kind == _VALUE and not value) or (kind == _NUMBER and not value.isdigit()):
             raise ValueError(f"OAR option {option!r}: {flag} takes {kind}, got {value!r}")
         directives.append(f"{flag} {value}" if value else flag)
@@ -115,13 +150,17 @@ def script_path(job: JobSpec) -> Path:
 def _oar_literal_path(path: Path, what: str) -> str:
     text = str(path)
     if not path.is_absolute():
-        raise ValueError(f"the job's {what} {text!r} must be an absolute path: OAR resolves relative ones against "
-                         f"its launching directory, not the launcher's; pass Path.absolute()")
+        raise ValueError(
+            f"the job's {what} {text!r} must be an absolute path: OAR resolves relative ones against "
+            f"its launching directory, not the launcher's; pass Path.absolute()"
+        )
     if not _OAR_LITERAL.fullmatch(text):
         bad = sorted({c for c in text if not _OAR_LITERAL.fullmatch(c)})
-        raise ValueError(f"the job's {what} {text!r} holds {bad}, which OAR cannot take: it reads '#OAR -O/-E' paths "
-                         f"literally, pastes them into Perl strings and splits the script path on spaces; use a "
-                         f"run directory whose path has only letters, digits and _./+,:=-")
+        raise ValueError(
+            f"the job's {what} {text!r} holds {bad}, which OAR cannot take: it reads '#OAR -O/-E' paths "
+            f"literally, pastes them into Perl strings and splits the script path on spaces; use a "
+            f"run directory whose path has only letters, digits and _./+,:=-"
+        )
     return text
 
 
@@ -137,10 +176,7 @@ def job_script(job: JobSpec, options: Sequence[str] = ()) -> str:
     _oar_literal_path(script_path(job), "script path")
     if not job.cwd.is_absolute():
         raise ValueError(f"the job's cwd {str(job.cwd)!r} must be an absolute path; pass Path.absolute()")
-    for name in job.env:
-        if not _ENV_NAME.fullmatch(name):
-            raise ValueError(f"environment variable name {name!r} of job {job.name!r} is not a valid shell name "
-                             f"(letters, digits and '_', not starting with a digit)")
+    exports = export_lines(job.name, job.env)
     lines = [
         "#!/bin/bash",
         f"#OAR -n {oar_job_name(job.name)}",
@@ -151,8 +187,8 @@ def job_script(job: JobSpec, options: Sequence[str] = ()) -> str:
         "set -e",
         "exec 2>&1  # one open file for both streams: OAR opens -O and -E separately, each from offset 0",
         f"cd {shlex.quote(str(job.cwd))}",
-        *(f"export {name}={shlex.quote(value)}" for name, value in job.env.items()),
-        "exec " + " ".join(shlex.quote(arg) for arg in job.argv),
+        *exports,
+        f"exec {shlex.join(job.argv)}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -197,8 +233,9 @@ def job_status(entry: Mapping[str, Any], cancelled: bool = False) -> JobStatus:
     state = entry.get("state")
     raw = entry.get("exit_code")
     if raw is not None and not isinstance(raw, int):
-        raise OarError(f"oarstat gave exit_code {raw!r} for job {entry.get('Job_Id')}; expected an integer wait "
-                       f"status or null")
+        raise OarError(
+            f"oarstat gave exit_code {raw!r} for job {entry.get('Job_Id')}; expected an integer wait status or null"
+        )
     code = exit_status(raw)
     if state in _PENDING_STATES:
         return JobStatus(JobState.PENDING, None)
@@ -217,8 +254,10 @@ def job_status(entry: Mapping[str, Any], cancelled: bool = False) -> JobStatus:
         if cancelled or "FRAG_JOB_REQUEST" in events:
             return JobStatus(JobState.CANCELLED, code)
         return JobStatus(JobState.FAILED, code)
-    raise OarError(f"oarstat gave state {state!r} for job {entry.get('Job_Id')}; expected one of "
-                   f"{sorted(OAR_STATES)}. Is this OAR 2.5 or later?")
+    raise OarError(
+        f"oarstat gave state {state!r} for job {entry.get('Job_Id')}; expected one of "
+        f"{sorted(OAR_STATES)}. Is this OAR 2.5 or later?"
+    )
 
 
 def parse_oarstat(text: str, job_ids: Iterable[str], cancelled: Iterable[str] = ()) -> dict[str, JobStatus]:
@@ -234,8 +273,9 @@ def parse_oarstat(text: str, job_ids: Iterable[str], cancelled: Iterable[str] = 
     statuses = {}
     for job_id in job_ids:
         entry = data.get(job_id)
-        statuses[job_id] = (JobStatus(JobState.UNKNOWN, None) if entry is None
-                            else job_status(entry, cancelled=job_id in cancelled))
+        statuses[job_id] = (
+            JobStatus(JobState.UNKNOWN, None) if entry is None else job_status(entry, cancelled=job_id in cancelled)
+        )
     return statuses
 
 
@@ -245,14 +285,8 @@ def parse_job_id(stdout: str, stderr: str = "") -> str | None:
     return match.group(1) if match else None
 
 
-def describe(result: subprocess.CompletedProcess) -> str:
-    """A command's exit code and raw output, for error messages."""
-    command = shlex.join(str(a) for a in result.args) if isinstance(result.args, list | tuple) else str(result.args)
-    return (f"`{command}` exited with code {result.returncode}\n--- stdout ---\n{result.stdout or ''}"
-            f"--- stderr ---\n{result.stderr or ''}")
-
-
 # -- the scheduler --------------------------------------------------------------------------
+
 
 class OarScheduler:
     """Submits, polls and cancels OAR jobs through oarsub, oarstat and oardel.
@@ -263,21 +297,37 @@ class OarScheduler:
     answer from the last one; ``command_timeout`` bounds each command.
     """
 
-    def __init__(self, options: Sequence[str] = (), *, runner: Runner = subprocess.run, retries: int = 3,
-                 backoff: float = 1.0, poll_interval: float = 5.0, command_timeout: float = 120.0,
-                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        options: Sequence[str] = (),
+        *,
+        runner: Runner = subprocess.run,
+        retries: int = 3,
+        backoff: float = 1.0,
+        poll_interval: float = 5.0,
+        command_timeout: float = 120.0,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if retries < 0 or backoff < 0 or poll_interval < 0 or command_timeout <= 0:
-            raise ValueError(f"need retries >= 0, backoff >= 0, poll_interval >= 0 and command_timeout > 0; got "
-                             f"retries={retries}, backoff={backoff}, poll_interval={poll_interval}, "
-                             f"command_timeout={command_timeout}")
+            raise ValueError(
+                f"need retries >= 0, backoff >= 0, poll_interval >= 0 and command_timeout > 0; got "
+                f"retries={retries}, backoff={backoff}, poll_interval={poll_interval}, "
+                f"command_timeout={command_timeout}"
+            )
         check_options(options)
         self.options = tuple(options)
-        self._runner = runner
-        self._retries = retries
-        self._backoff = backoff
+        self._commands = Commands(
+            OarError,
+            runner=runner,
+            retries=retries,
+            backoff=backoff,
+            sleep=sleep,
+            timeout=command_timeout,
+            not_found="the oar backend needs OAR's user commands (oarsub, oarstat, oardel) "
+            "on the PATH: run on an OAR frontend, or choose another scheduler",
+        )
         self._poll_interval = poll_interval
-        self._command_timeout = command_timeout
-        self._sleep = sleep
         self._clock = clock
         self._lock = threading.Lock()
         self._statuses: dict[str, JobStatus] = {}  # the last known status of each job
@@ -286,20 +336,26 @@ class OarScheduler:
 
     @property
     def min_poll_interval(self) -> float:
-        """Seconds the launcher should leave between polls: oarstat is asked at most this often anyway."""
+        """Seconds the launcher leaves between polls: oarstat is asked at most this often anyway."""
         return self._poll_interval
 
     # -- Scheduler interface -------------------------------------------------------------------
     def submit(self, job: JobSpec) -> str:
-        """Writes the job's script next to its log, makes it executable and submits it with ``oarsub -S``."""
+        """Writes the job's script next to its log, for its owner only, and submits it with ``oarsub -S``."""
         job = dataclasses.replace(job, log_path=job.log_path.absolute(), cwd=job.cwd.absolute())
         text = job_script(job, self.options)
         path = script_path(job)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        path.chmod(0o755)
+        write_job_script(path, text, executable=True)  # its environment holds the run's token
         # Submitted from the log directory: OAR's launching directory must be a path it can take literally.
-        job_id = self._retrying(["oarsub", "-S", str(path)], self._accept_submission, cwd=path.parent)
+        result = self._commands.run(
+            ["oarsub", "-S", str(path)], f"submitting job {job.name!r}", _has_job_id, cwd=path.parent
+        )
+        job_id = parse_job_id(result.stdout or "", result.stderr or "") or ""  # there is one: _has_job_id
+        if result.returncode != 0:
+            # The job is in OAR's database (oarsub printed its id before failing to notify the server, say):
+            # keep it rather than submit a duplicate.
+            log.warning("oarsub printed OAR_JOB_ID=%s but failed; keeping the job:\n%s", job_id, describe(result))
         with self._lock:
             self._statuses[job_id] = JobStatus(JobState.PENDING, None)
         log.debug("submitted %s as OAR job %s (script %s)", job.name, job_id, path)
@@ -310,11 +366,10 @@ class OarScheduler:
         ids = _checked_ids(job_ids)
         with self._lock:
             fresh = self._clock() - self._last_query < self._poll_interval
-            ask = [i for i in ids if i not in self._statuses
-                   or not (fresh or self._statuses[i].state.is_terminal)]
+            ask = [i for i in ids if i not in self._statuses or not (fresh or self._statuses[i].state.is_terminal)]
             if ask:
                 argv = ["oarstat", "-f", "-J", *(arg for i in ask for arg in ("-j", i))]
-                result = self._retrying(argv, lambda r: r if r.returncode == 0 else None)
+                result = self._commands.run(argv, f"asking about {len(ask)} job(s)")
                 self._last_query = self._clock()
                 self._statuses.update(parse_oarstat(result.stdout, ask, self._cancelled))
             return {i: self._statuses[i] for i in ids}
@@ -326,65 +381,34 @@ class OarScheduler:
             ids = [i for i in ids if not (i in self._statuses and self._statuses[i].state.is_terminal)]
             if not ids:
                 return
-            result = self._retrying(["oardel", *ids], lambda r: r if _oardel_answered(r, ids) else None)
+            result = self._commands.run(
+                ["oardel", *ids], f"cancelling {len(ids)} job(s)", lambda r: _oardel_answered(r, ids)
+            )
             output = f"{result.stdout or ''}\n{result.stderr or ''}"
             outcome = dict(_OARDEL_RESULT.findall(output))
             reasons = dict(_OARDEL_REASON.findall(output))
             # oardel exits non-zero when it refuses any id; a job it accepted may run for a few seconds more.
-            refused = [] if result.returncode == 0 else [
-                i for i in ids if outcome.get(i) != "REGISTERED" and reasons.get(i) != _ALREADY_KILLED]
+            refused = (
+                []
+                if result.returncode == 0
+                else [i for i in ids if outcome.get(i) != "REGISTERED" and reasons.get(i) != _ALREADY_KILLED]
+            )
             self._cancelled.update(i for i in ids if i not in refused)
             self._last_query = -float("inf")  # the next poll asks OAR again
             if not refused:
                 return
             # oardel says "You are not the right user" for ids it does not know: ask oarstat whether they ended.
             argv = ["oarstat", "-f", "-J", *(arg for i in refused for arg in ("-j", i))]
-            check = self._retrying(argv, lambda r: r if r.returncode == 0 else None)
+            check = self._commands.run(argv, f"asking about {len(refused)} job(s) oardel refused")
             statuses = parse_oarstat(check.stdout, refused, self._cancelled)
             self._statuses.update(statuses)
             active = [i for i in refused if not statuses[i].state.is_terminal]
         if active:
-            raise OarError(f"oardel did not cancel OAR job(s) {', '.join(active)}, which are still "
-                           f"{', '.join(statuses[i].state.value for i in active)}:\n{describe(result)}")
+            raise OarError(
+                f"oardel did not cancel OAR job(s) {', '.join(active)}, which are still "
+                f"{', '.join(statuses[i].state.value for i in active)}:\n{describe(result)}"
+            )
         log.info("oardel: job(s) %s had already ended or are unknown to OAR; nothing to cancel", ", ".join(refused))
-
-    # -- commands --------------------------------------------------------------------------------
-    @staticmethod
-    def _accept_submission(result: subprocess.CompletedProcess) -> str | None:
-        job_id = parse_job_id(result.stdout or "", result.stderr or "")
-        if job_id is not None and result.returncode != 0:
-            # The job is in OAR's database (oarsub printed its id before failing to notify the server, say):
-            # keep it rather than submit a duplicate.
-            log.warning("oarsub printed OAR_JOB_ID=%s but failed; keeping the job:\n%s", job_id, describe(result))
-        return job_id
-
-    def _retrying(self, argv: list[str], accept: Callable[[subprocess.CompletedProcess], T | None],
-                  cwd: Path | None = None) -> T:
-        """Runs ``argv`` until ``accept`` takes its result, at most 1 + retries times, with back-off."""
-        failures: list[str] = []
-        for attempt in range(self._retries + 1):
-            if attempt:
-                delay = self._backoff * 2 ** (attempt - 1)
-                log.warning("%s failed (attempt %d/%d); retrying in %.1f s:\n%s", argv[0], attempt,
-                            self._retries + 1, delay, failures[-1])
-                self._sleep(delay)
-            try:
-                result = self._runner(argv, capture_output=True, text=True, check=False, shell=False,
-                                      timeout=self._command_timeout, cwd=cwd)
-            except FileNotFoundError as exc:
-                raise OarError(f"cannot run {argv[0]!r}: {exc}. The oar backend needs OAR's user commands "
-                               f"(oarsub, oarstat, oardel) on PATH: run on an OAR frontend, or choose another "
-                               f"scheduler") from exc
-            except subprocess.TimeoutExpired as exc:
-                failures.append(f"`{shlex.join(argv)}` did not answer within {exc.timeout:.0f} s\n"
-                                f"--- stdout ---\n{_text(exc.stdout)}--- stderr ---\n{_text(exc.stderr)}")
-                continue
-            accepted = accept(result)
-            if accepted is not None:
-                return accepted
-            failures.append(describe(result))
-        raise OarError(f"{argv[0]} failed {len(failures)} time(s) (retried with back-off from "
-                       f"{self._backoff} s); last attempt: {failures[-1]}")
 
 
 def _checked_ids(job_ids: Sequence[str]) -> list[str]:
@@ -398,13 +422,12 @@ def _checked_ids(job_ids: Sequence[str]) -> list[str]:
     return ids
 
 
+def _has_job_id(result: subprocess.CompletedProcess) -> bool:
+    """Whether oarsub printed a (positive) job id: the job is in OAR's database, whatever its exit code."""
+    return parse_job_id(result.stdout or "", result.stderr or "") is not None
+
+
 def _oardel_answered(result: subprocess.CompletedProcess, ids: Sequence[str]) -> bool:
     """Whether oardel reached OAR: it exited 0 or printed a result for every id."""
     answered = {i for i, _ in _OARDEL_RESULT.findall(f"{result.stdout or ''}\n{result.stderr or ''}")}
     return result.returncode == 0 or set(ids) <= answered
-
-
-def _text(output: bytes | str | None) -> str:
-    if output is None:
-        return ""
-    return output.decode(errors="replace") if isinstance(output, bytes) else output

@@ -2,7 +2,7 @@
 
 A backend turns a :class:`JobSpec` into a running job and reports job states in
 the common :class:`JobState` vocabulary, so the ensemble logic does not depend on
-where the jobs run (local subprocesses, Slurm, OAR).
+where the jobs run (local subprocesses, Slurm, OAR). See docs/architecture.md, section "Launcher".
 """
 
 from __future__ import annotations
@@ -49,6 +49,13 @@ class JobSpec:
 
 class Scheduler(Protocol):
     """What a launcher backend does."""
+
+    @property
+    def min_poll_interval(self) -> float:
+        """Seconds: the launcher polls no more often than this (0 for local processes).
+
+        A cluster scheduler should not be polled more often: every poll is a request to its controller.
+        """
 
     def submit(self, job: JobSpec) -> str:
         """Starts or queues a job; returns its id."""

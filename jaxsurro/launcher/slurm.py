@@ -5,6 +5,7 @@ Job scripts and command lines come from pure builders (:func:`job_script`, :func
 through a shell. Slurm's answers are parsed strictly: text that does not parse raises an error
 quoting it. One poll of many jobs costs one ``squeue`` call, plus one ``sacct`` call (or one
 ``scontrol`` call per job, on clusters without accounting) for the jobs that just left the queue.
+See docs/architecture.md, section "Launcher".
 """
 
 from __future__ import annotations
@@ -15,37 +16,49 @@ import re
 import shlex
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from jaxsurro.launcher.local import ProcessGroups, job_environment
+from jaxsurro.launcher.commands import CommandError, Commands, Runner, describe, export_lines, write_job_script
+from jaxsurro.launcher.process import ProcessGroups, job_environment
 from jaxsurro.launcher.scheduler import JobSpec, JobState, JobStatus
 
 log = logging.getLogger("jaxsurro.launcher.slurm")
 
-Runner = Callable[..., subprocess.CompletedProcess]  # subprocess.run's signature
-
 DEFAULT_MIN_POLL_INTERVAL = 2.0  # seconds; asking slurmctld more often only loads it
-NOT_IN_ALLOCATION = ("slurm steps mode runs inside an allocation: submit the server with "
-                     "python -m jaxsurro.submit or salloc")
+NOT_IN_ALLOCATION = (
+    "slurm steps mode runs inside an allocation: submit the server with python -m jaxsurro.submit or salloc"
+)
 
 # Every job state Slurm 22.05 prints (squeue %T, sacct State, scontrol JobState=), in the common vocabulary.
 SLURM_STATES: dict[str, JobState] = {
-    "PENDING": JobState.PENDING, "CONFIGURING": JobState.PENDING, "REQUEUED": JobState.PENDING,
-    "RESIZING": JobState.PENDING, "REQUEUE_HOLD": JobState.PENDING, "REQUEUE_FED": JobState.PENDING,
+    "PENDING": JobState.PENDING,
+    "CONFIGURING": JobState.PENDING,
+    "REQUEUED": JobState.PENDING,
+    "RESIZING": JobState.PENDING,
+    "REQUEUE_HOLD": JobState.PENDING,
+    "REQUEUE_FED": JobState.PENDING,
     "RESV_DEL_HOLD": JobState.PENDING,
-    "RUNNING": JobState.RUNNING, "COMPLETING": JobState.RUNNING, "SUSPENDED": JobState.RUNNING,
-    "STOPPED": JobState.RUNNING, "SIGNALING": JobState.RUNNING, "STAGE_OUT": JobState.RUNNING,
+    "RUNNING": JobState.RUNNING,
+    "COMPLETING": JobState.RUNNING,
+    "SUSPENDED": JobState.RUNNING,
+    "STOPPED": JobState.RUNNING,
+    "SIGNALING": JobState.RUNNING,
+    "STAGE_OUT": JobState.RUNNING,
     "COMPLETED": JobState.COMPLETED,
-    "FAILED": JobState.FAILED, "OUT_OF_MEMORY": JobState.FAILED, "BOOT_FAIL": JobState.FAILED,
-    "DEADLINE": JobState.FAILED, "PREEMPTED": JobState.FAILED, "SPECIAL_EXIT": JobState.FAILED,
-    "CANCELLED": JobState.CANCELLED, "REVOKED": JobState.CANCELLED,
+    "FAILED": JobState.FAILED,
+    "OUT_OF_MEMORY": JobState.FAILED,
+    "BOOT_FAIL": JobState.FAILED,
+    "DEADLINE": JobState.FAILED,
+    "PREEMPTED": JobState.FAILED,
+    "SPECIAL_EXIT": JobState.FAILED,
+    "CANCELLED": JobState.CANCELLED,
+    "REVOKED": JobState.CANCELLED,
     "TIMEOUT": JobState.TIMEOUT,
     "NODE_FAIL": JobState.NODE_FAIL,
 }
 
 _OPTION = re.compile(r"--[A-Za-z][A-Za-z0-9-]*(=.*)?|-[A-Za-z](\S.*)?", re.DOTALL)
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SBATCH_ID = re.compile(r"^(\d+)(?:;(\S+))?$", re.MULTILINE)  # --parsable: "ID" or "ID;cluster"
 _SQUEUE_LINE = re.compile(r"(\d+)\|([A-Z_]+)\|(.*)")  # squeue -o '%i|%T|%r'
 _SACCT_LINE = re.compile(r"(\d+)\|([A-Z_]+(?: by \d+)?)\|(\d+):(\d+)")  # sacct -P -o JobIDRaw,State,ExitCode
@@ -58,43 +71,58 @@ _NO_ACCOUNTING = "accounting storage is disabled"
 _PERMANENT_SBATCH = re.compile(
     r"submission failed: (Invalid|Requested node configuration is not available|Job violates|"
     r"Requested time limit|Memory specification|Node count specification)|unrecognized option|"
-    r"invalid option|invalid argument|error: Invalid|unrecognized argument", re.IGNORECASE)
+    r"invalid option|invalid argument|error: Invalid|unrecognized argument",
+    re.IGNORECASE,
+)
 _SCANCEL_HARMLESS = re.compile(r"already completing or completed|Invalid job id specified")
 # The #SBATCH scanner of sbatch takes any line containing these words as a heterogeneous-job separator.
 _HETJOB_WORDS = ("hetjob", "packjob")
 # Options the launcher sets itself: a user's copy would move the log or break the id parsing.
-_SBATCH_RESERVED = {"--output": "-o", "--error": "-e", "--chdir": "-D", "--open-mode": None,
-                    "--parsable": None, "--wrap": None, "--array": "-a"}
+_SBATCH_RESERVED = {
+    "--output": "-o",
+    "--error": "-e",
+    "--chdir": "-D",
+    "--open-mode": None,
+    "--parsable": None,
+    "--wrap": None,
+    "--array": "-a",
+}
 # A later #SBATCH --ntasks would win over n_ranks and leave the server's srun without processors.
 _SERVER_RESERVED = {**_SBATCH_RESERVED, "--ntasks": "-n"}
-_STEP_RESERVED = {"--jobid": None, "--output": "-o", "--error": "-e", "--input": "-i", "--pty": None,
-                  "--chdir": "-D"}
+_STEP_RESERVED = {"--jobid": None, "--output": "-o", "--error": "-e", "--input": "-i", "--pty": None, "--chdir": "-D"}
 
 
-class SlurmError(RuntimeError):
+class SlurmError(CommandError):
     """Slurm refused a request or answered something this backend cannot read."""
 
 
 # -- pure builders -----------------------------------------------------------------------------------
-def validate_options(options: Sequence[str], reserved: Mapping[str, str | None] = _SBATCH_RESERVED,
-                     what: str = "sbatch") -> tuple[str, ...]:
+def validate_options(
+    options: Sequence[str], reserved: Mapping[str, str | None] = _SBATCH_RESERVED, what: str = "sbatch"
+) -> tuple[str, ...]:
     """Checks that each option is one Slurm command-line word (``--name=value`` or ``-xVALUE``)."""
     if isinstance(options, str):
-        raise TypeError(f"{what} options must be a sequence of strings such as ['--time=00:10:00'], "
-                        f"got the single string {options!r}")
+        raise TypeError(
+            f"{what} options must be a sequence of strings such as ['--time=00:10:00'], "
+            f"got the single string {options!r}"
+        )
     checked = []
     for option in options:
         if not isinstance(option, str) or any(c in option for c in "\n\r\0"):
             raise ValueError(f"{what} option {option!r} must be a string on one line")
         if not _OPTION.fullmatch(option):
-            raise ValueError(f"{what} option {option!r} is not one command-line word: write a long option "
-                             f"as '--name=value' (e.g. '--partition=debug') or a short one with its value "
-                             f"attached (e.g. '-pdebug'), one option per string")
+            raise ValueError(
+                f"{what} option {option!r} is not one command-line word: write a long option "
+                f"as '--name=value' (e.g. '--partition=debug') or a short one with its value "
+                f"attached (e.g. '-pdebug'), one option per string"
+            )
         name = option.split("=", 1)[0] if option.startswith("--") else option[:2]
         for long_name, short_name in reserved.items():
             if name == short_name or (option.startswith("--") and len(name) > 2 and long_name.startswith(name)):
-                raise ValueError(f"{what} option {option!r} is set by jaxsurro itself ({long_name}); remove it "
-                                 f"(jaxsurro sets the log, working directory and task count from the run)")
+                raise ValueError(
+                    f"{what} option {option!r} is set by jaxsurro itself ({long_name}); remove it "
+                    f"(jaxsurro sets the log, working directory and task count from the run)"
+                )
         checked.append(option)
     return tuple(checked)
 
@@ -104,24 +132,30 @@ def job_script(job: JobSpec, options: Sequence[str] = ()) -> str:
     options = validate_options(options)
     if not job.argv:
         raise ValueError(f"job {job.name!r} has an empty command line; expected at least the program to run")
-    lines = ["#!/bin/bash",
-             _directive(f"--job-name={job.name}"),
-             _directive(f"--output={_output_pattern(job.log_path)}"),  # stderr joins stdout when --error is unset
-             _directive("--open-mode=append"),  # a retried attempt adds to the log, as the local backend does
-             _directive(f"--chdir={job.cwd}"),
-             *(_directive(option) for option in options)]
-    for name, value in job.env.items():
-        if not _ENV_NAME.fullmatch(name):
-            raise ValueError(f"environment variable name {name!r} of job {job.name!r} is not a shell "
-                             f"identifier (letters, digits, underscores; not starting with a digit)")
-        lines.append(f"export {name}={shlex.quote(value)}")
-    lines.append(f"exec {shlex.join(job.argv)}")
+    lines = [
+        "#!/bin/bash",
+        _directive(f"--job-name={job.name}"),
+        _directive(f"--output={_output_pattern(job.log_path)}"),  # stderr joins stdout when --error is unset
+        _directive("--open-mode=append"),  # a retried attempt adds to the log, as the local backend does
+        _directive(f"--chdir={job.cwd}"),
+        *(_directive(option) for option in options),
+        *export_lines(job.name, job.env),
+        f"exec {shlex.join(job.argv)}",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def server_script(config_path: str | os.PathLike, overrides: Sequence[str], options: Sequence[str], n_ranks: int,
-                  python: str | os.PathLike, workdir: str | os.PathLike, run_dir: str | os.PathLike, *,
-                  job_name: str = "jaxsurro") -> str:
+def server_script(
+    config_path: str | os.PathLike,
+    overrides: Sequence[str],
+    options: Sequence[str],
+    n_ranks: int,
+    python: str | os.PathLike,
+    workdir: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    *,
+    job_name: str = "jaxsurro",
+) -> str:
     """The sbatch script of the training server: ``n_ranks`` MPI ranks started by ``srun --mpi=pmix``.
 
     The server step shares its CPUs with other steps (``--overlap``) so that, in the steps mode,
@@ -134,19 +168,28 @@ def server_script(config_path: str | os.PathLike, overrides: Sequence[str], opti
     for override in overrides:
         if "=" not in override or "\n" in override:
             raise ValueError(f"override {override!r} is not SECTION.KEY=VALUE on one line")
-    command = [os.fspath(python), "-m", "jaxsurro.run", os.fspath(config_path), "--no-progress",
-               "--run-dir", os.fspath(run_dir)]
+    command = [
+        os.fspath(python),
+        "-m",
+        "jaxsurro.run",
+        os.fspath(config_path),
+        "--no-progress",
+        "--run-dir",
+        os.fspath(run_dir),
+    ]
     for override in overrides:
         command += ["--set", override]
-    lines = ["#!/bin/bash",
-             _directive(f"--job-name={job_name}"),
-             _directive(f"--ntasks={n_ranks}"),
-             _directive(f"--output={_output_pattern(Path(run_dir))}/server-%j.log"),
-             _directive(f"--chdir={os.fspath(workdir)}"),
-             *(_directive(option) for option in options),
-             # Slurm 22.05's srun no longer reads SLURM_CPUS_PER_TASK: hand a --cpus-per-task on to the ranks.
-             'if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"; fi',
-             f"exec srun --mpi=pmix --overlap --ntasks={n_ranks} {shlex.join(command)}"]
+    lines = [
+        "#!/bin/bash",
+        _directive(f"--job-name={job_name}"),
+        _directive(f"--ntasks={n_ranks}"),
+        _directive(f"--output={_output_pattern(Path(run_dir))}/server-%j.log"),
+        _directive(f"--chdir={os.fspath(workdir)}"),
+        *(_directive(option) for option in options),
+        # Slurm 22.05's srun no longer reads SLURM_CPUS_PER_TASK: hand a --cpus-per-task on to the ranks.
+        'if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"; fi',
+        f"exec srun --mpi=pmix --overlap --ntasks={n_ranks} {shlex.join(command)}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -161,8 +204,7 @@ def step_command(job: JobSpec, options: Sequence[str], allocation: str, srun: st
         raise ValueError(f"job {job.name!r} has an empty command line; expected at least the program to run")
     if not re.fullmatch(r"\d+", allocation):
         raise ValueError(f"allocation must be a Slurm job id (digits), got {allocation!r}")
-    return [srun, f"--jobid={allocation}", "--exact", "--ntasks=1", f"--job-name={job.name}", *options,
-            "--", *job.argv]
+    return [srun, f"--jobid={allocation}", "--exact", "--ntasks=1", f"--job-name={job.name}", *options, "--", *job.argv]
 
 
 def _directive(option: str) -> str:
@@ -170,8 +212,10 @@ def _directive(option: str) -> str:
     if any(c in option for c in "\n\r\0"):
         raise ValueError(f"sbatch option {option!r} spans several lines; a #SBATCH value must be on one line")
     if any(word in option.lower() for word in _HETJOB_WORDS):
-        raise ValueError(f"sbatch option {option!r} contains {' or '.join(_HETJOB_WORDS)!s}, which sbatch reads "
-                         f"as a heterogeneous-job separator anywhere on a #SBATCH line; choose another name")
+        raise ValueError(
+            f"sbatch option {option!r} contains {' or '.join(_HETJOB_WORDS)!s}, which sbatch reads "
+            f"as a heterogeneous-job separator anywhere on a #SBATCH line; choose another name"
+        )
     # sbatch groups words with ' or " like a shell but, unlike a shell, reads a backslash as an escape
     # even inside single quotes; doubling each backslash keeps it literal.
     return f"#SBATCH {shlex.quote(option).replace(chr(92), chr(92) * 2)}"
@@ -181,8 +225,9 @@ def _output_pattern(path: Path) -> str:
     """``path`` as a Slurm file-name pattern: ``%`` written ``%%`` so that Slurm does not expand it."""
     text = os.fspath(path)
     if "\\" in text:
-        raise ValueError(f"log path {text!r} contains a backslash, which Slurm's --output drops; "
-                         f"use a directory without backslashes")
+        raise ValueError(
+            f"log path {text!r} contains a backslash, which Slurm's --output drops; use a directory without backslashes"
+        )
     return text.replace("%", "%%")
 
 
@@ -205,8 +250,10 @@ def parse_sbatch(stdout: str) -> tuple[str, str | None]:
     """The job id (and cluster, if any) that ``sbatch --parsable`` printed."""
     matches = _SBATCH_ID.findall(stdout)
     if len(matches) != 1:
-        raise SlurmError(f"cannot read a job id from sbatch --parsable; expected one line 'ID' or 'ID;cluster', "
-                         f"got stdout {stdout!r}")
+        raise SlurmError(
+            f"cannot read a job id from sbatch --parsable; expected one line 'ID' or 'ID;cluster', "
+            f"got stdout {stdout!r}"
+        )
     job_id, cluster = matches[0]
     return job_id, cluster or None
 
@@ -219,8 +266,9 @@ def parse_squeue(stdout: str) -> dict[str, tuple[str, str]]:
             continue
         match = _SQUEUE_LINE.fullmatch(line.strip())
         if match is None:
-            raise SlurmError(f"cannot read squeue line {line!r}; expected 'JOBID|STATE|REASON' "
-                             f"(squeue -h -o '%i|%T|%r')")
+            raise SlurmError(
+                f"cannot read squeue line {line!r}; expected 'JOBID|STATE|REASON' (squeue -h -o '%i|%T|%r')"
+            )
         slurm_state(match[2])  # an unknown state raises here, quoting it
         jobs[match[1]] = (match[2], match[3])
     return jobs
@@ -234,8 +282,10 @@ def parse_sacct(stdout: str) -> dict[str, JobStatus]:
             continue
         match = _SACCT_LINE.fullmatch(line.strip())
         if match is None:
-            raise SlurmError(f"cannot read sacct line {line!r}; expected 'JOBID|STATE|N:S' "
-                             f"(sacct -n -P -X -o JobIDRaw,State,ExitCode)")
+            raise SlurmError(
+                f"cannot read sacct line {line!r}; expected 'JOBID|STATE|N:S' "
+                f"(sacct -n -P -X -o JobIDRaw,State,ExitCode)"
+            )
         state = slurm_state(match[2])
         code = exit_code(int(match[3]), int(match[4])) if state.is_terminal else None
         statuses[match[1]] = JobStatus(state, code)
@@ -246,8 +296,9 @@ def parse_scontrol(stdout: str, job_id: str | None = None) -> JobStatus:
     """The status in ``scontrol [-o] show job ID`` output (``JobState=`` and ``ExitCode=N:S``)."""
     state_match, code_match, id_match = _JOB_STATE.search(stdout), _EXIT_CODE.search(stdout), _JOB_ID.search(stdout)
     if state_match is None or code_match is None or id_match is None:
-        raise SlurmError(f"cannot read 'scontrol show job' output; expected JobId=, JobState= and ExitCode=N:S, "
-                         f"got {stdout!r}")
+        raise SlurmError(
+            f"cannot read 'scontrol show job' output; expected JobId=, JobState= and ExitCode=N:S, got {stdout!r}"
+        )
     if job_id is not None and id_match[1] != job_id:
         raise SlurmError(f"scontrol answered for job {id_match[1]} when asked about job {job_id}: {stdout!r}")
     state = slurm_state(state_match[1])
@@ -262,59 +313,82 @@ def submit_environment(environ: Mapping[str, str] | None = None) -> dict[str, st
     (``SLURM_NTASKS``, ``SLURM_CPUS_PER_TASK``...), which its own ``srun`` would otherwise obey.
     """
     base = job_environment() if environ is None else dict(environ)
-    return {k: v for k, v in base.items()
-            if k == "SLURM_CONF" or not k.startswith(("SLURM_", "SLURMD_", "SRUN_"))}
+    return {k: v for k, v in base.items() if k == "SLURM_CONF" or not k.startswith(("SLURM_", "SLURMD_", "SRUN_"))}
 
 
 # -- the sbatch backend ------------------------------------------------------------------------------
 class SlurmScheduler:
     """One ``sbatch`` job per simulation; ``squeue`` for queued jobs, ``sacct`` or ``scontrol`` for ended ones."""
 
-    def __init__(self, options: Sequence[str] = (), *, runner: Runner = subprocess.run, retries: int = 3,
-                 backoff: float = 1.0, sleep: Callable[[float], None] = time.sleep,
-                 command_timeout: float = 60.0, min_poll_interval: float = DEFAULT_MIN_POLL_INTERVAL):
+    def __init__(
+        self,
+        options: Sequence[str] = (),
+        *,
+        runner: Runner = subprocess.run,
+        retries: int = 3,
+        backoff: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+        command_timeout: float = 60.0,
+        min_poll_interval: float = DEFAULT_MIN_POLL_INTERVAL,
+    ):
         self.options = validate_options(options)
-        self._runner = runner
-        self._retries = retries
-        self._backoff = backoff
-        self._sleep = sleep
-        self._command_timeout = command_timeout
-        self._min_poll_interval = min_poll_interval
+        self.min_poll_interval = min_poll_interval  # seconds; asking slurmctld more often only loads it
+        self._commands = Commands(
+            SlurmError,
+            runner=runner,
+            retries=retries,
+            backoff=backoff,
+            sleep=sleep,
+            timeout=command_timeout,
+            environment=submit_environment,
+            not_found="run on a Slurm login or compute node, or choose another launcher.scheduler",
+            unreachable="is slurmctld reachable ('scontrol ping')?",
+        )
         self.accounting: bool | None = None  # None until sacct answered once; False: ask scontrol instead
         self.cluster: str | None = None  # set when sbatch reports one (multi-cluster operation)
 
-    @property
-    def min_poll_interval(self) -> float:
-        """The shortest sensible time between two polls, in seconds, for the launcher to honour."""
-        return self._min_poll_interval
-
     def submit(self, job: JobSpec) -> str:
-        """Writes the job script next to the log and submits it with ``sbatch --parsable``."""
+        """Writes the job script next to the log, readable by its owner only, and submits it."""
         job = _absolute(job)
         script = job_script(job, self.options)
         script_path = job.log_path.with_name(job.log_path.stem + ".sbatch")
         if script_path == job.log_path:
             script_path = job.log_path.with_name(job.log_path.name + ".sh")
         job.log_path.parent.mkdir(parents=True, exist_ok=True)
-        # The script holds the run's credentials (environment): readable by its owner only.
-        fd = os.open(script_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(script)
+        write_job_script(script_path, script, executable=False)  # its environment holds the run's token
+        return self.submit_script(script_path, f"job {job.name!r}")
+
+    def submit_script(self, script_path: str | os.PathLike, what: str) -> str:
+        """Submits a written sbatch script with ``sbatch --parsable``; returns the job id.
+
+        Failures another try may fix are retried; a refusal of the request itself is not, and
+        neither is an sbatch that did not answer in time (it may have submitted the job).
+        """
         argv = ["sbatch", "--parsable", os.fspath(script_path)]
-        result = self._run(argv, f"submitting job {job.name!r}",
-                           final=lambda r: bool(_PERMANENT_SBATCH.search(r.stderr + r.stdout)))
+        result = self._commands.run(
+            argv,
+            f"submitting {what}",
+            _succeeded_or_refused,
+            unsafe_to_repeat=f"the job may have been submitted: check squeue for {what} before resubmitting",
+        )
         if result.returncode != 0:
-            raise SlurmError(_failure(f"sbatch refused job {job.name!r}", argv, result,
-                                      "the request itself is invalid (see Slurm's message); fix the slurm options"))
+            raise SlurmError(
+                f"sbatch refused {what}: {describe(result)}\n"
+                f"the request itself is invalid (see Slurm's message); fix the slurm options"
+            )
         try:
             job_id, cluster = parse_sbatch(result.stdout)
         except SlurmError as exc:
-            raise SlurmError(_failure(f"sbatch accepted job {job.name!r} but printed no job id", argv, result,
-                                      "look for the job with squeue --name and cancel it by hand")) from exc
+            raise SlurmError(
+                f"sbatch accepted {what} but printed no job id: {describe(result)}\n"
+                f"look for the job with squeue --name and cancel it by hand"
+            ) from exc
         if cluster is not None:
             if self.cluster not in (None, cluster):
-                raise SlurmError(f"job {job_id} went to cluster {cluster!r} but earlier jobs went to "
-                                 f"{self.cluster!r}; one scheduler polls one cluster: set --clusters once")
+                raise SlurmError(
+                    f"job {job_id} went to cluster {cluster!r} but earlier jobs went to "
+                    f"{self.cluster!r}; one scheduler polls one cluster: set --clusters once"
+                )
             self.cluster = cluster
         return job_id
 
@@ -348,14 +422,16 @@ class SlurmScheduler:
         if not ids:
             return
         argv = ["scancel", *self._cluster_args(), *ids]
-        result = self._run(argv, f"cancelling {len(ids)} job(s)", final=_only_harmless_scancel_errors)
+        result = self._commands.run(
+            argv, f"cancelling {len(ids)} job(s)", lambda r: r.returncode == 0 or _only_harmless_scancel_errors(r)
+        )
         if result.returncode != 0:
             log.debug("scancel: some jobs had already ended: %s", result.stderr.strip())
 
     # -- the queries -------------------------------------------------------------------------------
     def _squeue(self, ids: list[str]) -> dict[str, tuple[str, str]]:
         argv = ["squeue", *self._cluster_args(), "-h", "-o", "%i|%T|%r", "--states=all", f"--jobs={','.join(ids)}"]
-        result = self._run(argv, "listing queued jobs", final=lambda r: _INVALID_JOB_ID in r.stderr + r.stdout)
+        result = self._commands.run(argv, "listing queued jobs", _succeeded_or_invalid_id)
         if result.returncode != 0:
             return {}  # squeue refuses a list whose only id the controller forgot; ask about each below
         return parse_squeue(result.stdout)
@@ -370,10 +446,18 @@ class SlurmScheduler:
         return statuses
 
     def _sacct(self, ids: list[str]) -> dict[str, JobStatus]:
-        argv = ["sacct", *self._cluster_args(), "-n", "-P", "-X", "-o", "JobIDRaw,State,ExitCode",
-                f"--jobs={','.join(ids)}"]
+        argv = [
+            "sacct",
+            *self._cluster_args(),
+            "-n",
+            "-P",
+            "-X",
+            "-o",
+            "JobIDRaw,State,ExitCode",
+            f"--jobs={','.join(ids)}",
+        ]
         try:  # any answer is final: on a failure scontrol, which knows recent jobs, answers instead
-            result = self._run(argv, "asking accounting about ended jobs", final=lambda r: True)
+            result = self._commands.run(argv, "asking accounting about ended jobs", lambda r: True)
         except SlurmError as exc:
             log.warning("sacct did not answer; asking scontrol this time: %s", exc)
             return {}
@@ -382,7 +466,7 @@ class SlurmScheduler:
             self.accounting = False
             return {}
         if result.returncode != 0:  # e.g. slurmdbd down
-            log.warning("%s; asking scontrol this time", _failure("sacct failed", argv, result, "").rstrip())
+            log.warning("sacct failed: %s; asking scontrol this time", describe(result))
             return {}
         self.accounting = True
         found = parse_sacct(result.stdout)
@@ -390,39 +474,13 @@ class SlurmScheduler:
 
     def _scontrol(self, job_id: str, fallback: JobState | None) -> JobStatus:
         argv = ["scontrol", *self._cluster_args(), "-o", "show", "job", job_id]
-        result = self._run(argv, f"asking about job {job_id}", final=lambda r: _INVALID_JOB_ID in r.stderr + r.stdout)
+        result = self._commands.run(argv, f"asking about job {job_id}", _succeeded_or_invalid_id)
         if result.returncode != 0:  # purged from the controller's memory (MinJobAge)
             return JobStatus(fallback or JobState.UNKNOWN, None)
         return parse_scontrol(result.stdout, job_id)
 
     def _cluster_args(self) -> list[str]:
         return [f"--clusters={self.cluster}"] if self.cluster else []
-
-    def _run(self, argv: list[str], what: str,
-             final: Callable[[subprocess.CompletedProcess], bool]) -> subprocess.CompletedProcess:
-        """Runs a Slurm command; retries, with doubling pauses, answers that are neither success nor ``final``."""
-        result: subprocess.CompletedProcess | None = None
-        for attempt in range(self._retries + 1):
-            if attempt:
-                pause = self._backoff * 2 ** (attempt - 1)
-                log.warning("%s failed (try %d of %d); retrying in %.1f s", what, attempt, self._retries + 1, pause)
-                self._sleep(pause)
-            try:
-                result = self._runner(argv, capture_output=True, text=True, timeout=self._command_timeout,
-                                      env=submit_environment(), check=False)
-            except FileNotFoundError as exc:
-                raise SlurmError(f"{what}: {argv[0]!r} is not on PATH ({exc}); run on a Slurm login or compute "
-                                 f"node, or choose another launcher.scheduler") from exc
-            except subprocess.TimeoutExpired as exc:
-                result = subprocess.CompletedProcess(argv, -1, _text(exc.stdout), _text(exc.stderr) + (
-                    f"\n(no answer within {self._command_timeout:.0f} s: is slurmctld overloaded or down?)"))
-                if argv[0] == "sbatch":  # the job may exist: another try could submit it twice
-                    raise SlurmError(_failure(what, argv, result, "check squeue for the job before resubmitting"))
-                continue
-            if result.returncode == 0 or final(result):
-                return result
-        raise SlurmError(_failure(f"{what} failed {self._retries + 1} times", argv, result,
-                                  "is slurmctld reachable ('scontrol ping')?"))
 
 
 def _absolute(job: JobSpec) -> JobSpec:
@@ -437,18 +495,14 @@ def _only_harmless_scancel_errors(result: subprocess.CompletedProcess) -> bool:
     return bool(errors) and all(_SCANCEL_HARMLESS.search(line) for line in errors)
 
 
-def _text(output: bytes | str | None) -> str:
-    if output is None:
-        return ""
-    return output.decode(errors="replace") if isinstance(output, bytes) else output
+def _succeeded_or_refused(result: subprocess.CompletedProcess) -> bool:
+    """A final answer of sbatch: success, or a refusal of the request itself, which another try cannot fix."""
+    return result.returncode == 0 or bool(_PERMANENT_SBATCH.search(result.stderr + result.stdout))
 
 
-def _failure(what: str, argv: Iterable[str], result: subprocess.CompletedProcess | None, hint: str) -> str:
-    """An error message quoting the command and Slurm's whole answer."""
-    if result is None:
-        return f"{what}: `{shlex.join(argv)}` did not run; {hint}"
-    return (f"{what}: `{shlex.join(argv)}` exited with code {result.returncode}\n"
-            f"--- stdout ---\n{result.stdout.rstrip()}\n--- stderr ---\n{result.stderr.rstrip()}\n{hint}")
+def _succeeded_or_invalid_id(result: subprocess.CompletedProcess) -> bool:
+    """A final answer of squeue or scontrol: success, or a job id the controller no longer knows."""
+    return result.returncode == 0 or _INVALID_JOB_ID in result.stderr + result.stdout
 
 
 # -- the srun-steps backend --------------------------------------------------------------------------
@@ -458,6 +512,8 @@ class SlurmStepScheduler:
     Each step's ``srun`` is a local subprocess in its own process group; the step's output reaches
     the job's log through srun (with srun's own messages), so no shared file system is needed for logs.
     """
+
+    min_poll_interval = 0.0  # seconds; polling looks at local srun processes only
 
     def __init__(self, options: Sequence[str] = (), *, srun: str = "srun", kill_grace: float = 10.0):
         self.options = validate_options(options, _STEP_RESERVED, "srun")
@@ -470,24 +526,15 @@ class SlurmStepScheduler:
         self._srun = srun
         self._steps = ProcessGroups("step", kill_grace)  # srun forwards SIGTERM to its step
 
-    @property
-    def min_poll_interval(self) -> float:
-        """Polling looks at local processes only: no lower bound."""
-        return 0.0
-
     def submit(self, job: JobSpec) -> str:
         job = _absolute(job)
         argv = step_command(job, self.options, self.allocation, self._srun)
-        job.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(job.log_path, "ab") as log_file:
-            try:
-                process = subprocess.Popen(argv, cwd=job.cwd, env={**submit_environment(), **job.env},
-                                           stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                           start_new_session=True)
-            except OSError as exc:
-                raise SlurmError(f"cannot start the srun step of job {job.name!r}: {exc} "
-                                 f"(command: {shlex.join(argv)})") from exc
-        return self._steps.add(process)
+        try:
+            return self._steps.start(argv, job.cwd, {**submit_environment(), **job.env}, job.log_path)
+        except OSError as exc:
+            raise SlurmError(
+                f"cannot start the srun step of job {job.name!r}: {exc} (command: {shlex.join(argv)})"
+            ) from exc
 
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         """srun's exit status is the step's: running while srun runs, then completed (0) or failed."""

@@ -4,6 +4,7 @@ It runs in a thread of the server's rank-0 process, so the simulation table it
 drives is the one the receiver and Breed see. A failed attempt is resubmitted
 with the same parameters up to ``max_attempts`` times; a job that exits with 0
 but whose FINISH message never arrives counts as a failed attempt too.
+See docs/architecture.md, section "Launcher".
 """
 
 from __future__ import annotations
@@ -24,23 +25,31 @@ log = logging.getLogger("jaxsurro.launcher")
 class Launcher:
     """Drives a :class:`SimulationTable` through a :class:`Scheduler` from a background thread."""
 
-    def __init__(self, table: SimulationTable, scheduler: Scheduler, job_for: Callable[[int, int], JobSpec], *,
-                 max_concurrent: int, max_attempts: int, poll_interval: float = 0.2,
-                 finish_grace: float = 30.0, output_tail_lines: int = 20,
-                 on_done: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        table: SimulationTable,
+        scheduler: Scheduler,
+        job_for: Callable[[int, int], JobSpec],
+        *,
+        max_concurrent: int,
+        max_attempts: int,
+        poll_interval: float = 0.2,
+        finish_grace: float = 30.0,
+        output_tail_lines: int = 20,
+        on_done: Callable[[], None] | None = None,
+    ):
         self.table = table
         self.scheduler = scheduler
         self._job_for = job_for  # (sim_id, attempt) -> JobSpec
         self._max_concurrent = max_concurrent
         self._max_attempts = max_attempts
-        # A cluster scheduler may ask not to be polled more often than every few seconds.
-        self._poll_interval = max(poll_interval, getattr(scheduler, "min_poll_interval", 0.0))
+        # A cluster scheduler asks not to be polled more often than every few seconds.
+        self._poll_interval = max(poll_interval, scheduler.min_poll_interval)
         self._finish_grace = finish_grace
         self._tail_lines = output_tail_lines
         self._on_done = on_done  # called from the launcher thread once every simulation has ended
         self._stop = threading.Event()
         self.done = threading.Event()  # set once every simulation is terminal
-        self.rounds = 0  # poll-and-submit rounds done so far
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="launcher", daemon=True)
         self._logs: dict[int, Path] = {}
@@ -123,7 +132,6 @@ class Launcher:
         self._expire_missing_finish()
         self._submit_pending()
         with self.table.lock:
-            self.rounds += 1
             self.table.changed.notify_all()
 
     def _expire_missing_finish(self) -> None:
@@ -131,9 +139,12 @@ class Launcher:
         with self.table.lock:
             late = [r.sim_id for r in self.table if r.state == SimState.EXITED and r.exited_at < deadline]
         for sim_id in late:
-            self._attempt_failed(sim_id, f"exited with 0 but its FINISH message did not arrive within "
-                                         f"{self._finish_grace:.0f} s (did the solver leave the client's "
-                                         f"context manager normally?)")
+            self._attempt_failed(
+                sim_id,
+                f"exited with 0 but its FINISH message did not arrive within "
+                f"{self._finish_grace:.0f} s (did the solver leave the client's "
+                f"context manager normally?)",
+            )
 
     def _attempt_failed(self, sim_id: int, what: str) -> None:
         with self.table.lock:
@@ -143,9 +154,15 @@ class Launcher:
             record.error = what
             record.state = SimState.PENDING if retry else SimState.FAILED
         tail = self._tail(sim_id)
-        log.warning("simulation %d attempt %d/%d %s; %s%s", sim_id, attempt, self._max_attempts, what,
-                    "retrying with the same parameters" if retry else "giving up",
-                    f"\n--- last lines of {self._logs.get(sim_id)} ---\n{tail}" if tail else "")
+        log.warning(
+            "simulation %d attempt %d/%d %s; %s%s",
+            sim_id,
+            attempt,
+            self._max_attempts,
+            what,
+            "retrying with the same parameters" if retry else "giving up",
+            f"\n--- last lines of {self._logs.get(sim_id)} ---\n{tail}" if tail else "",
+        )
 
     def _submit_pending(self) -> None:
         with self.table.lock:
@@ -166,7 +183,7 @@ class Launcher:
             self._logs[record.sim_id] = job.log_path
             try:
                 job_id = self.scheduler.submit(job)
-            except Exception as exc:  # noqa: BLE001 -- reported and retried like any failed attempt
+            except Exception as exc:
                 with self.table.lock:
                     record.job_id = ""
                 self._attempt_failed(record.sim_id, f"could not be submitted: {exc}")

@@ -29,6 +29,10 @@ unseen the producer blocks, so no produced sample is ever discarded unseen. A ba
 reaches the watermark, and the drawn unseen samples become seen. When reception is over the
 threshold is lifted and draws evict (``min(batch_size, population)`` distinct samples, removed), so
 the buffer empties, every sample has been drawn at least once, and training ends.
+
+The size rules (capacity, watermark, batch size per kind) are stated once, in
+:func:`jaxsurro.config.buffer_capacity_problems`; the configuration reports them at load and the
+buffers raise them here (docs/architecture.md, "Buffers").
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import threading
 from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
+
+from jaxsurro.config import buffer_capacity_problems
 
 __all__ = [
     "Buffer",
@@ -136,25 +142,30 @@ class _SlotSet:
         return self.position[slots] >= 0
 
 
+_SIZE_NAMES = ("capacity", "watermark", "batch_size")  # how the size rules name the arguments here
+
+
+def _check_capacity(kind: str, capacity: int, watermark: int, batch_size: int | None = None) -> None:
+    """Raise the size rules' problems (jaxsurro.config.buffer_capacity_problems) as one ValueError."""
+    problems = buffer_capacity_problems(kind, capacity, watermark, batch_size, names=_SIZE_NAMES)
+    if problems:
+        raise ValueError(f"{kind} buffer: " + "; ".join(problems))
+
+
 def _validate_sizes(kind: str, capacity: int, watermark: int, input_dim: int, field_size: int) -> None:
     """Reject buffer sizes that cannot work, saying what was given and what is needed."""
-    for name, value in (("capacity", capacity), ("watermark", watermark), ("input_dim", input_dim),
-                        ("field_size", field_size)):
+    for name, value in (
+        ("capacity", capacity),
+        ("watermark", watermark),
+        ("input_dim", input_dim),
+        ("field_size", field_size),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"{kind} buffer: {name} must be an int, got {value!r} ({type(value).__name__})")
-    if capacity < 1:
-        raise ValueError(f"{kind} buffer: capacity must be >= 1, got {capacity}")
-    if watermark < 0:
-        raise ValueError(f"{kind} buffer: watermark must be >= 0, got {watermark}")
-    if watermark > capacity:
-        raise ValueError(
-            f"{kind} buffer: watermark {watermark} exceeds capacity {capacity}, so the population could "
-            f"never reach it and no batch would ever be drawn; use a watermark <= capacity"
-        )
+    _check_capacity(kind, int(capacity), int(watermark))
     if input_dim < 1 or field_size < 1:
         raise ValueError(
-            f"{kind} buffer: input_dim and field_size must be >= 1, got input_dim={input_dim}, "
-            f"field_size={field_size}"
+            f"{kind} buffer: input_dim and field_size must be >= 1, got input_dim={input_dim}, field_size={field_size}"
         )
 
 
@@ -185,6 +196,7 @@ class Buffer(abc.ABC):
         self._drawn = 0
         self._reception_over = False
         self._closed = False
+        self._valid_batch_size = 0  # the last batch size the size rules accepted (checked once per size)
 
     # --- public API -------------------------------------------------------------------------
 
@@ -221,11 +233,11 @@ class Buffer(abc.ABC):
         """Draw a batch per the buffer's rule; None once reception is over and the buffer is drained."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"{self.kind} buffer: batch_size must be an int >= 1, got {batch_size!r}")
-        self._check_batch_size(int(batch_size))
+        if batch_size != self._valid_batch_size:
+            _check_capacity(self.kind, self.capacity, self.watermark, int(batch_size))
+            self._valid_batch_size = int(batch_size)
         with self._lock:
-            ready = self._batch_available.wait_for(
-                lambda: self._closed or self._batch_ready(batch_size), timeout
-            )
+            ready = self._batch_available.wait_for(lambda: self._closed or self._batch_ready(batch_size), timeout)
             if self._closed:
                 raise BufferClosed(f"{self.kind} buffer was closed; get_batch abandoned")
             if not ready:
@@ -303,8 +315,10 @@ class Buffer(abc.ABC):
         needed = int(uses.max(initial=0)) + 1
         if needed > len(self._evicted_uses):
             self._evicted_uses = np.concatenate(
-                [self._evicted_uses, np.zeros(max(needed, 2 * len(self._evicted_uses)) - len(self._evicted_uses),
-                                              dtype=np.int64)]
+                [
+                    self._evicted_uses,
+                    np.zeros(max(needed, 2 * len(self._evicted_uses)) - len(self._evicted_uses), dtype=np.int64),
+                ]
             )
         self._evicted_uses += np.bincount(uses, minlength=len(self._evicted_uses))
         self._evicted += len(slots)
@@ -373,15 +387,6 @@ class Buffer(abc.ABC):
     def _unseen(self) -> int:
         """Stored samples never drawn."""
 
-    def _check_batch_size(self, batch_size: int) -> None:
-        """Evicting buffers cannot hold more than capacity samples, so a larger batch would deadlock."""
-        if batch_size > self.capacity:
-            raise ValueError(
-                f"{self.kind} buffer: batch_size {batch_size} exceeds capacity {self.capacity}; this buffer "
-                f"evicts on reading and blocks the producer when full, so such a batch would never be "
-                f"available. Use batch_size <= capacity or a larger capacity"
-            )
-
     def _put_blocked_reason(self) -> str:
         """Why put waits, for its timeout message."""
         return "the buffer is full and the consumer is not drawing batches (is the trainer running?)"
@@ -445,12 +450,6 @@ class FIROBuffer(Buffer):
 
     def __init__(self, capacity: int, watermark: int, input_dim: int, field_size: int, seed: int) -> None:
         super().__init__(capacity, watermark, input_dim, field_size, seed)
-        if watermark >= capacity:
-            raise ValueError(
-                f"firo buffer: watermark {watermark} with capacity {capacity} would never be exceeded (FIRO "
-                f"releases a batch only while the population is above the watermark and the producer "
-                f"blocks at capacity); use watermark < capacity"
-            )
         self._free = _SlotSet(self.capacity)
         self._free.add_many(np.arange(self.capacity - 1, -1, -1))  # pop_last hands out slot 0 first
         self._stored = _SlotSet(self.capacity)
@@ -557,9 +556,6 @@ class ReservoirBuffer(Buffer):
         if len(newly_seen):
             self._seen.add_many(np.unique(newly_seen))
 
-    def _check_batch_size(self, batch_size: int) -> None:
-        """Draws are with replacement, so any batch size works."""
-
     def _stored_slots(self) -> np.ndarray:
         return self._stored.members[: self._stored.size]
 
@@ -583,8 +579,13 @@ _BUFFER_KINDS: dict[str, type[Buffer]] = {"fifo": FIFOBuffer, "firo": FIROBuffer
 
 
 def make_buffer(
-    kind: Literal["fifo", "firo", "reservoir"], *, capacity: int, watermark: int, input_dim: int,
-    field_size: int, seed: int,
+    kind: Literal["fifo", "firo", "reservoir"],
+    *,
+    capacity: int,
+    watermark: int,
+    input_dim: int,
+    field_size: int,
+    seed: int,
 ) -> Buffer:
     """Build a host buffer by name, as configuration files spell it."""
     try:

@@ -16,17 +16,19 @@ from typing import Any
 
 import numpy as np
 
+from jaxsurro.client import settings as client_settings
+
 log = logging.getLogger("jaxsurro.server.distributed")
 
-# Environment variables that MPI launchers set in every rank, holding the number of ranks:
-# mpirun (OpenMPI), PMI-1/2 (MPICH, srun --mpi=pmi2), srun's own step size (srun --mpi=pmix).
-_LAUNCHER_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
 POLL_INTERVAL = 0.0005  # seconds between tests of a pending non-blocking MPI request
 
 
 def launched_by_mpi() -> bool:
-    """Whether this process was started by an MPI launcher (so importing mpi4py is wanted)."""
-    return any(name in os.environ for name in _LAUNCHER_SIZE_VARIABLES) or "PMIX_RANK" in os.environ
+    """Whether an MPI launcher started this process as one of several ranks (so importing mpi4py is wanted).
+
+    The rule the solvers follow too: :func:`jaxsurro.client.settings.launched_by_mpi`.
+    """
+    return client_settings.launched_by_mpi(os.environ)
 
 
 class CollectiveTimeout(TimeoutError):
@@ -65,8 +67,10 @@ class World:
         pause = POLL_INTERVAL
         while not request.Test():
             if time.monotonic() > deadline:
-                raise CollectiveTimeout(f"rank {self.rank}: no agreement on {what} within {timeout:.0f} s; a peer "
-                                        f"rank is stuck or dead (see its log)")
+                raise CollectiveTimeout(
+                    f"rank {self.rank}: no agreement on {what} within {timeout:.0f} s; a peer "
+                    f"rank is stuck or dead (see its log)"
+                )
             time.sleep(pause)
             pause = min(pause * 2, 0.02)  # quick when ranks are in step, little CPU when one waits long
 

@@ -9,8 +9,8 @@ host buffers while the trainer learns.
 from __future__ import annotations
 
 import logging
-import time
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -18,9 +18,9 @@ from jaxsurro import protocol
 from jaxsurro.config import Config
 from jaxsurro.server.distributed import World
 from jaxsurro.server.progress import Progress
-from jaxsurro.table import SimState, SimulationTable
 from jaxsurro.server.receiver import Receiver, Sink, ValidationSink
 from jaxsurro.server.validation import ValidationSet, validation_parameters
+from jaxsurro.table import SimState, SimulationTable
 
 log = logging.getLogger("jaxsurro.server.ensemble")
 
@@ -54,22 +54,34 @@ class Ensemble:
     The launcher lives on rank 0 only; every rank receives the time steps routed to it.
     """
 
-    def __init__(self, config: Config, table: SimulationTable, sink: Sink, label: str,
-                 launch: LaunchFactory, world: World | None = None):
+    def __init__(
+        self,
+        config: Config,
+        table: SimulationTable,
+        sink: Sink,
+        label: str,
+        launch: LaunchFactory,
+        world: World | None = None,
+    ):
         self.config = config
         self.table = table
         self.world = world or World()
         token = protocol.new_token() if self.world.is_root else None  # one credential per ensemble
         self.token = self.world.broadcast(token, config.server.startup_timeout, "the run token")
         n_simulations = len(table)
-        self.receiver = Receiver(
-            table=table, sink=sink, token=self.token, field=config.solver.field,
-            field_shape=config.solver.field_shape, wire_dtype=config.solver.wire_dtype,
-            n_steps=config.solver.n_steps, host=config.server.host, rank=self.world.rank, n_ranks=self.world.size,
+        self.receiver = Receiver.from_config(
+            config,
+            table,
+            sink,
+            self.token,
+            rank=self.world.rank,
+            n_ranks=self.world.size,
             # Rank 0 knows which simulations were submitted; the others accept any simulation of the study.
-            known_simulations=None if self.world.is_root else (lambda sim_id: 0 <= sim_id < n_simulations))
-        self.receiver.addresses = tuple(self.world.allgather(
-            self.receiver.data_address, config.server.startup_timeout, "the ranks' data addresses"))
+            known_simulations=None if self.world.is_root else (lambda sim_id: 0 <= sim_id < n_simulations),
+        )
+        self.receiver.addresses = tuple(
+            self.world.allgather(self.receiver.data_address, config.server.startup_timeout, "the ranks' data addresses")
+        )
         self.launcher = None
         if self.world.is_root:
             self.launcher = launch(table, self.token, self.receiver.control_address, label)
@@ -98,11 +110,13 @@ class Ensemble:
         if self.launcher is None:
             return
         self.launcher.check()
-        quiet = time.monotonic() - self.receiver.last_message_at
+        quiet = time.monotonic() - self.receiver.counters().last_message_at
         if not self.done and quiet > self.config.server.receive_timeout:
-            raise StallError(f"no message from any client for {quiet:.0f} s (server.receive_timeout = "
-                             f"{self.config.server.receive_timeout:.0f} s); simulations: {self.table.counts()}; "
-                             "see the simulation logs in the run directory")
+            raise StallError(
+                f"no message from any client for {quiet:.0f} s (server.receive_timeout = "
+                f"{self.config.server.receive_timeout:.0f} s); simulations: {self.table.counts()}; "
+                "see the simulation logs in the run directory"
+            )
 
     def status(self) -> dict[str, int]:
         counts = self.table.counts()
@@ -117,19 +131,23 @@ def produce_validation_set(config: Config, launch: LaunchFactory, progress: Prog
     """
     parameters = validation_parameters(config)
     table = SimulationTable(parameters)
-    sink = ValidationSink(len(table), config.solver.n_steps, config.solver.field_shape)
+    sink = ValidationSink(len(table), config.solver.n_steps, config.solver.sample_size)
     with Ensemble(config, table, sink, "validation", launch) as ensemble:
         while not ensemble.launcher.done.wait(WAIT_SLICE):
             ensemble.poll()
-            progress.update(ensemble.receiver.unique_received,
-                            {"validation sims done": f"{ensemble.status()['done']}/{len(table)}"})
+            progress.update(
+                ensemble.receiver.counters().unique_received,
+                {"validation sims done": f"{ensemble.status()['done']}/{len(table)}"},
+            )
         ensemble.poll()
     failed = [r for r in table if r.state != SimState.COMPLETED]
     if failed:
         first = failed[0]
-        raise RuntimeError(f"{len(failed)} validation simulation(s) did not complete (simulation {first.sim_id}: "
-                           f"{first.state.value}, {first.error or 'no error recorded'}); see the simulation logs")
+        raise RuntimeError(
+            f"{len(failed)} validation simulation(s) did not complete (simulation {first.sim_id}: "
+            f"{first.state.value}, {first.error or 'no error recorded'}); see the simulation logs"
+        )
     missing = ensemble.receiver.stored.size - int(ensemble.receiver.stored.sum())
     if missing:
         raise RuntimeError(f"the validation simulations completed but {missing} time steps never arrived")
-    return ValidationSet(parameters, sink.fields)
+    return ValidationSet(parameters, sink.samples)

@@ -6,14 +6,13 @@ rank 0's decisions (log now, every simulation ended). If any rank has data they 
 run the jitted step, whose gradient sums are reduced across ranks weighted by each
 rank's sample count, so an empty rank contributes nothing and nobody waits for it.
 Training ends when every rank's buffer is drained after reception is over, which all
-ranks learn in the same iteration. With one rank the same loop runs without MPI.
+ranks learn in the same iteration. With one rank the same loop runs without MPI
+(docs/architecture.md, "MPI lockstep").
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -22,17 +21,21 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxsurro.server.buffers import SampleBatch, make_buffer
+from jaxsurro import rundir
 from jaxsurro.config import Config
+from jaxsurro.core.model import Scaling
 from jaxsurro.core.sampling import derive_seed
+from jaxsurro.server import metrics
+from jaxsurro.server.buffers import SampleBatch, make_buffer
 from jaxsurro.server.distributed import World, gradient_allreduce
-from jaxsurro.table import SimState, SimulationTable
+from jaxsurro.server.ensemble import Ensemble, LaunchFactory, StallError
+from jaxsurro.server.metrics import MetricsLog, RankCounters
 from jaxsurro.server.progress import Progress
 from jaxsurro.server.receiver import BufferSink
-from jaxsurro.server.ensemble import Ensemble, LaunchFactory, StallError
 from jaxsurro.server.steering import Steering
 from jaxsurro.server.trainer import Trainer
 from jaxsurro.server.validation import ValidationSet
+from jaxsurro.table import SimState, SimulationTable
 
 log = logging.getLogger("jaxsurro.server.online")
 
@@ -59,86 +62,109 @@ class TrainingResult(NamedTuple):
     summary: dict[str, Any] | None  # on rank 0; None on the other ranks
 
 
-class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl``."""
-
-    def __init__(self, path: Path):
-        self._handle = open(path, "w", buffering=1)
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        self._handle.close()
-
-
-def train_online(config: Config, table: SimulationTable, validation: ValidationSet | None, run_dir: Path,
-                 progress: Progress, launch: LaunchFactory, world: World | None = None,
-                 log_interval: float = 0.5) -> TrainingResult:
+def train_online(
+    config: Config,
+    table: SimulationTable,
+    validation: ValidationSet | None,
+    scaling: Scaling,
+    run_dir: Path,
+    progress: Progress,
+    launch: LaunchFactory,
+    world: World | None = None,
+    log_interval: float = 0.5,
+) -> TrainingResult:
     """Runs the study on this rank: its share of the stream goes into its buffer while the ranks train.
 
     ``validation`` is needed on rank 0 only, which validates for everyone.
     """
     world = world or World()
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl") if world.is_root else None
+    tensorboard_dir = run_dir / rundir.TENSORBOARD if config.log.tensorboard else None
+    metrics_log = MetricsLog(run_dir / rundir.METRICS, tensorboard_dir) if world.is_root else None
     try:
-        return OnlineTraining(config, table, validation, run_dir, progress, launch, world, log_interval,
-                              metrics_log).run()
+        return OnlineTraining(
+            config, table, validation, scaling, progress, launch, world, log_interval, metrics_log
+        ).run()
     finally:
         if metrics_log is not None:
             metrics_log.close()
 
 
 class OnlineTraining:
-    """One rank's part of a study: its receiver and buffer, and its place in the lockstep training loop."""
+    """One rank's part of a study: its receiver and buffer, and its place in the lockstep training loop.
 
-    def __init__(self, config: Config, table: SimulationTable, validation: ValidationSet | None, run_dir: Path,
-                 progress: Progress, launch: LaunchFactory, world: World, log_interval: float,
-                 metrics_log: MetricsLog | None):
+    The metrics lines and the summary are built by :mod:`jaxsurro.server.metrics`; this class
+    only runs the loop and takes its counters' snapshots.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        table: SimulationTable,
+        validation: ValidationSet | None,
+        scaling: Scaling,
+        progress: Progress,
+        launch: LaunchFactory,
+        world: World,
+        log_interval: float,
+        metrics_log: MetricsLog | None,
+    ):
         solver = config.solver
         self.config, self.table, self.world = config, table, world
-        self.run_dir, self.progress, self.metrics_log = run_dir, progress, metrics_log
+        self.progress, self.metrics_log = progress, metrics_log
         self.log_interval = log_interval
-        self.launch = launch
-        self.buffer = make_buffer(config.buffer.kind, capacity=config.buffer.capacity,
-                                  watermark=config.buffer.watermark, input_dim=len(solver.parameters) + 1,
-                                  field_size=int(np.prod(solver.field_shape)), seed=derive_seed(config.study.seed, "buffer", world.rank))
-        self.trainer = Trainer(config, reduce_fn=gradient_allreduce(world))
-        self.steering = Steering(config, world, table, self.trainer.mesh) if config.sampler.kind == "breed" else None
+        self.val_inputs: np.ndarray | None = None  # rank 0 only
+        self.val_targets: np.ndarray | None = None
         if world.is_root:
             if validation is None:
                 raise ValueError("rank 0 validates for every rank: it needs the validation set")
             self.val_inputs, self.val_targets = validation.inputs(solver.dt), validation.targets()
+        n_inputs, n_field = len(solver.parameters) + 1, solver.sample_size
+        self.buffer = make_buffer(
+            config.buffer.kind,
+            capacity=config.buffer.capacity,
+            watermark=config.buffer.watermark,
+            input_dim=n_inputs,
+            field_size=n_field,
+            seed=derive_seed(config.study.seed, "buffer", world.rank),
+        )
+        self.trainer = Trainer.from_config(config, scaling, reduce_fn=gradient_allreduce(world))
+        self.steering = Steering(config, world, table, self.trainer.mesh) if config.sampler.kind == "breed" else None
         self.batch_wait = MULTI_RANK_WAIT if world.distributed else SINGLE_RANK_WAIT
         self.collective_timeout = config.train.batch_timeout + 60.0
-        n_inputs, n_field = len(solver.parameters) + 1, int(np.prod(solver.field_shape))
-        self._empty = SampleBatch(np.zeros((0, n_inputs), np.float32), np.zeros((0, n_field), np.float32),
-                                  np.zeros(0, np.int64))
+        self._empty = SampleBatch(
+            np.zeros((0, n_inputs), np.float32), np.zeros((0, n_field), np.float32), np.zeros(0, np.int64)
+        )
         self.steps = 0  # global steps (identical on every rank)
         self.samples_trained = 0  # by this rank
+        self.field_names = tuple(solver.field_shapes)
         self.val_mse = float("nan")
+        self.val_field_mse: dict[str, float] = {}
+        self.min_val_mse = float("nan")
         self.last_loss = float("nan")
+        self.last_field_loss: dict[str, float] = {}
+        self.learning_rate = config.train.learning_rate  # as of the last fetched step
         self._pending_metrics: list[dict[str, jax.Array]] = []
         self._awaiting: list[int] | None = None  # completed simulations whose FINISH this rank must see
         self._awaiting_deadline = 0.0
         self._reception_ended = False
         self._start = time.monotonic()
-        self._last_record = {"time": self._start, "received": 0, "trained": 0}
+        self._since = metrics.RatePoint(self._start, 0, 0)  # rank 0: the last metrics line, for the rates
+        # Last: a collective (the run token, the ranks' addresses) that binds this rank's sockets.
+        sink = BufferSink(self.buffer, table, solver.n_steps, solver.dt)
+        self.ensemble = Ensemble(config, table, sink, "sim", launch, world=world)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainingResult:
-        sink = BufferSink(self.buffer, self.table, self.config.solver.n_steps, self.config.solver.dt)
-        with Ensemble(self.config, self.table, sink, "sim", self.launch, world=self.world) as ensemble:
-            self.ensemble = ensemble
+        with self.ensemble:
             try:
                 self._loop()
             finally:
                 self.buffer.close()
-        self.wall = time.monotonic() - self._start
+        wall = time.monotonic() - self._start
         if self.world.is_root:
-            self.val_mse = self.trainer.evaluate(self.val_inputs, self.val_targets)
-        self._record("validation", final=True)
-        return TrainingResult(self.trainer, self._summary())
+            self._validate()
+        ranks = self._record("validation", final=True)
+        return TrainingResult(self.trainer, self._summary(ranks, wall) if ranks is not None else None)
 
     def _loop(self) -> None:
         last_progress = time.monotonic()
@@ -153,13 +179,13 @@ class OnlineTraining:
                 control[_Control.DRAINED] = batch is None
             except TimeoutError:
                 pass  # nothing yet on this rank
-            except Exception as exc:  # noqa: BLE001 -- every rank must learn of it before anyone stops
+            except Exception as exc:
                 failure = exc
                 control[_Control.FAILED] = 1
             control[_Control.HAVE_BATCH] = batch is not None
             if self.world.is_root:
                 now = time.monotonic()
-                control[_Control.LOG_NOW] = now - self._last_record["time"] >= self.log_interval
+                control[_Control.LOG_NOW] = now - self._since.time >= self.log_interval
                 control[_Control.ALL_ENDED] = self.ensemble.done
             totals = self.world.sum(control, self.collective_timeout, "the next training step")
             if totals[_Control.FAILED]:
@@ -174,15 +200,17 @@ class OnlineTraining:
             elif totals[_Control.DRAINED] == self.world.size:
                 return
             elif time.monotonic() - last_progress > self.config.train.batch_timeout:
-                raise StallError(f"no rank had a batch for {self.config.train.batch_timeout:.0f} s "
-                                 f"(train.batch_timeout); this rank's buffer: {self.buffer.stats()}; "
-                                 f"simulations: {self.table.counts()}")
+                raise StallError(
+                    f"no rank had a batch for {self.config.train.batch_timeout:.0f} s "
+                    f"(train.batch_timeout); this rank's buffer: {self.buffer.stats()}; "
+                    f"simulations: {self.table.counts()}"
+                )
             if totals[_Control.LOG_NOW]:
                 self._record("train")
 
     def _train(self, batch: SampleBatch) -> None:
-        metrics, per_sample_loss = self.trainer.step(batch)
-        self._pending_metrics.append(metrics)
+        step_metrics, per_sample_loss = self.trainer.step(batch)
+        self._pending_metrics.append(step_metrics)
         self.steps += 1
         self.samples_trained += len(batch.sample_ids)
         if self.steering is not None:
@@ -191,8 +219,15 @@ class OnlineTraining:
                 self.steering.resample()
         if self.steps % self.config.train.validation_every == 0:
             if self.world.is_root:
-                self.val_mse = self.trainer.evaluate(self.val_inputs, self.val_targets)
+                self._validate()
             self._record("validation")
+
+    def _validate(self) -> None:
+        """Rank 0: the validation MSE now, overall and per field, and the lowest so far."""
+        evaluation = self.trainer.evaluate(self.val_inputs, self.val_targets)
+        self.val_mse = evaluation.mse
+        self.val_field_mse = dict(zip(self.field_names, evaluation.field_mse, strict=True))
+        self.min_val_mse = evaluation.mse if not self.min_val_mse <= evaluation.mse else self.min_val_mse
 
     # -- the end of reception ------------------------------------------------------------------
     def _learn_completed_simulations(self) -> None:
@@ -213,110 +248,76 @@ class OnlineTraining:
             self._reception_ended = True
             return
         if time.monotonic() > self._awaiting_deadline:
-            raise RuntimeError(f"rank {self.world.rank}: the FINISH of {len(missing)} completed simulation(s) "
-                               f"never arrived (first: {missing[:5]}) within server.client_timeout")
+            raise RuntimeError(
+                f"rank {self.world.rank}: the FINISH of {len(missing)} completed simulation(s) "
+                f"never arrived (first: {missing[:5]}) within server.client_timeout"
+            )
 
     # -- metrics -------------------------------------------------------------------------------
-    def _local_stats(self) -> dict[str, Any]:
-        receiver, stats = self.ensemble.receiver, self.buffer.stats()
-        span = (receiver.last_data_at or 0.0) - (receiver.first_data_at or 0.0)
-        return {"received": receiver.unique_received, "duplicates": receiver.duplicates,
-                "rejected": dict(receiver.rejected), "buffer_population": stats.population,
-                "samples_trained": self.samples_trained, "reception_seconds": span}
+    def _record(self, kind: str, final: bool = False) -> list[RankCounters] | None:
+        """A collective: every rank sends its counters to rank 0, which writes one metrics line.
 
-    def _record(self, kind: str, final: bool = False) -> None:
-        """A collective: every rank sends its counters to rank 0, which writes one metrics line."""
+        Returns the ranks' counters on rank 0 (with histograms and digests when ``final``), None elsewhere.
+        """
         if self._pending_metrics:
             fetched = jax.device_get(self._pending_metrics)  # also bounds the queue of dispatched steps
             self.last_loss = float(np.mean([m["loss"] for m in fetched]))
+            field_loss = np.mean([m["field_loss"] for m in fetched], axis=0)
+            self.last_field_loss = dict(zip(self.field_names, field_loss.tolist(), strict=True))
             self.learning_rate = float(fetched[-1]["learning_rate"])
             self._pending_metrics.clear()
-        local = self._local_stats()
-        if final:
-            local["repetition_histogram"] = self.buffer.repetition_histogram().tolist()
-            local["parameter_digest"] = parameter_digest(self.trainer.host_params())
+        local = metrics.rank_counters(
+            self.ensemble.receiver.counters(),
+            self.buffer.stats(),
+            self.samples_trained,
+            repetition_histogram=self.buffer.repetition_histogram().tolist() if final else None,
+            parameter_digest=metrics.parameter_digest(self.trainer.host_params()) if final else None,
+        )
         ranks = self.world.gather(local, self.collective_timeout, "a metrics record")
         if not self.world.is_root:
-            return
-        self.per_rank = ranks
-        now = time.monotonic()
-        received = sum(r["received"] for r in ranks)
-        trained = sum(r["samples_trained"] for r in ranks)
-        span = max(now - self._last_record["time"], 1e-9)
-        rejected: dict[str, int] = {}
-        for r in ranks:
-            for reason, count in r["rejected"].items():
-                rejected[reason] = rejected.get(reason, 0) + count
-        entry = {"kind": kind, "time": round(now - self._start, 4), "batch": self.steps,
-                 "samples_trained": trained, "train_loss": self.last_loss,
-                 "learning_rate": getattr(self, "learning_rate", self.config.train.learning_rate),
-                 "received": received, "received_per_s": (received - self._last_record["received"]) / span,
-                 "trained_per_s": (trained - self._last_record["trained"]) / span,
-                 "buffer_population": sum(r["buffer_population"] for r in ranks),
-                 "buffer_capacity": self.config.buffer.capacity * self.world.size,
-                 "duplicates": sum(r["duplicates"] for r in ranks), "rejected": rejected,
-                 "simulations": self.ensemble.status()}
-        if self.world.distributed:
-            entry["buffer_population_per_rank"] = [r["buffer_population"] for r in ranks]
-            entry["received_per_rank"] = [r["received"] for r in ranks]
-        if kind == "validation":
-            entry["val_mse"] = self.val_mse
-        self._last_record.update(time=now, received=received, trained=trained)
-        self.metrics_log.write(entry)
-        status = entry["simulations"]
-        self.progress.update(received, {
-            "sims": f"{status['running']} running, {status['done']}/{self.config.study.n_simulations} done",
-            "buffer": f"{entry['buffer_population']}/{entry['buffer_capacity']}",
-            "samples/s": f"{entry['trained_per_s']:.0f}", "loss": f"{self.last_loss:.3g}",
-            "val": f"{self.val_mse:.3g}"}, force=final)
-        self._entry = entry
-
-    def _summary(self) -> dict[str, Any] | None:
-        if not self.world.is_root:
             return None
-        ranks, solver = self.per_rank, self.config.solver
-        width = max(len(r["repetition_histogram"]) for r in ranks)
-        histogram = np.zeros(width, dtype=np.int64)
-        for r in ranks:
-            histogram[:len(r["repetition_histogram"])] += r["repetition_histogram"]
-        finished = sum(1 for r in self.table if r.state == SimState.COMPLETED)
-        received = self._entry["received"]
-        trained = self._entry["samples_trained"]
-        summary = {
-            "simulations_planned": self.config.study.n_simulations,
-            "simulations_finished": finished,
-            "simulations_failed": sum(1 for r in self.table if r.state == SimState.FAILED),
-            "time_steps_per_simulation": solver.n_steps,
-            "unique_samples_received": received,
-            "expected_samples": finished * solver.n_steps,
-            "duplicates": self._entry["duplicates"],
-            "rejected": self._entry["rejected"],
-            "batches": self.steps,
-            "samples_trained": trained,
-            "repetition_histogram": {str(k): int(v) for k, v in enumerate(histogram) if v},
-            "mean_repetitions": float(np.dot(np.arange(width), histogram) / max(histogram.sum(), 1)),
-            "final_validation_mse": self.val_mse,
-            "received_samples_per_s": received / max(max(r["reception_seconds"] for r in ranks), 1e-9),
-            "trained_samples_per_s": trained / max(self.wall, 1e-9),
-            "training_wall_time_s": self.wall,
-            "buffer": self.config.buffer.kind,
-            "server_ranks": self.world.size,
-            "devices_per_rank": int(self.trainer.mesh.devices.size),
-        }
-        if self.world.distributed:
-            summary["ranks"] = [{"rank": i, "unique_samples_received": r["received"], "duplicates": r["duplicates"],
-                                 "samples_trained": r["samples_trained"], "parameter_digest": r["parameter_digest"]}
-                                for i, r in enumerate(ranks)]
-        summary["parameter_digest"] = ranks[0]["parameter_digest"]
+        now = time.monotonic()
+        entry = metrics.record(
+            kind,
+            ranks,
+            now=now,
+            start=self._start,
+            since=self._since,
+            steps=self.steps,
+            train_loss=self.last_loss,
+            learning_rate=self.learning_rate,
+            buffer_capacity=self.config.buffer.capacity * self.world.size,
+            simulations=self.ensemble.status(),
+            val_mse=self.val_mse,
+            train_field_loss=self.last_field_loss,
+            val_field_mse=self.val_field_mse,
+        )
+        self._since = metrics.rate_point(entry, now)
+        self.metrics_log.write(entry)
+        self.progress.update(
+            entry["received"],
+            metrics.progress_status(entry, self.config.study.n_simulations, self.val_mse),
+            force=final,
+        )
+        return ranks
+
+    def _summary(self, ranks: list[RankCounters], wall: float) -> dict[str, Any]:
+        counts = self.table.counts()
+        breed_rounds = simulations_bred = None
         if self.steering is not None:
-            summary["breed_rounds"] = self.steering.history
-            summary["simulations_bred"] = sum(1 for r in self.table if r.bred)
-        return summary
-
-
-def parameter_digest(params: Any) -> str:
-    """SHA-256 of the parameters' bytes: equal digests mean bitwise identical parameters."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        digest.update(np.ascontiguousarray(leaf).tobytes())
-    return digest.hexdigest()
+            breed_rounds = self.steering.history
+            simulations_bred = sum(1 for r in self.table if r.bred)
+        return metrics.summary(
+            ranks,
+            steps=self.steps,
+            val_mse=self.val_mse,
+            wall=wall,
+            simulations_planned=self.config.study.n_simulations,
+            simulations_finished=counts["completed"],
+            simulations_failed=counts["failed"],
+            time_steps_per_simulation=self.config.solver.n_steps,
+            buffer_kind=self.config.buffer.kind,
+            devices_per_rank=int(self.trainer.mesh.devices.size),
+            breed_rounds=breed_rounds,
+            simulations_bred=simulations_bred,
+        ) | {"min_validation_mse": self.min_val_mse, "final_validation_field_mse": self.val_field_mse}

@@ -18,8 +18,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsurro.core.train import (Batch, EvalStep, ReduceFn, TrainStep, make_apply_sums, make_gradient_sums,
-                            make_train_step)
+from jaxsurro.core.train import (
+    Batch,
+    EvalStep,
+    ReduceFn,
+    TrainStep,
+    make_apply_sums,
+    make_gradient_sums,
+    make_train_step,
+)
 
 __all__ = [
     "DATA_AXIS",
@@ -40,8 +47,7 @@ def make_data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     chosen = list(jax.local_devices() if devices is None else devices)
     if not chosen:
         raise ValueError(
-            "make_data_mesh needs at least one device; got an empty list. Pass None to use "
-            "jax.local_devices()."
+            "make_data_mesh needs at least one device; got an empty list. Pass None to use jax.local_devices()."
         )
     foreign = [device for device in chosen if device.process_index != jax.process_index()]
     if foreign:
@@ -61,7 +67,7 @@ def pad_batch(batch: Batch, multiple: int, min_size: int = 0) -> Batch:
     rows = inputs.shape[0] if inputs.ndim >= 1 else -1
     if inputs.ndim != 2 or weights.shape != (rows,) or targets.ndim < 1 or targets.shape[0] != rows:
         raise ValueError(
-            "Expected a Batch with inputs [B, d+1], targets [B, *field_shape] and weights [B] "
+            "Expected a Batch with inputs [B, d+1], targets [B, sample_size] and weights [B] "
             f"sharing B; got inputs {inputs.shape}, targets {targets.shape}, weights "
             f"{weights.shape}."
         )
@@ -115,12 +121,12 @@ def jit_eval_step(eval_step: EvalStep, mesh: Mesh) -> EvalStep:
     return jax.jit(
         eval_step,
         in_shardings=(replicated, data_sharded),
-        out_shardings=(data_sharded, replicated, replicated),
+        out_shardings=(data_sharded, replicated, replicated, replicated),
     )
 
 
 def jit_reduced_train_step(
-    model: Any, optimizer: Any, reduce_fn: ReduceFn | None, mesh: Mesh
+    model: Any, optimizer: Any, reduce_fn: ReduceFn | None, mesh: Mesh, field_weights: Sequence[float] | None = None
 ) -> TrainStep:
     """The train step with a cross-process ``reduce_fn`` (mpi4jax), jitted for this mesh.
 
@@ -131,14 +137,21 @@ def jit_reduced_train_step(
     the update, replicated. The result is the same step, bit for bit on every rank.
     """
     if reduce_fn is None or mesh.devices.size == 1:
-        return jit_train_step(make_train_step(model, optimizer, reduce_fn), mesh)
+        return jit_train_step(make_train_step(model, optimizer, reduce_fn, field_weights), mesh)
     replicated = NamedSharding(mesh, P())
     data_sharded = NamedSharding(mesh, P(DATA_AXIS))
-    gradient_sums = jax.jit(make_gradient_sums(model), in_shardings=(replicated, data_sharded),
-                            out_shardings=(replicated, data_sharded))
+    gradient_sums = jax.jit(
+        make_gradient_sums(model, field_weights),
+        in_shardings=(replicated, data_sharded),
+        out_shardings=(replicated, data_sharded),
+    )
     reduce_on_one_device = jax.jit(reduce_fn)
-    apply_sums = jax.jit(make_apply_sums(optimizer), in_shardings=(replicated, replicated),
-                         out_shardings=(replicated, replicated), donate_argnums=0)
+    apply_sums = jax.jit(
+        make_apply_sums(optimizer),
+        in_shardings=(replicated, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
 
     def train_step(state, batch):
         sums, per_sample = gradient_sums(state.params, batch)

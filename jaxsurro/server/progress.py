@@ -12,8 +12,15 @@ from tqdm import tqdm
 class Progress:
     """Shows samples received out of the study's total, with simulations, buffer, rates and loss."""
 
-    def __init__(self, total_samples: int, *, interactive: bool | None = None, stream: TextIO | None = None,
-                 line_interval: float = 5.0, enabled: bool = True):
+    def __init__(
+        self,
+        total_samples: int,
+        *,
+        interactive: bool | None = None,
+        stream: TextIO | None = None,
+        line_interval: float = 5.0,
+        enabled: bool = True,
+    ):
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty() if interactive is None else interactive
         self.enabled = enabled
@@ -21,8 +28,9 @@ class Progress:
         self._last_line = -float("inf")
         self._bar = None
         if enabled and self.interactive:
-            self._bar = tqdm(total=total_samples, unit="sample", file=self.stream, dynamic_ncols=True,
-                             desc="received", smoothing=0.1)
+            self._bar = tqdm(
+                total=total_samples, unit="sample", file=self.stream, dynamic_ncols=True, desc="received", smoothing=0.1
+            )
 
     def update(self, received: int, status: dict[str, str], force: bool = False) -> None:
         """``status`` holds short already-formatted values (sims, buffer, samples/s, loss)."""

@@ -6,6 +6,17 @@ one is counted by reason and dropped, and the receiver keeps running. A time ste
 that arrives twice (a restarted client) is stored once. The sink (a training
 buffer or the validation set) may block when full: the receiver then stops
 reading, ZeroMQ's bounded queues fill and the clients block, so nothing is dropped.
+
+A time step with several fields is assembled field by field (:mod:`jaxsurro.server.assembly`)
+and stored once complete. The first rejection of each reason is logged as a warning naming the
+simulation, step and field. A message that contradicts the experiment's declared fields
+(``unknown_field``, ``bad_shape``, ``bad_dtype``, ``bad_size``, ``field_mismatch``) from a client
+holding the run's token is a configuration error, not noise: :meth:`Receiver.check` raises
+:class:`ExperimentMismatch` with its text, and the run stops.
+
+Only the receiver thread counts; it publishes its counts under a lock once per batch of
+messages it drained (and while it waits on a full sink), and other threads read them through
+:meth:`Receiver.counters` (docs/architecture.md, "Data path").
 """
 
 from __future__ import annotations
@@ -15,13 +26,15 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import zmq
 
 from jaxsurro import protocol
+from jaxsurro.config import Config
+from jaxsurro.server.assembly import StepAssembler, field_sizes
 from jaxsurro.server.buffers import BufferClosed, ReceptionOver
 from jaxsurro.table import SimState, SimulationTable
 
@@ -32,30 +45,74 @@ log = logging.getLogger("jaxsurro.server.receiver")
 RECEIVE_QUEUE_MESSAGES = 16
 # Counted with the protocol's rejection reasons: a valid time step that came after reception ended.
 LATE = "after_end_of_reception"
+# ... an incomplete multi-field step dropped because every assembly slot was taken.
+INCOMPLETE_STEP = "incomplete_step"
+# Reasons that mean the client and the experiment disagree on the fields: fatal to the run.
+MISMATCH_REASONS = frozenset({"unknown_field", "bad_shape", "bad_dtype", "bad_size", "field_mismatch"})
+# Incomplete steps held per assembly slot pool by default: a client sends a step's fields together,
+# so a few per running simulation suffice.
+DEFAULT_ASSEMBLY_SLOTS = 64
+
+
+class ExperimentMismatch(RuntimeError):
+    """A client's fields differ from the experiment's declaration: the run cannot train on it."""
 
 
 class Sink(Protocol):
     """Where validated time steps go."""
 
-    def accept(self, sim_id: int, time_step: int, field: np.ndarray, timeout: float) -> bool:
-        """Stores one time step; returns False if it could not within ``timeout`` (the caller retries)."""
+    def accept(self, sim_id: int, time_step: int, sample: np.ndarray, timeout: float) -> bool:
+        """Stores one time step (its flat row of every field); False if it could not within ``timeout``."""
+
+
+class ReceiverCounters(NamedTuple):
+    """A consistent snapshot of a receiver's counters, as its thread last published them."""
+
+    unique_received: int  # time steps stored in the sink (each (simulation, step) once)
+    duplicates: int  # valid time steps that had already been stored, dropped
+    bytes_received: int  # payload bytes of the stored time steps
+    finishes: int  # FINISH messages
+    rejected: dict[str, int]  # messages dropped, by reason (a copy the caller owns)
+    incomplete: dict[int, tuple[int, int]]  # sim_id -> (steps its FINISH reported, steps expected), when fewer
+    first_data_at: float | None  # time.monotonic() when the first time step was stored
+    last_data_at: float | None  # ... when the last one was
+    last_message_at: float  # ... when the last message of any kind (HELLO included) was read
 
 
 class Receiver:
     """One server rank's receiving side: sockets, validation, deduplication, the sink."""
 
-    def __init__(self, *, table: SimulationTable, sink: Sink, token: bytes, field: str,
-                 field_shape: Sequence[int], wire_dtype: str, n_steps: int, host: str,
-                 rank: int = 0, n_ranks: int = 1, context: zmq.Context | None = None,
-                 known_simulations: Callable[[int], bool] | None = None):
+    def __init__(
+        self,
+        *,
+        table: SimulationTable,
+        sink: Sink,
+        token: bytes,
+        fields: Mapping[str, Sequence[int]],
+        wire_dtype: str,
+        n_steps: int,
+        host: str,
+        rank: int = 0,
+        n_ranks: int = 1,
+        context: zmq.Context | None = None,
+        known_simulations: Callable[[int], bool] | None = None,
+        assembly_slots: int = DEFAULT_ASSEMBLY_SLOTS,
+    ):
         self.table = table
         self.sink = sink
         self.token = token
         self.n_steps = n_steps
         self.rank, self.n_ranks = rank, n_ranks
         self.expectation = protocol.Expectation(
-            token=token, n_steps=n_steps, fields={field: (tuple(field_shape), np.dtype(wire_dtype))},
-            rank=rank, n_ranks=n_ranks, known_simulations=known_simulations or table.is_known)
+            token=token,
+            n_steps=n_steps,
+            fields={name: (tuple(shape), np.dtype(wire_dtype)) for name, shape in fields.items()},
+            rank=rank,
+            n_ranks=n_ranks,
+            known_simulations=known_simulations or table.is_known,
+        )
+        # A step of one field is stored as it arrives; several fields are assembled first.
+        self.assembler = StepAssembler(field_sizes(fields), assembly_slots) if len(fields) > 1 else None
         self._context = context or zmq.Context.instance()
         self.data = self._context.socket(zmq.PULL)
         self.data.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE_MESSAGES)
@@ -73,18 +130,52 @@ class Receiver:
         self.addresses: tuple[str, ...] = (self.data_address,)  # every rank's, in rank order
         # Which (simulation, step) pairs were stored: the deduplication record, O(S x T) bits.
         self.stored = np.zeros((len(table), n_steps), dtype=bool)
-        self.unique_received = 0
-        self.duplicates = 0
-        self.bytes_received = 0
-        self.finishes = 0
-        self.rejected: collections.Counter[str] = collections.Counter()
-        self.last_message_at = time.monotonic()
-        self.first_data_at: float | None = None
-        self.last_data_at: float | None = None
-        self._lock = threading.Lock()  # guards the counters for stats()
+        # The running counts: written by the receiver thread alone, published by _publish().
+        self._unique_received = 0
+        self._duplicates = 0
+        self._bytes_received = 0
+        self._finishes = 0
+        self._rejected: collections.Counter[str] = collections.Counter()
+        self._incomplete: dict[int, tuple[int, int]] = {}
+        self.mismatch: str | None = None  # the first disagreement with the experiment's fields
+        self._first_data_at: float | None = None
+        self._last_data_at: float | None = None
+        self._last_message_at = time.monotonic()
+        self._lock = threading.Lock()  # guards _published
+        self._published = self._snapshot()
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"receiver-{rank}", daemon=True)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        table: SimulationTable,
+        sink: Sink,
+        token: bytes,
+        *,
+        rank: int = 0,
+        n_ranks: int = 1,
+        context: zmq.Context | None = None,
+        known_simulations: Callable[[int], bool] | None = None,
+    ) -> Receiver:
+        """A receiver for the experiment's solver (fields, dtype, steps) on ``server.host``."""
+        solver = config.solver
+        return cls(
+            table=table,
+            sink=sink,
+            token=token,
+            fields=solver.field_shapes,
+            wire_dtype=solver.wire_dtype,
+            n_steps=solver.n_steps,
+            host=config.server.host,
+            rank=rank,
+            n_ranks=n_ranks,
+            context=context,
+            known_simulations=known_simulations,
+            assembly_slots=max(DEFAULT_ASSEMBLY_SLOTS, 4 * config.launcher.max_concurrent),
+        )
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -102,15 +193,36 @@ class Receiver:
             self.control.close()
 
     def check(self) -> None:
-        """Re-raises, in the caller's thread, an error that stopped the receiver thread."""
+        """Re-raises, in the caller's thread, an error that stopped the receiver thread or a field mismatch."""
+        if self.mismatch is not None:
+            raise ExperimentMismatch(self.mismatch)
         if self.error is not None:
             raise RuntimeError(f"the receiver of rank {self.rank} stopped: {self.error}") from self.error
 
-    def stats(self) -> dict:
+    def counters(self) -> ReceiverCounters:
+        """The counts as of the thread's last batch of messages (at most one batch behind), from any thread."""
         with self._lock:
-            return {"unique_received": self.unique_received, "duplicates": self.duplicates,
-                    "bytes_received": self.bytes_received, "finishes": self.finishes,
-                    "rejected": dict(self.rejected)}
+            published = self._published
+        return published._replace(rejected=dict(published.rejected), incomplete=dict(published.incomplete))
+
+    def _snapshot(self) -> ReceiverCounters:
+        return ReceiverCounters(
+            self._unique_received,
+            self._duplicates,
+            self._bytes_received,
+            self._finishes,
+            dict(self._rejected),
+            dict(self._incomplete),
+            self._first_data_at,
+            self._last_data_at,
+            self._last_message_at,
+        )
+
+    def _publish(self) -> None:
+        """Makes the thread's running counts visible to counters(): one lock per batch, not per message."""
+        snapshot = self._snapshot()
+        with self._lock:
+            self._published = snapshot
 
     # -- the loop ----------------------------------------------------------
     def _run(self) -> None:
@@ -125,9 +237,13 @@ class Receiver:
                     self._serve_control()
                 if self.data in events:
                     self._drain_data()
+                if events:
+                    self._publish()
         except BaseException as exc:  # surfaced by check() in the main thread
             log.exception("receiver %d failed", self.rank)
             self.error = exc
+        finally:
+            self._publish()
 
     def _drain_data(self, max_messages: int = 256) -> None:
         for _ in range(max_messages):
@@ -135,46 +251,94 @@ class Receiver:
                 frames = self.data.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.last_message_at = time.monotonic()
+            self._last_message_at = time.monotonic()
             try:
                 message = protocol.validate_message(frames, self.expectation)
             except protocol.ProtocolError as exc:
-                with self._lock:
-                    self.rejected[exc.reason] += 1
-                log.debug("rejected a message: %s", exc)
+                self._reject(exc.reason, exc.message)
                 continue
             if message.kind == protocol.DATA:
-                self._store(message)
+                self._take(message)
             else:
-                with self._lock:
-                    self.finishes += 1
-                self.table.mark_finished(message.sim_id, message.time_step)
+                self._finish(message.sim_id, message.time_step)
 
-    def _store(self, message: protocol.Received) -> None:
+    def _reject(self, reason: str, message: str) -> None:
+        """Counts a rejected message; the first of each reason is a warning, a field mismatch is fatal."""
+        self._rejected[reason] += 1
+        if reason in MISMATCH_REASONS and self.mismatch is None:
+            self.mismatch = (
+                f"a client's fields differ from the experiment's [[solver.fields]]: {message}. "
+                "Fix the solver or the experiment file; the run stops."
+            )
+            log.error("%s", self.mismatch)
+        elif self._rejected[reason] == 1:
+            log.warning(
+                "rejected a message (%s): %s; further %s rejections are counted in metrics.jsonl",
+                reason,
+                message,
+                reason,
+            )
+        else:
+            log.debug("rejected a message (%s): %s", reason, message)
+
+    def _finish(self, sim_id: int, steps: int) -> None:
+        self._finishes += 1
+        if steps < self.n_steps:
+            self._incomplete[sim_id] = (steps, self.n_steps)
+            log.warning(
+                "simulation %d finished after %d time steps; the experiment expects %d (solver.n_steps)",
+                sim_id,
+                steps,
+                self.n_steps,
+            )
+        self.table.mark_finished(sim_id, steps)
+
+    def _take(self, message: protocol.Received) -> None:
+        """A valid DATA message: stored at once (one field), or assembled until its step is complete."""
         sim_id, step = message.sim_id, message.time_step
         if self.stored[sim_id, step]:
-            with self._lock:
-                self.duplicates += 1
+            self._duplicates += 1
             return
+        self._bytes_received += message.array.nbytes
+        if self.assembler is None:
+            self._store(sim_id, step, message.array.reshape(-1))
+            return
+        if self.assembler.has(sim_id, step, message.field):
+            self._duplicates += 1
+            return
+        slot, abandoned = self.assembler.add(sim_id, step, message.field, message.array)
+        if abandoned is not None:
+            self._reject(
+                INCOMPLETE_STEP,
+                f"step {abandoned.time_step} of simulation {abandoned.sim_id} never "
+                f"received field(s) {list(abandoned.missing)} while "
+                f"{self.assembler.pending} other steps were being assembled",
+            )
+        if self.assembler.complete(slot):
+            try:
+                self._store(sim_id, step, self.assembler.row(slot))
+            finally:
+                self.assembler.release(sim_id, step)
+
+    def _store(self, sim_id: int, step: int, sample: np.ndarray) -> None:
         try:
-            while not self.sink.accept(sim_id, step, message.array, timeout=0.1):
-                # The sink is full: keep answering HELLOs so new clients are not refused meanwhile.
+            while not self.sink.accept(sim_id, step, sample, timeout=0.1):
+                # The sink is full: show the counts so far, and keep answering HELLOs so that new
+                # clients are not refused meanwhile.
+                self._publish()
                 if self._stop.is_set():
                     return
                 if self.control is not None and self.control.poll(0):
                     self._serve_control()
         except (BufferClosed, ReceptionOver) as exc:  # a straggler after the study ended
-            with self._lock:
-                self.rejected[LATE] += 1
+            self._rejected[LATE] += 1
             log.warning("time step %d of simulation %d arrived after reception ended: %s", step, sim_id, exc)
             return
         self.stored[sim_id, step] = True
         now = time.monotonic()
-        with self._lock:
-            self.unique_received += 1
-            self.bytes_received += message.array.nbytes
-            self.first_data_at = self.first_data_at or now
-            self.last_data_at = now
+        self._unique_received += 1
+        self._first_data_at = self._first_data_at or now
+        self._last_data_at = now
 
     def _serve_control(self) -> None:
         while True:
@@ -184,30 +348,36 @@ class Receiver:
                 return
             except ValueError:  # an empty multipart message from the ROUTER
                 continue
-            self.last_message_at = time.monotonic()
+            self._last_message_at = time.monotonic()
             self.control.send_multipart([routing_id, *self._answer_hello(frames)])
 
     def _answer_hello(self, frames: list[bytes]) -> list[bytes]:
         try:
             header = protocol.validate_hello(frames, self.expectation)
         except protocol.ProtocolError as exc:
-            with self._lock:
-                self.rejected[exc.reason] += 1
+            self._reject(exc.reason, exc.message)
             sim_id = _sim_id_or_zero(frames)
             return protocol.encode_reject(sim_id, 0, exc.reason, exc.message)
         if header.sim_id == protocol.ANY_SIMULATION:
-            return protocol.encode_reject(header.sim_id, header.client_id, protocol.NO_SIMULATION_LEFT,
-                                          "this server assigns simulations to jobs; persistent clients "
-                                          "are not enabled in this run")
+            return protocol.encode_reject(
+                header.sim_id,
+                header.client_id,
+                protocol.NO_SIMULATION_LEFT,
+                "this server assigns simulations to jobs; persistent clients are not enabled in this run",
+            )
         with self.table.lock:
             record = self.table[header.sim_id]
             if record.state != SimState.SUBMITTED:
-                return protocol.encode_reject(header.sim_id, header.client_id, "unknown_simulation",
-                                              f"simulation {header.sim_id} is {record.state.value}, "
-                                              f"not submitted: nothing to run")
+                return protocol.encode_reject(
+                    header.sim_id,
+                    header.client_id,
+                    "unknown_simulation",
+                    f"simulation {header.sim_id} is {record.state.value}, not submitted: nothing to run",
+                )
             parameters = record.parameters.copy()
-        return protocol.encode_welcome(self.token, header.sim_id, header.client_id, self.addresses,
-                                       parameters, self.n_steps)
+        return protocol.encode_welcome(
+            self.token, header.sim_id, header.client_id, self.addresses, parameters, self.n_steps
+        )
 
 
 def _hosts(host: str) -> tuple[str, str]:
@@ -225,13 +395,13 @@ def _sim_id_or_zero(frames: list[bytes]) -> int:
 
 
 class ValidationSink:
-    """Collects whole trajectories into a dense array ``[n_simulations, n_steps, *field_shape]``."""
+    """Collects whole trajectories into a dense array ``[n_simulations, n_steps, sample_size]``."""
 
-    def __init__(self, n_simulations: int, n_steps: int, field_shape: Sequence[int]):
-        self.fields = np.zeros((n_simulations, n_steps, *field_shape), dtype=np.float32)
+    def __init__(self, n_simulations: int, n_steps: int, sample_size: int):
+        self.samples = np.zeros((n_simulations, n_steps, sample_size), dtype=np.float32)
 
-    def accept(self, sim_id: int, time_step: int, field: np.ndarray, timeout: float) -> bool:
-        self.fields[sim_id, time_step] = field
+    def accept(self, sim_id: int, time_step: int, sample: np.ndarray, timeout: float) -> bool:
+        self.samples[sim_id, time_step] = sample
         return True
 
 
@@ -246,11 +416,11 @@ class BufferSink:
         n_parameters = len(table[0].parameters)
         self._inputs = np.empty(n_parameters + 1, dtype=np.float32)  # reused: put() copies it
 
-    def accept(self, sim_id: int, time_step: int, field: np.ndarray, timeout: float) -> bool:
+    def accept(self, sim_id: int, time_step: int, sample: np.ndarray, timeout: float) -> bool:
         self._inputs[:-1] = self.table[sim_id].parameters  # frozen once submitted
         self._inputs[-1] = (time_step + 1) * self.dt
         try:
-            self.buffer.put(sim_id * self.n_steps + time_step, self._inputs, field.reshape(-1), timeout=timeout)
+            self.buffer.put(sim_id * self.n_steps + time_step, self._inputs, sample, timeout=timeout)
         except TimeoutError:
             return False
         return True

@@ -20,12 +20,12 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsurro.core import breed
 from jaxsurro.config import Config
-from jaxsurro.server.distributed import World
-from jaxsurro.table import SimState, SimulationTable
-from jaxsurro.server.parallel import DATA_AXIS
+from jaxsurro.core import breed
 from jaxsurro.core.sampling import BoxSampler, derive_seed
+from jaxsurro.server.distributed import World
+from jaxsurro.server.parallel import DATA_AXIS
+from jaxsurro.table import SimState, SimulationTable
 
 log = logging.getLogger("jaxsurro.server.steering")
 
@@ -47,8 +47,12 @@ class Steering:
         self._resample = jax.jit(breed.amis_resample, static_argnames=breed.AMIS_STATIC_ARGNAMES)
         self._mix = jax.jit(breed.mix)
         self._key = jax.random.key(derive_seed(config.study.seed, "breed"))
-        self._uniform = BoxSampler(self.settings.base_sampler, config.solver.low, config.solver.high,
-                                   derive_seed(config.study.seed, "breed-uniform"))
+        self._uniform = BoxSampler(
+            self.settings.base_sampler,
+            config.solver.low,
+            config.solver.high,
+            derive_seed(config.study.seed, "breed-uniform"),
+        )
         self.round = 0
         self.history: list[dict[str, Any]] = []  # one entry per resampling round (rank 0)
 
@@ -56,7 +60,7 @@ class Steering:
         """Adds a step's per-sample losses (padded rows, beyond ``sample_ids``, carry no weight)."""
         padded = per_sample_loss.shape[0]
         ids = np.full(padded, -1, dtype=np.int32)
-        ids[:len(sample_ids)] = sample_ids
+        ids[: len(sample_ids)] = sample_ids
         weights = (ids >= 0).astype(np.float32)
         ids_on_device, weights_on_device = jax.device_put((ids, weights), self._sharding)
         self.stats = self._update(self.stats, per_sample_loss, ids_on_device, weights_on_device)
@@ -86,11 +90,17 @@ class Steering:
 
     def _apply(self, replacement: dict[str, np.ndarray]) -> None:
         changed = self.table.replace_pending(
-            replacement["sim_ids"], replacement["parameters"], generation=replacement["generation"],
-            bred=replacement["bred"], parent=replacement["parent"])
+            replacement["sim_ids"],
+            replacement["parameters"],
+            generation=replacement["generation"],
+            bred=replacement["bred"],
+            parent=replacement["parent"],
+        )
         if changed != len(replacement["sim_ids"]):  # the table lock makes this impossible; say so if it happens
-            raise RuntimeError(f"Breed replaced {changed} of {len(replacement['sim_ids'])} pending simulations: "
-                               "a simulation was submitted during steering")
+            raise RuntimeError(
+                f"Breed replaced {changed} of {len(replacement['sim_ids'])} pending simulations: "
+                "a simulation was submitted during steering"
+            )
 
     def _breed(self, stats: breed.LossStatsState) -> dict[str, np.ndarray] | None:
         """Rank 0: new parameters for every simulation never submitted, or None when it is too early."""
@@ -109,11 +119,18 @@ class Steering:
         locations = np.stack([self.table[int(i)].parameters for i in window_ids]).astype(np.float32)
         self._key, draw_key, mix_key = jax.random.split(self._key, 3)
         n_children = len(self.table)  # a fixed size, so one compilation serves every round
-        draw = self._resample(draw_key, locations, scores[window_ids], n_children, self.sigma_unit,
-                              self.low.astype(np.float32), self.high.astype(np.float32),
-                              importance_weights=self.settings.importance_weights,
-                              proposal_density=self._density(locations) if self.settings.importance_weights else None,
-                              valid=valid)
+        draw = self._resample(
+            draw_key,
+            locations,
+            scores[window_ids],
+            n_children,
+            self.sigma_unit,
+            self.low.astype(np.float32),
+            self.high.astype(np.float32),
+            importance_weights=self.settings.importance_weights,
+            proposal_density=self._density(locations) if self.settings.importance_weights else None,
+            valid=valid,
+        )
         k = len(pending)
         ratio = breed.mixing_ratio(self.round, self.settings.r_start, self.settings.r_end, self.settings.r_cycles)
         uniform = np.zeros((n_children, len(self.low)), dtype=np.float32)  # fixed shape: one compilation
@@ -122,13 +139,31 @@ class Steering:
         points, is_child = np.asarray(points[:k], np.float64), np.asarray(is_child[:k])
         parents = np.where(is_child, window_ids[np.asarray(draw.parents[:k])], -1)
         self.round += 1
-        self.history.append({"round": self.round, "ratio": float(ratio), "pending": k,
-                             "bred": int(is_child.sum()), "window": int(valid.sum()),
-                             "uniform_fallback": bool(draw.uniform_fallback)})
-        log.info("Breed round %d: %d pending simulations, %d bred (r = %.2f) from a window of %d",
-                 self.round, k, int(is_child.sum()), float(ratio), int(valid.sum()))
-        return {"sim_ids": np.asarray(pending), "parameters": points, "generation": [self.round] * k,
-                "bred": [bool(b) for b in is_child], "parent": [int(p) for p in parents]}
+        self.history.append(
+            {
+                "round": self.round,
+                "ratio": float(ratio),
+                "pending": k,
+                "bred": int(is_child.sum()),
+                "window": int(valid.sum()),
+                "uniform_fallback": bool(draw.uniform_fallback),
+            }
+        )
+        log.info(
+            "Breed round %d: %d pending simulations, %d bred (r = %.2f) from a window of %d",
+            self.round,
+            k,
+            int(is_child.sum()),
+            float(ratio),
+            int(valid.sum()),
+        )
+        return {
+            "sim_ids": np.asarray(pending),
+            "parameters": points,
+            "generation": [self.round] * k,
+            "bred": [bool(b) for b in is_child],
+            "parent": [int(p) for p in parents],
+        }
 
     def _density(self, locations: np.ndarray) -> np.ndarray:
         """The mixture density the window's points were drawn from, approximated by the current proposal."""

@@ -2,73 +2,154 @@
 
 Batches arrive as NumPy from the host buffer and go to the devices by one explicit,
 sharded ``device_put``; the step is jitted once with fixed shapes (short batches
-are padded with zero-weight rows), so nothing recompiles during a run.
+are padded with zero-weight rows), so nothing recompiles during a run
+(docs/architecture.md, "Training").
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
+import optax
+from flax import linen as nn
 from flax import serialization
+from jax.sharding import Mesh
 
-from jaxsurro.server.buffers import SampleBatch
 from jaxsurro.config import Config
-from jaxsurro.core.model import Scaling, make_model
+from jaxsurro.core.fields import FieldSpec, sample_size, split_fields
+from jaxsurro.core.model import Scaling, describe_model, make_model
 from jaxsurro.core.sampling import derive_seed
-from jaxsurro.server.parallel import jit_eval_step, jit_reduced_train_step, make_data_mesh, put_batch, replicate
-from jaxsurro.core.train import Batch, init_train_state, make_eval_step, make_optimizer
+from jaxsurro.core.train import Batch, ReduceFn, TrainState, init_train_state, make_optimizer
+from jaxsurro.server.buffers import SampleBatch
+from jaxsurro.server.evaluation import Evaluation, Evaluator
+from jaxsurro.server.parallel import jit_reduced_train_step, make_data_mesh, put_batch, replicate
 
-EVAL_CHUNK_ROWS = 1024  # rows per validation call; a fixed shape, so one compilation
+
+def field_layout(config: Config) -> tuple[FieldSpec, ...]:
+    """The experiment's fields in sample order."""
+    return tuple(FieldSpec(name, shape) for name, shape in config.solver.field_shapes.items())
 
 
-def scaling_for(config: Config) -> Scaling:
-    """Input and output scaling from the known bounds in the configuration, never from data."""
-    low, high = config.output_range
-    return Scaling(param_low=config.solver.low, param_high=config.solver.high,
-                   time_scale=config.solver.n_steps * config.solver.dt, field_low=low, field_high=high).validate()
+def scaling_for(config: Config, validation_samples: np.ndarray) -> Scaling:
+    """Inputs scaled by the parameter bounds and the time range; each field by its range in the validation set.
+
+    ``model.output_range``, when given, is every field's range instead. A field that is constant
+    over the validation set gets a unit-wide range around its value, so it still normalizes.
+    """
+    layout = field_layout(config)
+    if config.model.output_range is not None:
+        return range_scaling(config, *config.model.output_range)
+    parts = split_fields(np.asarray(validation_samples).reshape(-1, sample_size(layout)), layout)
+    lows, highs = [], []
+    for spec in layout:
+        low, high = float(np.min(parts[spec.name])), float(np.max(parts[spec.name]))
+        if not high - low > 1e-6 * max(abs(low), abs(high), 1.0):
+            low, high = low - 0.5, high + 0.5
+        lows.append(low)
+        highs.append(high)
+    return _scaling(config, tuple(lows), tuple(highs))
+
+
+def range_scaling(config: Config, low: float, high: float) -> Scaling:
+    """The scaling with every field's range set to [low, high] (no data needed)."""
+    n_fields = len(config.solver.fields)
+    return _scaling(config, (float(low),) * n_fields, (float(high),) * n_fields)
+
+
+def _scaling(config: Config, lows: tuple[float, ...], highs: tuple[float, ...]) -> Scaling:
+    return Scaling(
+        param_low=config.solver.low,
+        param_high=config.solver.high,
+        time_scale=config.solver.n_steps * config.solver.dt,
+        field_low=lows,
+        field_high=highs,
+        field_sizes=tuple(spec.size for spec in field_layout(config)),
+    ).validate()
+
+
+def model_options(config: Config) -> dict[str, int]:
+    """The ``model`` section's settings given to the architecture's constructor."""
+    return {"hidden": config.model.hidden, "layers": config.model.layers}
 
 
 class Trainer:
     """Holds the replicated train state on the local devices and runs the jitted steps."""
 
-    def __init__(self, config: Config, reduce_fn=None, devices=None):
-        self.config = config
-        self.batch_size = config.train.batch_size
-        self.field_shape = config.solver.field_shape
-        self.mesh = make_data_mesh(devices)
-        self.scaling = scaling_for(config)
-        self.model = make_model(config.model.name, hidden=config.model.hidden, layers=config.model.layers,
-                                field_shape=self.field_shape, scaling=self.scaling)
-        optimizer = make_optimizer(config.train.learning_rate, self.batch_size, config.train.halve_every_samples)
-        key = jax.random.key(derive_seed(config.study.seed, "model"))
-        state = init_train_state(key, self.model, optimizer, len(config.solver.parameters) + 1)
-        self.state = replicate(state, self.mesh)
-        self._train_step = jit_reduced_train_step(self.model, optimizer, reduce_fn, self.mesh)
-        self._eval_step = jit_eval_step(make_eval_step(self.model), self.mesh)
-        self._ones = np.ones(self.batch_size, dtype=np.float32)
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: optax.GradientTransformation,
+        state: TrainState,
+        mesh: Mesh,
+        batch_size: int,
+        reduce_fn: ReduceFn | None = None,
+        field_weights: Sequence[float] | None = None,
+    ):
+        """``state`` is replicated over ``mesh``; ``reduce_fn`` sums the gradient sums across processes."""
+        self.model = model
+        self.mesh = mesh
+        self.batch_size = batch_size
+        self.state = replicate(state, mesh)
+        self._train_step = jit_reduced_train_step(model, optimizer, reduce_fn, mesh, field_weights)
+        self.evaluator = Evaluator(model, field_weights, mesh)
+        self._ones = np.ones(batch_size, dtype=np.float32)
 
-    def step(self, batch: SampleBatch) -> tuple[dict[str, jax.Array], jax.Array]:
-        """One update from a host batch; returns device metrics and per-sample losses (not fetched)."""
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        scaling: Scaling,
+        reduce_fn: ReduceFn | None = None,
+        devices: Sequence[jax.Device] | None = None,
+    ) -> Trainer:
+        """The experiment's model and optimizer, initialized from the study's seed, on ``devices`` (default: all)."""
+        mesh = make_data_mesh(devices)
+        model = make_model(config.model.name, fields=field_layout(config), scaling=scaling, **model_options(config))
+        optimizer = make_optimizer(
+            config.train.learning_rate, config.train.batch_size, config.train.halve_every_samples
+        )
+        key = jax.random.key(derive_seed(config.study.seed, "model"))
+        state = init_train_state(key, model, optimizer, len(config.solver.parameters) + 1)
+        return cls(
+            model,
+            optimizer,
+            state,
+            mesh,
+            config.train.batch_size,
+            reduce_fn,
+            [field.weight for field in config.solver.fields],
+        )
+
+    def describe(self, config: Config) -> dict[str, Any]:
+        """What ``model.json`` holds: the architecture, fields and scaling, and how to call the model."""
+        return {
+            **describe_model(config.model.name, self.model.fields, self.model.scaling, **model_options(config)),
+            "parameter_names": list(config.solver.parameter_names),
+            "dt": config.solver.dt,
+            "n_steps": config.solver.n_steps,
+            "field_weights": [f.weight for f in config.solver.fields],
+        }
+
+    def to_device(self, batch: SampleBatch) -> Batch:
+        """A host batch as the step takes it: on the mesh, padded to ``batch_size`` with zero-weight rows."""
         n = len(batch.sample_ids)
-        host = Batch(batch.inputs, batch.targets.reshape(n, *self.field_shape), self._ones[:n])
-        device_batch = put_batch(host, self.mesh, min_size=self.batch_size)
+        return put_batch(Batch(batch.inputs, batch.targets, self._ones[:n]), self.mesh, min_size=self.batch_size)
+
+    def step_on_device(self, device_batch: Batch) -> tuple[dict[str, jax.Array], jax.Array]:
+        """One update from a batch already on the mesh (see to_device); returns device metrics and losses."""
         self.state, metrics, per_sample_loss = self._train_step(self.state, device_batch)
         return metrics, per_sample_loss
 
-    def evaluate(self, inputs: np.ndarray, targets: np.ndarray) -> float:
-        """Mean per-sample loss (MSE in normalized field units) over a whole host dataset."""
-        loss_sum = weight_sum = 0.0
-        for start in range(0, len(inputs), EVAL_CHUNK_ROWS):
-            stop = min(start + EVAL_CHUNK_ROWS, len(inputs))
-            chunk = Batch(inputs[start:stop], targets[start:stop], np.ones(stop - start, dtype=np.float32))
-            _, chunk_loss, chunk_weight = self._eval_step(self.state.params,
-                                                          put_batch(chunk, self.mesh, min_size=EVAL_CHUNK_ROWS))
-            chunk_loss, chunk_weight = jax.device_get((chunk_loss, chunk_weight))
-            loss_sum += float(chunk_loss)
-            weight_sum += float(chunk_weight)
-        return loss_sum / max(weight_sum, 1.0)
+    def step(self, batch: SampleBatch) -> tuple[dict[str, jax.Array], jax.Array]:
+        """One update from a host batch; returns device metrics and per-sample losses (not fetched)."""
+        return self.step_on_device(self.to_device(batch))
+
+    def evaluate(self, inputs: np.ndarray, targets: np.ndarray) -> Evaluation:
+        """Validation MSE (normalized units), overall and per field, over a whole host dataset."""
+        return self.evaluator(self.state.params, inputs, targets)
 
     def host_params(self) -> Any:
         return jax.device_get(self.state.params)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,18 +18,18 @@ import numpy as np
 
 from jaxsurro.config import Config
 from jaxsurro.core import sampling
+from jaxsurro.core.model import Scaling
 
 log = logging.getLogger("jaxsurro.server.validation")
 
 
-
 class ValidationSet(NamedTuple):
     parameters: np.ndarray  # [V, d] float64
-    fields: np.ndarray  # [V, T, *field_shape] float32, field after step t at index t
+    samples: np.ndarray  # [V, T, sample_size] float32: every field after step t, flat, at index t
 
     def inputs(self, dt: float) -> np.ndarray:
         """Model inputs [V*T, d+1] float32: each simulation's parameters and the time (t+1)*dt."""
-        n_sims, n_steps = self.fields.shape[:2]
+        n_sims, n_steps = self.samples.shape[:2]
         times = (np.arange(n_steps) + 1) * dt
         rows = np.empty((n_sims, n_steps, self.parameters.shape[1] + 1), dtype=np.float32)
         rows[:, :, :-1] = self.parameters[:, None, :]
@@ -36,8 +37,8 @@ class ValidationSet(NamedTuple):
         return rows.reshape(n_sims * n_steps, -1)
 
     def targets(self) -> np.ndarray:
-        """Targets [V*T, *field_shape] float32 in the order of :meth:`inputs`."""
-        return self.fields.reshape(-1, *self.fields.shape[2:])
+        """Targets [V*T, sample_size] float32 in the order of :meth:`inputs`."""
+        return self.samples.reshape(-1, self.samples.shape[-1])
 
 
 def validation_parameters(config: Config) -> np.ndarray:
@@ -59,10 +60,16 @@ def cache_key(config: Config, root: Path | None = None) -> str:
         if path.is_file():
             files[part] = hashlib.sha256(path.read_bytes()).hexdigest()
     description = {
-        "command": list(solver.command), "files": files, "parameters": {k: list(v) for k, v in
-                                                                        solver.parameters.items()},
-        "field": solver.field, "grid_size": solver.grid_size, "n_steps": solver.n_steps, "dt": solver.dt,
-        "wire_dtype": solver.wire_dtype, "n_validation": config.train.n_validation, "seed": sampling.VALIDATION_SEED,
+        "command": list(solver.command),
+        "files": files,
+        "parameters": {k: list(v) for k, v in solver.parameters.items()},
+        "fields": {name: list(shape) for name, shape in solver.field_shapes.items()},
+        "grid_size": solver.grid_size,
+        "n_steps": solver.n_steps,
+        "dt": solver.dt,
+        "wire_dtype": solver.wire_dtype,
+        "n_validation": config.train.n_validation,
+        "seed": sampling.VALIDATION_SEED,
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -78,12 +85,12 @@ def load_cached(config: Config) -> ValidationSet | None:
         return None
     try:
         with np.load(path) as data:
-            cached = ValidationSet(data["parameters"], data["fields"])
+            cached = ValidationSet(data["parameters"], data["samples"])
     except (OSError, KeyError, ValueError) as exc:
         log.warning("ignoring the unreadable validation cache %s (%s); producing it again", path, exc)
         return None
-    expected = (config.train.n_validation, config.solver.n_steps, *config.solver.field_shape)
-    if cached.fields.shape != expected or not np.array_equal(cached.parameters, validation_parameters(config)):
+    expected = (config.train.n_validation, config.solver.n_steps, config.solver.sample_size)
+    if cached.samples.shape != expected or not np.array_equal(cached.parameters, validation_parameters(config)):
         log.warning("ignoring the validation cache %s: it does not match this configuration", path)
         return None
     return cached
@@ -94,12 +101,17 @@ def save(config: Config, validation: ValidationSet) -> Path:
     path = cache_path(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.npz")
-    np.savez(partial, parameters=validation.parameters, fields=validation.fields)
+    np.savez(partial, parameters=validation.parameters, samples=validation.samples)
     partial.replace(path)
     return path
 
 
-def mean_field_mse(validation: ValidationSet, field_low: float, field_high: float) -> float:
-    """The baseline: MSE (normalized units) of always predicting the validation set's mean field."""
-    targets = (validation.targets().astype(np.float64) - field_low) / (field_high - field_low)
-    return float(np.mean((targets - targets.mean(axis=0)) ** 2))
+def mean_field_mse(validation: ValidationSet, scaling: Scaling, field_weights: Sequence[float]) -> float:
+    """The baseline: the MSE (normalized units, fields mixed by their loss weights) of predicting the mean field."""
+    low, span = scaling.element_bounds()
+    normalized = (validation.targets().astype(np.float64) - low) / span
+    squared = (normalized - normalized.mean(axis=0)) ** 2
+    bounds = np.cumsum((0, *scaling.field_sizes))
+    per_field = np.array([squared[:, bounds[f] : bounds[f + 1]].mean() for f in range(len(bounds) - 1)])
+    weights = np.asarray(field_weights, dtype=np.float64)
+    return float(per_field @ weights / weights.sum())
