@@ -103,3 +103,24 @@ def test_breed_across_two_ranks_keeps_ranks_in_step(tmp_path):
     assert summary["unique_samples_received"] == 24 * N_STEPS
     assert summary["breed_rounds"] and summary["simulations_bred"] > 0
     assert len({r["parameter_digest"] for r in summary["ranks"]}) == 1
+
+
+def test_a_short_study_on_two_ranks_learns_because_the_step_is_compiled_before_the_stream(tmp_path):
+    """30 simulations of the default experiment: all arrive within seconds, so training must not wait to compile."""
+    summary = mpirun(
+        2,
+        tmp_path,
+        "study.n_simulations=30",
+        "solver.n_steps=50",
+        "solver.grid_size=32",
+        "train.n_validation=16",
+        "train.batch_size=64",
+        "buffer.capacity=2000",
+        "buffer.watermark=300",
+        "model.hidden=256",
+        "train.validation_every=100",
+        timeout=400,
+    )
+    assert summary["simulations_finished"] == 30 and summary["unique_samples_received"] == 30 * 50
+    assert summary["first_step_delay_s"] is not None and summary["compile_s"] > 0
+    assert summary["final_validation_mse"] < 0.1 * summary["mean_field_validation_mse"], summary

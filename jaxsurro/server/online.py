@@ -30,6 +30,7 @@ from jaxsurro.server.buffers import SampleBatch, make_buffer
 from jaxsurro.server.distributed import World, gradient_allreduce
 from jaxsurro.server.ensemble import Ensemble, LaunchFactory, StallError
 from jaxsurro.server.metrics import MetricsLog, RankCounters
+from jaxsurro.server.prefetch import Prefetcher, Ready
 from jaxsurro.server.progress import Progress
 from jaxsurro.server.receiver import BufferSink
 from jaxsurro.server.steering import Steering
@@ -128,12 +129,16 @@ class OnlineTraining:
             seed=derive_seed(config.study.seed, "buffer", world.rank),
         )
         self.trainer = Trainer.from_config(config, scaling, reduce_fn=gradient_allreduce(world))
+        # Compiled now, before any client is launched, so that training starts as soon as the watermark is met.
+        self.compile_seconds = self.trainer.compile(n_inputs, n_field, evaluate=world.is_root)
+        log.info("train step%s compiled in %.2f s", " and evaluation" if world.is_root else "", self.compile_seconds)
         self.steering = Steering(config, world, table, self.trainer.mesh) if config.sampler.kind == "breed" else None
         self.batch_wait = MULTI_RANK_WAIT if world.distributed else SINGLE_RANK_WAIT
         self.collective_timeout = config.train.batch_timeout + 60.0
-        self._empty = SampleBatch(
+        empty = SampleBatch(
             np.zeros((0, n_inputs), np.float32), np.zeros((0, n_field), np.float32), np.zeros(0, np.int64)
         )
+        self._empty = Ready(empty, self.trainer.to_device(empty), 0.0)  # this rank's share when it has no batch
         self.steps = 0  # global steps (identical on every rank)
         self.samples_trained = 0  # by this rank
         self.field_names = tuple(solver.field_shapes)
@@ -143,6 +148,9 @@ class OnlineTraining:
         self.last_loss = float("nan")
         self.last_field_loss: dict[str, float] = {}
         self.learning_rate = config.train.learning_rate  # as of the last fetched step
+        # From the first batch this rank could draw (its buffer reached the watermark) to the end of the first step.
+        self.first_batch_at: float | None = None
+        self.first_step_delay: float | None = None
         self._pending_metrics: list[dict[str, jax.Array]] = []
         self._awaiting: list[int] | None = None  # completed simulations whose FINISH this rank must see
         self._awaiting_deadline = 0.0
@@ -157,7 +165,8 @@ class OnlineTraining:
     def run(self) -> TrainingResult:
         with self.ensemble:
             try:
-                self._loop()
+                with Prefetcher(self.buffer, self.trainer.to_device, self.config.train.batch_size) as prefetcher:
+                    self._loop(prefetcher)
             finally:
                 self.buffer.close()
         wall = time.monotonic() - self._start
@@ -166,7 +175,7 @@ class OnlineTraining:
         ranks = self._record("validation", final=True)
         return TrainingResult(self.trainer, self._summary(ranks, wall) if ranks is not None else None)
 
-    def _loop(self) -> None:
+    def _loop(self, prefetcher: Prefetcher) -> None:
         last_progress = time.monotonic()
         while True:
             control = np.zeros(len(_Control), dtype=np.int64)
@@ -175,8 +184,10 @@ class OnlineTraining:
             try:
                 self.ensemble.poll()
                 self._end_reception_when_finished()
-                batch = self.buffer.get_batch(self.config.train.batch_size, timeout=self.batch_wait)
+                batch = prefetcher.get(timeout=self.batch_wait)
                 control[_Control.DRAINED] = batch is None
+                if batch is not None and self.first_batch_at is None:
+                    self.first_batch_at = batch.drawn_at
             except TimeoutError:
                 pass  # nothing yet on this rank
             except Exception as exc:
@@ -208,13 +219,17 @@ class OnlineTraining:
             if totals[_Control.LOG_NOW]:
                 self._record("train")
 
-    def _train(self, batch: SampleBatch) -> None:
-        step_metrics, per_sample_loss = self.trainer.step(batch)
+    def _train(self, batch: Ready) -> None:
+        step_metrics, per_sample_loss = self.trainer.step_on_device(batch.device)
+        if self.first_step_delay is None and self.first_batch_at is not None:
+            jax.block_until_ready(step_metrics)  # once: when the first step really ended
+            self.first_step_delay = time.monotonic() - self.first_batch_at
+            log.info("first training step done %.3f s after the first batch was ready", self.first_step_delay)
         self._pending_metrics.append(step_metrics)
         self.steps += 1
-        self.samples_trained += len(batch.sample_ids)
+        self.samples_trained += len(batch.host.sample_ids)
         if self.steering is not None:
-            self.steering.observe(per_sample_loss, batch.sample_ids)
+            self.steering.observe(per_sample_loss, batch.host.sample_ids)
             if self.steering.due(self.steps):
                 self.steering.resample()
         if self.steps % self.config.train.validation_every == 0:
@@ -320,4 +335,9 @@ class OnlineTraining:
             devices_per_rank=int(self.trainer.mesh.devices.size),
             breed_rounds=breed_rounds,
             simulations_bred=simulations_bred,
-        ) | {"min_validation_mse": self.min_val_mse, "final_validation_field_mse": self.val_field_mse}
+        ) | {
+            "min_validation_mse": self.min_val_mse,
+            "final_validation_field_mse": self.val_field_mse,
+            "compile_s": self.compile_seconds,
+            "first_step_delay_s": self.first_step_delay,
+        }
