@@ -5,9 +5,27 @@ out-of-range value raises :class:`ConfigError`, whose message names the full key
 path, what was given and what is allowed, e.g.
 ``buffer.watermark (500) must not exceed buffer.capacity (300)``.
 
+Two kinds of checks:
+
+- :func:`load_config` / :func:`config_from_dict`: the configuration alone. Types, then every
+  number finite and within the range its consumer can take: timeouts in (0, ``MAX_TIMEOUT_S``]
+  (ZeroMQ takes them as int32 milliseconds), ``launcher.poll_interval`` in (0, ``MAX_POLL_INTERVAL_S``],
+  seeds in [0, 2**32) (:func:`jaxsurro.core.sampling.derive_seed` makes uint32 seeds), the wire
+  protocol's ranges (simulation ids below 2**64 - 1, at most 2**32 steps, dimensions below 2**32,
+  sample ids ``sim · n_steps + t`` in int64), bounds representable in float32 (the network's
+  inputs and outputs), and ``server.host`` of a valid form ("auto", an IPv4 address, or a host
+  name: letters, digits, hyphens and dots, not all-numeric).
+- :func:`machine_problems` / :func:`check_machine`: whether it can run on *this* machine, from the
+  working directory the jobs run in. The entry points (``python -m jaxsurro.run``, ``.submit``,
+  ``.config``) apply them through :func:`config_from_args` before they import anything heavy or
+  create a run directory; readers of a finished run directory (plot, predict) do not. See
+  :func:`machine_problems` for the rules (solver program and script, directories, server.host,
+  a memory estimate).
+
 Usage::
 
     cfg = load_config("experiments/heat.toml", overrides=["train.batch_size=64"])
+    check_machine(cfg)         # raises ConfigError when it cannot run here
     print(dumps(cfg))          # the resolved configuration, as TOML
 """
 
@@ -15,8 +33,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import math
+import os
+import re
+import shutil
+import socket
+import struct
 import sys
+import threading
 import tomllib
 import types
 import typing
@@ -29,6 +54,25 @@ import tomli_w
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message lists every problem found."""
+
+
+# ----------------------------------------------------------------------------
+# Limits of the values' consumers. The protocol's are restated here (this module imports
+# nothing of the project); tests/test_config.py checks they agree with jaxsurro.protocol.
+# ----------------------------------------------------------------------------
+
+MAX_U32 = 2**32 - 1
+MAX_SEED = MAX_U32  # study.seed: derive_seed mixes it into uint32 stream seeds
+MAX_SIMULATIONS = 2**64 - 1  # simulation ids 0 .. S-1 stay below the protocol's "any simulation" id 2**64 - 1
+MAX_STEPS = 2**32  # time steps 0 .. T-1 are u32 on the wire
+MAX_DIM = MAX_U32  # each dimension of a field's shape is a u32 on the wire
+MAX_SAMPLE_IDS = 2**63  # sample ids sim_id · n_steps + t are int64 in the buffers
+MAX_OPTIMIZER_STEPS = 2**31 - 1  # optax counts the learning-rate schedule's steps in int32
+MAX_TIMEOUT_S = (2**31 - 1) // 1000  # 2147483 s (about 24.8 days): ZeroMQ takes timeouts as int32 milliseconds
+MAX_POLL_INTERVAL_S = 3600.0  # the launcher notices a job's end at most this late
+MAX_LAYERS = 1000  # model.layers: a deeper stack takes longer to trace and compile than any run
+MAX_NAME_CHARS = 200  # study.name: a run directory name <name>-<timestamp> stays under 255 bytes
+FLOAT32_MAX = 3.4028234663852886e38  # inputs, outputs and their scaling are float32 on the network side
 
 
 # ----------------------------------------------------------------------------
@@ -48,9 +92,29 @@ class StudyConfig:
     cache_dir: str = ".cache/jaxsurro"  # validation sets are cached here, keyed by what determines them
 
     def check(self, errors: list[str]) -> None:
-        _at_least(errors, "study.n_simulations", self.n_simulations, 1)
-        if not self.name or any(c in self.name for c in "/\\ "):
-            errors.append(f"study.name ({self.name!r}) must be a non-empty name without spaces or slashes")
+        _in_range(errors, "study.seed", self.seed, 0, MAX_SEED, "seeds are uint32: core.sampling.derive_seed")
+        _in_range(
+            errors,
+            "study.n_simulations",
+            self.n_simulations,
+            1,
+            MAX_SIMULATIONS,
+            "simulation ids are u64 on the wire, 2**64 - 1 excluded",
+        )
+        if (
+            not self.name
+            or any(c in self.name for c in "/\\ ")
+            or not self.name.isprintable()
+            or len(self.name) > MAX_NAME_CHARS
+        ):
+            errors.append(
+                f"study.name ({self.name!r}) must be a non-empty name without spaces or slashes "
+                f"(printable, at most {MAX_NAME_CHARS} characters)"
+            )
+        for name in ("output_dir", "cache_dir"):
+            value = getattr(self, name)
+            if not value or "\0" in value:
+                errors.append(f"study.{name} ({value!r}) must be a non-empty directory path")
 
 
 PLACEHOLDERS = ("python", "n_steps", "dt", "grid_size")  # filled into solver.command and field shapes
@@ -91,12 +155,18 @@ class FieldConfig:
                 errors.append(f'{path}.shape entry {d!r} must be an integer or "{{grid_size}}"')
             elif isinstance(d, int) and d < 1:
                 errors.append(f"{path}.shape entry {d} must be at least 1")
+            elif isinstance(d, int) and d > MAX_DIM:
+                errors.append(
+                    f"{path}.shape entry {d} must be at most {MAX_DIM} (2**32 - 1: dimensions are u32 on the wire)"
+                )
         if not (self.weight >= 0 and math.isfinite(self.weight)):
             errors.append(f"{path}.weight ({self.weight}) must be a finite number >= 0")
         if self.bounds is not None:
             lo, hi = self.bounds
             if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
                 errors.append(f"{path}.bounds ([{lo}, {hi}]) must be finite with low < high")
+            else:
+                _float32_bounds(errors, f"{path}.bounds", lo, hi)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +227,8 @@ class SolverConfig:
         for name, (lo, hi) in self.parameters.items():
             if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
                 errors.append(f"solver.parameters.{name} ([{lo}, {hi}]) must be finite bounds with low < high")
+            else:
+                _float32_bounds(errors, f"solver.parameters.{name}", lo, hi)
         if not self.fields:
             errors.append(
                 'solver.fields must declare at least one field, e.g. [[solver.fields]] name = "u", shape = [128]'
@@ -168,10 +240,15 @@ class SolverConfig:
                 errors.append(f"solver.fields: the name {field.name!r} is declared {names.count(field.name)} times")
         if self.fields and not sum(f.weight for f in self.fields) > 0:
             errors.append("solver.fields: at least one field needs a weight > 0 in the loss")
-        _at_least(errors, "solver.grid_size", self.grid_size, 1)
-        _at_least(errors, "solver.n_steps", self.n_steps, 1)
+        _in_range(errors, "solver.grid_size", self.grid_size, 1, MAX_DIM, "2**32 - 1: dimensions are u32 on the wire")
+        _in_range(errors, "solver.n_steps", self.n_steps, 1, MAX_STEPS, "2**32: time steps are u32 on the wire")
         if not (self.dt > 0 and math.isfinite(self.dt)):
             errors.append(f"solver.dt ({self.dt}) must be a positive number")
+        elif not (_float32(self.dt) > 0 and math.isfinite(_float32(self.n_steps * self.dt))):
+            errors.append(
+                f"solver.dt ({self.dt}) must be a positive number whose times (t + 1) · dt up to "
+                f"solver.n_steps ({self.n_steps}) are positive and finite in float32 (the network's time input)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,8 +291,8 @@ class BreedConfig:
         for name in ("r_start", "r_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 errors.append(f"breed.{name} ({getattr(self, name)}) must be within [0, 1]")
-        if not self.r_cycles > 0:
-            errors.append(f"breed.r_cycles ({self.r_cycles}) must be positive")
+        if not (self.r_cycles > 0 and math.isfinite(self.r_cycles)):
+            errors.append(f"breed.r_cycles ({self.r_cycles}) must be positive (a finite number of rounds)")
         _at_least(errors, "breed.min_finished", self.min_finished, 1)
 
 
@@ -289,12 +366,16 @@ class ModelConfig:
                 f"model.name ({self.name!r}) must be one of {', '.join(BUILTIN_MODELS)} or name a factory "
                 "as 'package.module:factory' (a model registered in your own module)"
             )
-        _at_least(errors, "model.hidden", self.hidden, 1)
-        _at_least(errors, "model.layers", self.layers, 0)
+        _at_least(errors, "model.hidden", self.hidden, 1)  # its upper limit is the memory estimate's
+        _in_range(
+            errors, "model.layers", self.layers, 0, MAX_LAYERS, "a deeper stack takes longer to compile than any run"
+        )
         if self.output_range is not None:
             lo, hi = self.output_range
             if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
                 errors.append(f"model.output_range ([{lo}, {hi}]) must be finite with low < high")
+            else:
+                _float32_bounds(errors, "model.output_range", lo, hi)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,8 +396,7 @@ class TrainConfig:
         _at_least(errors, "train.halve_every_samples", self.halve_every_samples, 1)
         _at_least(errors, "train.validation_every", self.validation_every, 1)
         _at_least(errors, "train.n_validation", self.n_validation, 1)
-        if not self.batch_timeout > 0:
-            errors.append(f"train.batch_timeout ({self.batch_timeout}) must be positive (seconds)")
+        _seconds(errors, "train.batch_timeout", self.batch_timeout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,6 +412,11 @@ class LauncherConfig:
     client_options: tuple[str, ...] = ()  # scheduler options of each client job, e.g. ["--time=00:10:00"]
     server_options: tuple[str, ...] = ()  # scheduler options of the server job (python -m jaxsurro.submit)
     server_ranks: int = 1  # R: server ranks started by python -m jaxsurro.submit
+    # Seconds a running simulation may send nothing before it is cancelled as hung and retried; not given:
+    # derived from the solver's observed pace (jaxsurro.launcher.supervisor.SilenceLimit).
+    silence_timeout: float | None = None
+    on_exhausted: Literal["fail", "redraw"] = "fail"  # after max_attempts: fail, or run with new parameters
+    max_redraws: int = 3  # "redraw": new parameters at most this many times per simulation, then it fails
 
     def check(self, errors: list[str]) -> None:
         for name in ("client_options", "server_options"):
@@ -345,9 +430,17 @@ class LauncherConfig:
         _at_least(errors, "launcher.server_ranks", self.server_ranks, 1)
         _at_least(errors, "launcher.max_concurrent", self.max_concurrent, 1)
         _at_least(errors, "launcher.max_attempts", self.max_attempts, 1)
-        if not self.poll_interval > 0:
-            errors.append(f"launcher.poll_interval ({self.poll_interval}) must be positive (seconds)")
+        _seconds(errors, "launcher.poll_interval", self.poll_interval, MAX_POLL_INTERVAL_S)
         _at_least(errors, "launcher.output_tail_lines", self.output_tail_lines, 0)
+        if self.silence_timeout is not None:
+            _seconds(errors, "launcher.silence_timeout", self.silence_timeout)
+        _at_least(errors, "launcher.max_redraws", self.max_redraws, 1)
+        if self.on_exhausted == "redraw" and self.server_ranks > 1:
+            errors.append(
+                f'launcher.on_exhausted = "redraw" needs a single server rank, not launcher.server_ranks = '
+                f"{self.server_ranks}: the other ranks label a simulation's time steps with their own copy of "
+                "its parameters, which a redraw on rank 0 does not reach"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,12 +453,23 @@ class ServerConfig:
     receive_timeout: float = 600.0  # seconds without any message before the server reports a stall
 
     def check(self, errors: list[str]) -> None:
-        if not self.client_timeout > 0:
-            errors.append(f"server.client_timeout ({self.client_timeout}) must be positive (seconds)")
-        if not self.startup_timeout > 0:
-            errors.append(f"server.startup_timeout ({self.startup_timeout}) must be positive (seconds)")
-        if not self.receive_timeout > 0:
-            errors.append(f"server.receive_timeout ({self.receive_timeout}) must be positive (seconds)")
+        problem = host_problem(self.host)
+        if problem:
+            errors.append(f"server.host ({self.host!r}) {problem}")
+        for name in ("client_timeout", "startup_timeout", "receive_timeout"):
+            _seconds(errors, f"server.{name}", getattr(self, name))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints of a running study, for ``python -m jaxsurro.run --resume RUN_DIR``."""
+
+    every_seconds: float = 300.0  # also on SIGTERM, SIGINT (then the run stops) and SIGUSR1
+    keep: int = 2  # the latest complete checkpoints kept; older ones are deleted
+
+    def check(self, errors: list[str]) -> None:
+        _seconds(errors, "checkpoint.every_seconds", self.every_seconds)
+        _in_range(errors, "checkpoint.keep", self.keep, 1, 1000, "each holds every rank's buffer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,14 +496,19 @@ class Config:
     server: ServerConfig
     breed: BreedConfig
     log: LogConfig
+    checkpoint: CheckpointConfig
 
     @property
-    def breed_sigma_unit(self) -> float:
-        """Breed's proposal width in the unit cube."""
+    def breed_sigma_unit(self) -> tuple[float, ...]:
+        """Breed's proposal width in the unit cube, one per parameter in solver order.
+
+        The paper's members are N(λ, σ²I) in the parameter space, so a physical σ is σ / (high_i −
+        low_i) along parameter i (equal components when the spans are equal); sigma_unit, already in
+        the unit cube, is the same for every parameter.
+        """
         if self.breed.sigma_unit is not None:
-            return self.breed.sigma_unit
-        lo, hi = next(iter(self.solver.parameters.values()))
-        return self.breed.sigma / (hi - lo)
+            return (float(self.breed.sigma_unit),) * len(self.solver.parameters)
+        return tuple(self.breed.sigma / (hi - lo) for lo, hi in self.solver.parameters.values())
 
     def check(self, errors: list[str]) -> None:
         for section in dataclasses.fields(self):
@@ -420,6 +529,23 @@ class Config:
             errors.append(
                 f"breed.min_finished ({self.breed.min_finished}) must not exceed study.n_simulations "
                 f"({self.study.n_simulations})"
+            )
+        if self.sampler.kind == "breed" and self.breed.window > self.study.n_simulations:
+            errors.append(
+                f"breed.window ({self.breed.window}) must not exceed study.n_simulations "
+                f"({self.study.n_simulations}): a window larger than the study is never filled"
+            )
+        if self.study.n_simulations * self.solver.n_steps > MAX_SAMPLE_IDS:
+            errors.append(
+                f"study.n_simulations ({self.study.n_simulations}) × solver.n_steps ({self.solver.n_steps}) "
+                f"must be at most 2**63: sample ids sim_id · n_steps + t are int64"
+            )
+        transitions = self.train.halve_every_samples // max(self.train.batch_size, 1)
+        if transitions > MAX_OPTIMIZER_STEPS:
+            errors.append(
+                f"train.halve_every_samples ({self.train.halve_every_samples}) must be at most 2**31 - 1 "
+                f"batches of train.batch_size ({self.train.batch_size}), i.e. "
+                f"{MAX_OPTIMIZER_STEPS * max(self.train.batch_size, 1)} samples: the schedule counts steps in int32"
             )
 
 
@@ -620,6 +746,333 @@ def _at_least(errors: list[str], path: str, value: int, minimum: int) -> None:
         errors.append(f"{path} ({value}) must be at least {minimum}")
 
 
+def _in_range(errors: list[str], path: str, value: int, minimum: int, maximum: int, why: str) -> None:
+    """``minimum <= value <= maximum``, in the words of :func:`_at_least` below; ``why`` explains the maximum."""
+    if value < minimum:
+        errors.append(f"{path} ({value}) must be at least {minimum}")
+    elif value > maximum:
+        errors.append(f"{path} ({value}) must be at most {maximum} ({why})")
+
+
+def _seconds(errors: list[str], path: str, value: float, maximum: float = MAX_TIMEOUT_S) -> None:
+    """A duration: positive, finite and at most ``maximum`` seconds (it ends up as a C timeout)."""
+    if not (value > 0 and math.isfinite(value) and value <= maximum):
+        limit = "int32 milliseconds in ZeroMQ" if maximum == MAX_TIMEOUT_S else "the launcher reacts this late"
+        errors.append(f"{path} ({value}) must be positive (seconds), finite and at most {maximum:.10g} s ({limit})")
+
+
+def _float32(value: float) -> float:
+    """``value`` rounded to float32 (inf beyond its range), as the network side will hold it."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def _float32_bounds(errors: list[str], path: str, lo: float, hi: float) -> None:
+    """Finite bounds with ``lo < hi`` that stay so in float32, span included (the scaling divides by it)."""
+    if not (
+        abs(lo) <= FLOAT32_MAX and abs(hi) <= FLOAT32_MAX and _float32(lo) < _float32(hi) and hi - lo <= FLOAT32_MAX
+    ):
+        errors.append(
+            f"{path} ([{lo}, {hi}]) must stay distinct and finite in float32, span included "
+            f"(|bound| and high - low at most {FLOAT32_MAX:.4g}): the network side scales in float32"
+        )
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+HOST_FORMS = '"auto", an IPv4 address (e.g. "127.0.0.1") or a host name (letters, digits, hyphens, dots)'
+
+
+def host_problem(host: str) -> str | None:
+    """What is wrong with ``server.host``'s form (no look-up), or None: see :data:`HOST_FORMS`.
+
+    IPv6 addresses are refused: the receiver binds with ZeroMQ's default, IPv4 only. A name whose
+    labels are all numbers is a malformed IPv4 address, not a host name.
+    """
+    if host == "auto":
+        return None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is not None:
+        if address.version == 6:
+            return f"is an IPv6 address; the server binds IPv4 only: give {HOST_FORMS}"
+        if address.is_multicast:
+            return f"is a multicast address, which no server can bind: give {HOST_FORMS}"
+        return None
+    labels = host.split(".")
+    if labels and all(label.isdigit() for label in labels):
+        return f"is not a valid IPv4 address (four numbers 0-255): give {HOST_FORMS}"
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        return f"must be {HOST_FORMS}"
+    return None
+
+
+# ----------------------------------------------------------------------------
+# This machine: what the configuration needs from where it runs
+# ----------------------------------------------------------------------------
+
+HOST_LOOKUP_TIMEOUT_S = 0.5  # the longest server.host's name look-up may hold up the check
+SIMULATION_RECORD_BYTES = 1024  # about what one row of the simulation table takes in memory
+_PYTHON_NAME = re.compile(r"python[0-9.]*(?:\.exe)?")
+
+
+def check_machine(config: Config, source: str = "<config>", *, server_here: bool = True) -> None:
+    """Raises :class:`ConfigError` listing :func:`machine_problems`, when there are any."""
+    problems = machine_problems(config, server_here=server_here)
+    if problems:
+        lines = "\n  - ".join(problems)
+        raise ConfigError(f"{source}: cannot run on this machine:\n  - {lines}")
+
+
+def machine_problems(config: Config, *, server_here: bool = True, cwd: Path | None = None) -> list[str]:
+    """What keeps ``config`` from running on this machine from ``cwd`` (default: the working directory).
+
+    One sentence per problem, each naming its key; empty when nothing does. Nothing is started and
+    nothing is written. The rules:
+
+    - ``solver.command`` with its placeholders filled (``{python}`` is this interpreter): its
+      program must be a path (relative to ``cwd``, where the jobs run) to an executable file, or a
+      name found on PATH. When the program is Python (``{python}``, or named ``python``,
+      ``python3``, ``python3.11``...), its script, the first argument that is not an option,
+      must exist relative to ``cwd`` or as an absolute path; ``-m module`` and ``-c code`` have none.
+      Other programs' arguments are the program's business and are not checked.
+    - ``study.output_dir`` and ``study.cache_dir``: a directory, or creatable under a writable one.
+
+    With ``server_here`` (the server runs on this machine: ``jaxsurro.run``, ``jaxsurro.config``;
+    ``jaxsurro.submit`` checks without, its server job checks again where it runs):
+
+    - ``server.host``: an IPv4 address must be one of this machine's (a socket binds it, port 0);
+      a host name must be a network interface's name or resolve to an IPv4 address of this machine.
+      The look-up runs in a thread for at most :data:`HOST_LOOKUP_TIMEOUT_S`; one that has not
+      answered by then is let through, and the receiver's bind reports a bad name when it starts.
+    - memory: :func:`memory_estimate` for one server rank must fit in this machine's physical memory.
+    """
+    cwd = Path.cwd() if cwd is None else cwd
+    problems = solver_problems(config.solver, cwd)
+    for name in ("output_dir", "cache_dir"):
+        problem = _directory_problem(Path(cwd, getattr(config.study, name)))
+        if problem:
+            problems.append(f"study.{name} ({getattr(config.study, name)!r}) {problem}")
+    if server_here:
+        problem = _host_here_problem(config.server.host)
+        if problem:
+            problems.append(f"server.host ({config.server.host!r}) {problem}")
+        problem = memory_problem(config)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def solver_problems(solver: SolverConfig, cwd: Path) -> list[str]:
+    """The rules on ``solver.command``'s program and Python script (see :func:`machine_problems`)."""
+    argv = solver.argv()
+    program = argv[0]
+    shown = repr(solver.command[0]) + (f" → {program!r}" if program != solver.command[0] else "")
+    if os.sep in program or (os.altsep and os.altsep in program):
+        path = Path(cwd, program)
+        if not path.is_file():
+            return [
+                f"solver.command[0] ({shown}) must be the solver program; {path} is not a file "
+                f"(relative paths are taken from the working directory {cwd}, where the jobs run)"
+            ]
+        if not os.access(path, os.X_OK):
+            return [f"solver.command[0] ({shown}) must be an executable file; {path} is not executable (chmod +x)"]
+    elif shutil.which(program) is None:
+        return [
+            f"solver.command[0] ({shown}) must be the solver program: a path, or a name found on PATH; "
+            f"{program!r} is not on PATH"
+        ]
+    if not (solver.command[0] == "{python}" or _PYTHON_NAME.fullmatch(Path(program).name)):
+        return []
+    index = _python_script_index(argv)
+    if index is None:
+        return []
+    script = Path(cwd, argv[index])
+    if not script.exists():
+        return [
+            f"solver.command[{index}] ({solver.command[index]!r}) is the solver's Python script and must exist; "
+            f"{script} does not (relative paths are taken from the working directory {cwd}, where the jobs run)"
+        ]
+    return []
+
+
+def _python_script_index(argv: Sequence[str]) -> int | None:
+    """Where a Python command line names its script: the first argument that is not an option."""
+    skip_next = False
+    for index, arg in enumerate(argv[1:], start=1):
+        if skip_next:
+            skip_next = False
+        elif arg == "-":
+            return None  # the program comes from standard input
+        elif arg.startswith("--"):
+            continue  # --version, --help...: long options take no separate value
+        elif arg.startswith("-"):
+            if arg[1:2] in ("c", "m"):
+                return None  # -c code, -m module: no script file
+            skip_next = arg in ("-W", "-X")  # the options whose value is the next argument
+        else:
+            return index
+    return None
+
+
+def _directory_problem(path: Path) -> str | None:
+    """Whether a directory can be used or made at ``path``, in words, or None."""
+    if path.exists():
+        if not path.is_dir():
+            return f"must be a directory; {path} is a file"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"must be a writable directory; {path} is not writable"
+        return None
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not writable"
+    return None
+
+
+def _host_here_problem(host: str) -> str | None:
+    """Whether this machine can bind ``server.host`` (its form already checked), in words, or None."""
+    if host == "auto" or host_problem(host):
+        return None
+    try:
+        ipaddress.ip_address(host)
+        addresses = [host]
+    except ValueError:
+        if any(host == name for _, name in _interfaces()):
+            return None  # ZeroMQ binds a network interface by its name
+        addresses = _resolve(host)
+        if addresses is None:
+            return None  # no answer in time: the receiver's bind will say
+        if not addresses:
+            return (
+                "does not resolve to an IPv4 address on this machine: give one of its addresses, "
+                'a name that resolves to one, or "auto"'
+            )
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((addresses[0], 0))
+    except OSError as exc:
+        shown = "" if addresses[0] == host else f"resolves to {addresses[0]}, which "
+        return (
+            f"{shown}is not an address this machine can bind ({exc.strerror or exc}): give one of its "
+            'addresses (e.g. "127.0.0.1"), or "auto" to bind every interface'
+        )
+    return None
+
+
+def _interfaces() -> list[tuple[int, str]]:
+    try:
+        return socket.if_nameindex()
+    except OSError:
+        return []
+
+
+def _resolve(host: str) -> list[str] | None:
+    """``host``'s IPv4 addresses ([] when it does not resolve), or None when the look-up did not answer in time."""
+    answer: list[list[str]] = []
+
+    def look_up() -> None:
+        try:
+            infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+            answer.append([str(info[4][0]) for info in infos])
+        except (OSError, UnicodeError):
+            answer.append([])
+
+    thread = threading.Thread(target=look_up, name="jaxsurro-host-lookup", daemon=True)
+    thread.start()
+    thread.join(HOST_LOOKUP_TIMEOUT_S)
+    return answer[0] if answer else None
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (``SC_PHYS_PAGES × SC_PAGE_SIZE``), None where unknown."""
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return pages * page_size if pages > 0 and page_size > 0 else None
+
+
+def memory_estimate(config: Config) -> list[tuple[str, int]]:
+    """The big arrays one server rank holds, as (formula with its keys and values, bytes), largest first.
+
+    Float32 throughout: the buffer (per rank), the validation set (rank 0), the model's parameters
+    with Adam's two moments (the whole MLP; for other models its output layer, H × sample size),
+    a training batch on the host, on the device and as predictions, and the simulation table with
+    the receiver's record of stored steps.
+    """
+    solver, train = config.solver, config.train
+    size, inputs = solver.sample_size, len(solver.parameters) + 1
+    hidden, layers = config.model.hidden, config.model.layers
+    if config.model.name == "mlp":
+        n_params, width = 0, inputs
+        for _ in range(layers):
+            n_params, width = n_params + (width + 1) * hidden, hidden
+        n_params += (width + 1) * size
+        model = f"model (mlp: model.hidden {hidden}, model.layers {layers}, {inputs} inputs → sample size {size})"
+    else:
+        n_params = (hidden + 1) * size
+        model = f"model's output layer (model.hidden {hidden} × sample size {size})"
+    capacity, batch, n_val, n_steps = config.buffer.capacity, train.batch_size, train.n_validation, solver.n_steps
+    n_sims = config.study.n_simulations
+    parts = [
+        (
+            f"buffer.capacity × (sample size + inputs) × 4 B = {capacity} × ({size} + {inputs}) × 4 B",
+            capacity * (size + inputs) * 4,
+        ),
+        (
+            f"train.n_validation × solver.n_steps × sample size × 4 B = {n_val} × {n_steps} × {size} × 4 B",
+            n_val * n_steps * size * 4,
+        ),
+        (f"{model}: {n_params} parameters × 4 B × 3 (Adam)", n_params * 4 * 3),
+        (
+            f"train.batch_size × (sample size + inputs) × 4 B × 3 = {batch} × ({size} + {inputs}) × 4 B × 3",
+            batch * (size + inputs) * 4 * 3,
+        ),
+        (
+            f"study.n_simulations × ({SIMULATION_RECORD_BYTES} B + solver.n_steps) = "
+            f"{n_sims} × ({SIMULATION_RECORD_BYTES} + {n_steps}) B",
+            n_sims * (SIMULATION_RECORD_BYTES + n_steps),
+        ),
+    ]
+    return sorted(parts, key=lambda part: -part[1])
+
+
+def memory_problem(config: Config, available: int | None = None) -> str | None:
+    """Whether :func:`memory_estimate` exceeds ``available`` bytes (default: :func:`physical_memory`)."""
+    available = physical_memory() if available is None else available
+    parts = memory_estimate(config)
+    total = sum(nbytes for _, nbytes in parts)
+    if available is None or total <= available:
+        return None
+    grid = any(
+        d == "{grid_size}" for f in config.solver.fields for d in (f.shape if isinstance(f.shape, tuple) else ())
+    )
+    layout = f"solver.fields at solver.grid_size {config.solver.grid_size}" if grid else "the solver.fields shapes"
+    terms = "; ".join(f"{formula} = {_bytes(nbytes)}" for formula, nbytes in parts if nbytes * 100 >= total)
+    return (
+        f"the run needs about {_bytes(total)} of memory per server rank, more than this machine's "
+        f"{_bytes(available)} of physical memory: {terms} (sample size {config.solver.sample_size}: {layout}); "
+        "lower the values named"
+    )
+
+
+def _bytes(n: int) -> str:
+    """``n`` bytes for people: 512 B, 1.5 GiB, 7.28 PiB."""
+    value, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{n} B" if unit == "B" else f"{value:.3g} {unit}"
+
+
 # ----------------------------------------------------------------------------
 # Printing
 # ----------------------------------------------------------------------------
@@ -661,13 +1114,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, what: str = "experimen
     )
 
 
-def config_from_args(args: argparse.Namespace) -> Config | None:
-    """The configuration named by :func:`add_config_arguments`' arguments; None after printing why it is refused."""
+def config_from_args(args: argparse.Namespace, *, server_here: bool = True) -> Config | None:
+    """The configuration named by :func:`add_config_arguments`' arguments; None after printing why it is refused.
+
+    Checks the configuration, then :func:`check_machine` (``server_here``: whether the server runs
+    on this machine). Call it before importing anything heavy and before creating anything.
+    """
     try:
-        return load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides)
+        check_machine(config, str(args.config), server_here=server_here)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,7 @@ PARAMS = "params.msgpack"  # trained parameters (flax.serialization.msgpack_rest
 MODEL = "model.json"  # the surrogate's architecture, fields and scaling (jaxsurro.surrogate.load)
 SERVER_LOG = "server.log"  # rank 0's log; rank r > 0 writes server-rank<r>.log
 LOGS = "logs"  # each simulation's output
+CHECKPOINTS = "checkpoints"  # step-<N>/: everything a resumed run needs (jaxsurro.server.checkpoint)
 TENSORBOARD = "tensorboard"  # TensorBoard event files, with [log] tensorboard = true
 SERVER_JOB_ID = "server-job-id"  # "<scheduler> <job id>" of a submitted server
 
@@ -65,4 +66,6 @@ def console_logging(level: int = logging.WARNING) -> None:
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(level)
     console.setFormatter(logging.Formatter("[jaxsurro] %(levelname)s: %(message)s"))
-    logging.getLogger("jaxsurro").addHandler(console)
+    logger = logging.getLogger("jaxsurro")
+    logger.addHandler(console)
+    logger.propagate = False  # libraries that configure the root logger (absl, via orbax) must not repeat it

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from jaxsurro import rundir
 from jaxsurro.config import Config, add_config_arguments, config_from_args
-from jaxsurro.launcher import JobSpec, oar, slurm
-from jaxsurro.launcher.commands import write_job_script
+
+# The launcher's backends load inside the functions that submit: a bad configuration is refused by
+# main() before anything but the configuration is imported, and before a run directory exists.
 
 SUBMIT_TIMEOUT = 120.0  # seconds sbatch or oarsub may take to answer
 
@@ -35,6 +36,9 @@ def server_argv(run_dir: Path, python: str) -> list[str]:
 
 def submit_slurm(config: Config, run_dir: Path, python: str, workdir: Path) -> str:
     """Writes ``server.sbatch`` (readable by its owner only) and submits it; returns the job id."""
+    from jaxsurro.launcher import slurm
+    from jaxsurro.launcher.commands import write_job_script
+
     script = slurm.server_script(
         run_dir / rundir.CONFIG,
         [],
@@ -51,6 +55,8 @@ def submit_slurm(config: Config, run_dir: Path, python: str, workdir: Path) -> s
 
 def submit_oar(config: Config, run_dir: Path, python: str, workdir: Path) -> str:
     """Submits the server through the OAR backend (mpirun over OAR's node file for several ranks)."""
+    from jaxsurro.launcher import JobSpec, oar
+
     argv = server_argv(run_dir, python)
     ranks = config.launcher.server_ranks
     if ranks > 1:
@@ -73,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_config_arguments(parser, 'experiment TOML file with launcher.scheduler = "slurm" or "oar"')
     parser.add_argument("--run-dir", type=Path, help="the run directory (default: a new one under study.output_dir)")
     args = parser.parse_args(argv)
-    config = config_from_args(args)
+    # The server runs elsewhere: its host and memory are checked by its job (python -m jaxsurro.run).
+    config = config_from_args(args, server_here=False)
     if config is None:
         return 2
     scheduler = config.launcher.scheduler

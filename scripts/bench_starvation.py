@@ -1,7 +1,7 @@
 """Trainer steps/s while clients stream, against the same jitted step on batches already on the device.
 
 What is measured (docs/architecture.md, "Performance"), with one ``jaxsurro.server.trainer.Trainer``
-built by ``Trainer.from_config`` from an experiment file (``--config``, default experiments/heat.toml,
+built by ``Trainer.from_config`` from an experiment file (the first argument, e.g. experiments/heat.toml,
 with ``--set section.key=value`` overrides):
 
 * the limit: a few batches are put on the device once (``trainer.to_device``), then the trainer's
@@ -34,7 +34,7 @@ paced (default 1000 messages/s in all, a few percent of a core) rather than send
 would take a whole core from XLA and measure CPU sharing rather than starvation; a Reservoir keeps
 serving batches above its watermark whatever the production rate.
 
-Usage: python scripts/bench_starvation.py [--config experiments/heat.toml] [--set train.batch_size=128 ...]
+Usage: python scripts/bench_starvation.py experiments/heat.toml [--set train.batch_size=128 ...]
        [--steps 400] [--block 25] [--send-rate 1000] [--senders 1] [--proposed]
 """
 
@@ -52,22 +52,21 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import zmq
 
 from jaxsurro import client, protocol
-from jaxsurro.config import Config, load_config
+from jaxsurro.config import Config, add_config_arguments, load_config
 from jaxsurro.core.train import Batch
-from jaxsurro.server.buffers import Buffer, SampleBatch, make_buffer
+from jaxsurro.server.buffers import Buffer, SampleBatch, buffer_from_config
 from jaxsurro.server.receiver import BufferSink, Receiver
 from jaxsurro.server.trainer import Trainer, range_scaling
 from jaxsurro.table import SimState, SimulationTable
 
 TARGET_RATIO = 0.95
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "heat.toml"
 DEVICE_BATCHES = 4  # distinct device-resident batches the limit cycles through
 PREFETCH_DEPTH = 2  # device batches the proposed loop prepares ahead
 WARMUP_STEPS = 10
@@ -242,14 +241,7 @@ def filled_buffer(config: Config, rng: np.random.Generator) -> Buffer:
     """A buffer of the configured kind filled to capacity with random samples, for the no-streaming variant."""
     solver = config.solver
     low, high = min(config.solver.low), max(config.solver.high)  # heat: max. principle
-    buffer = make_buffer(
-        config.buffer.kind,
-        capacity=config.buffer.capacity,
-        watermark=config.buffer.watermark,
-        input_dim=len(solver.parameters) + 1,
-        field_size=solver.sample_size,
-        seed=config.study.seed + 1,
-    )
+    buffer = buffer_from_config(config, seed=config.study.seed + 1)
     fields = rng.uniform(low, high, size=(64, solver.sample_size)).astype(np.float32)
     inputs = rng.uniform(low, high, size=(64, len(solver.parameters) + 1)).astype(np.float32)
     for sample in range(buffer.capacity):
@@ -267,19 +259,34 @@ def run_limit(trainer: Trainer, batches: list[Batch], steps: int, into: Blocks) 
     into.seconds += time.perf_counter() - start
 
 
+def run_timed_steps(
+    trainer: Trainer,
+    buffer: Buffer,
+    steps: int,
+    into: Blocks,
+    next_batch: Callable[[], Any],
+    step: Callable[[Any], object],
+) -> None:
+    """``steps`` of ``step(next_batch())``, timing the wait for each batch and each step call into ``into``
+    (with the buffer's lowest population), then blocking on the trainer's state."""
+    for _ in range(steps):
+        into.min_population = min(into.min_population, buffer.population)
+        waited = time.perf_counter()
+        batch = next_batch()
+        stepped = time.perf_counter()
+        step(batch)
+        into.wait_s += stepped - waited
+        into.step_s += time.perf_counter() - stepped
+    jax.block_until_ready(trainer.state)
+
+
 def run_from_buffer(trainer: Trainer, buffer: Buffer, receiver: Receiver | None, steps: int, into: Blocks) -> None:
     """``steps`` of get_batch + trainer.step (the server's loop), blocking on the state at the end."""
     received_before = receiver.counters().unique_received if receiver is not None else 0
     start = time.perf_counter()
-    for _ in range(steps):
-        into.min_population = min(into.min_population, buffer.population)
-        drawn = time.perf_counter()
-        batch = buffer.get_batch(trainer.batch_size, timeout=DEADLINE_S)
-        stepped = time.perf_counter()
-        trainer.step(batch)
-        into.wait_s += stepped - drawn
-        into.step_s += time.perf_counter() - stepped
-    jax.block_until_ready(trainer.state)
+    run_timed_steps(
+        trainer, buffer, steps, into, lambda: buffer.get_batch(trainer.batch_size, timeout=DEADLINE_S), trainer.step
+    )
     into.steps += steps
     into.seconds += time.perf_counter() - start
     if receiver is not None:
@@ -304,21 +311,17 @@ def run_prefetching(
         except BaseException as exc:  # surfaced in the main thread
             ready.put(exc)
 
+    def next_device_batch() -> Batch:
+        device_batch = ready.get(timeout=DEADLINE_S)
+        if isinstance(device_batch, BaseException):
+            raise RuntimeError(f"the prefetch thread failed: {device_batch}") from device_batch
+        return device_batch
+
     received_before = receiver.counters().unique_received
     start = time.perf_counter()
     worker = threading.Thread(target=prefetch, name="prefetch", daemon=True)
     worker.start()
-    for _ in range(steps):
-        into.min_population = min(into.min_population, buffer.population)
-        waited = time.perf_counter()
-        device_batch = ready.get(timeout=DEADLINE_S)
-        if isinstance(device_batch, BaseException):
-            raise RuntimeError(f"the prefetch thread failed: {device_batch}") from device_batch
-        stepped = time.perf_counter()
-        trainer.step_on_device(device_batch)
-        into.wait_s += stepped - waited
-        into.step_s += time.perf_counter() - stepped
-    jax.block_until_ready(trainer.state)
+    run_timed_steps(trainer, buffer, steps, into, next_device_batch, trainer.step_on_device)
     into.steps += steps
     into.seconds += time.perf_counter() - start
     worker.join(DEADLINE_S)
@@ -389,15 +392,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         epilog='Target: ours / limit >= 0.95 while production keeps up (docs/architecture.md, "Performance").',
     )
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment TOML file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one configuration value (repeatable), e.g. train.batch_size=128",
-    )
+    add_config_arguments(parser, "experiment TOML file, e.g. experiments/heat.toml")
     parser.add_argument("--steps", type=int, default=400, help="timed steps K per variant")
     parser.add_argument("--block", type=int, default=25, help="steps per interleaved block")
     parser.add_argument("--send-rate", type=float, default=1000.0, help="messages per second, all senders together")
@@ -437,14 +432,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_limit(trainer, batches, WARMUP_STEPS, warmup)  # compiles the step
     n_simulations = math.ceil(args.send_rate * STREAM_SECONDS_PLANNED / solver.n_steps) + args.senders
     table = submitted_table(config, n_simulations, rng)
-    buffer = make_buffer(
-        config.buffer.kind,
-        capacity=config.buffer.capacity,
-        watermark=config.buffer.watermark,
-        input_dim=len(solver.parameters) + 1,
-        field_size=solver.sample_size,
-        seed=config.study.seed,
-    )
+    buffer = buffer_from_config(config, seed=config.study.seed)
     context = zmq.Context(io_threads=1)
     for core in sorted(ingest_cores or ()):
         context.set(zmq.THREAD_AFFINITY_CPU_ADD, core)  # the I/O thread is started with the first socket

@@ -1,7 +1,7 @@
 """Time the trainer's jitted step on a device-resident batch against the matrix products it cannot avoid.
 
 What is measured (docs/architecture.md, "Performance"), on a ``Trainer.from_config`` built from an
-experiment file (``--config``, default experiments/heat.toml at the paper's sizes: 5 parameters + time
+experiment file (the first argument, e.g. experiments/heat.toml, at the paper's sizes: 5 parameters + time
 -> 2x256 -> 64x64, batch 128; ``--set section.key=value`` overrides), data-parallel over the local
 devices:
 
@@ -21,7 +21,7 @@ Printed: median milliseconds of each, the FLOP rate each reaches, and the last l
 limit ms / ours ms (1 would mean that activations, loss, the Adam update over every parameter,
 metrics and the dispatch cost nothing on top; higher is better).
 
-Usage: python scripts/bench_train_step.py [--config experiments/heat.toml] [--set model.hidden=512 ...]
+Usage: python scripts/bench_train_step.py experiments/heat.toml [--set model.hidden=512 ...]
        [--batch-size 128] [--hidden 256] [--layers 2] [--grid-size 64] [--steps 200] [--warmup 10] [--budget-s 8]
 """
 
@@ -31,31 +31,22 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsurro.config import Config, load_config
+from jaxsurro.config import Config, add_config_arguments, load_config
 from jaxsurro.server.buffers import SampleBatch
 from jaxsurro.server.trainer import Trainer, range_scaling
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "heat.toml"
 
 
 def parse_args() -> argparse.Namespace:
     """Command-line options: experiment file and overrides, the paper's sizes, step counts and a time budget."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment TOML file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one configuration value (repeatable; applied after the size options)",
+    add_config_arguments(
+        parser, "experiment TOML file, e.g. experiments/heat.toml (--set applies after the size options)"
     )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=256)

@@ -25,8 +25,9 @@ STATUS_FILE=$REPO/.cache/setup_oar.status  # "ready" or "unavailable: why", read
 TIMEOUT=${OAR_SETUP_TIMEOUT:-120}
 started_at=$SECONDS
 
-say() { echo "setup_oar: $*"; }
-fail() { echo "setup_oar: error: $*" >&2; exit 1; }
+SCRIPT_NAME=setup_oar
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # say, fail, wait_for, show_last_lines, missing_packages
 
 # Says why OAR cannot be brought up here, on one line and in the status file, and exits 0.
 unavailable() {
@@ -38,19 +39,6 @@ unavailable() {
 write_status() {
   { mkdir -p "$(dirname "$STATUS_FILE")" && echo "$1" >"$STATUS_FILE"; } 2>/dev/null \
     || echo "setup_oar: warning: cannot write $STATUS_FILE; the live OAR tests will ask for this script to run" >&2
-}
-
-# Runs "$@" until it succeeds; gives up after $1 seconds, naming what it waited for.
-wait_for() {
-  local timeout=$1 what=$2
-  shift 2
-  local deadline=$((SECONDS + timeout))
-  "$@" && return 0
-  say "waiting up to ${timeout} s for ${what}"
-  until "$@"; do
-    [ "$SECONDS" -ge "$deadline" ] && return 1
-    sleep 0.2  # polling interval of a condition with a deadline
-  done
 }
 
 alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
@@ -68,15 +56,7 @@ resources() {
 }
 alive_resources() { resources | awk '$2 == "Alive"' | wc -l; }
 
-show_logs() {
-  local log
-  for log in /var/log/oar.log /var/log/postgresql/postgresql-*-main.log; do
-    if [ -f "$log" ]; then
-      echo "----- last lines of $log" >&2
-      tail -n 25 "$log" >&2
-    fi
-  done
-}
+show_logs() { show_last_lines /var/log/oar.log /var/log/postgresql/postgresql-*-main.log; }
 
 # --- stop -------------------------------------------------------------------------------
 # Sends SIGTERM to Almighty's process group (its children: the scheduler, bipbip, sarko...). The pid file
@@ -131,10 +111,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # --- packages --------------------------------------------------------------------------------
-missing=()
-for package in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
-done
+mapfile -t missing < <(missing_packages "${PACKAGES[@]}")
 if [ "${#missing[@]}" -gt 0 ]; then
   command -v apt-get >/dev/null 2>&1 || unavailable "packages ${missing[*]} are missing and there is no apt-get on this machine"
   export DEBIAN_FRONTEND=noninteractive

@@ -18,21 +18,9 @@ TIMEOUT=${SLURM_SETUP_TIMEOUT:-60}
 NODE=$(hostname -s)
 started_at=$SECONDS
 
-say() { echo "setup_slurm: $*"; }
-fail() { echo "setup_slurm: error: $*" >&2; exit 1; }
-
-# Runs "$@" until it succeeds; gives up after $1 seconds, naming what it waited for.
-wait_for() {
-  local timeout=$1 what=$2
-  shift 2
-  local deadline=$((SECONDS + timeout))
-  "$@" && return 0
-  say "waiting up to ${timeout} s for ${what}"
-  until "$@"; do
-    [ "$SECONDS" -ge "$deadline" ] && return 1
-    sleep 0.2  # polling interval of a condition with a deadline
-  done
-}
+SCRIPT_NAME=setup_slurm
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # say, fail, wait_for, show_last_lines, missing_packages
 
 # The node's state as sinfo prints it (idle, mix, alloc, down*, drain, ...), or empty.
 node_state() { sinfo -h -n "$NODE" -o %t 2>/dev/null | head -n 1 || true; }
@@ -52,15 +40,7 @@ summary() {
   echo "slurm: node ${NODE} $(node_state), ${cpus} CPUs, ${memory} MiB, partition debug (ready after $((SECONDS - started_at)) s)"
 }
 
-show_logs() {
-  local log
-  for log in "$SLURM_LOG_DIR/slurmctld.log" "$SLURM_LOG_DIR/slurmd.log" /var/log/munge/munged.log; do
-    if [ -f "$log" ]; then
-      echo "----- last lines of $log" >&2
-      tail -n 25 "$log" >&2
-    fi
-  done
-}
+show_logs() { show_last_lines "$SLURM_LOG_DIR/slurmctld.log" "$SLURM_LOG_DIR/slurmd.log" /var/log/munge/munged.log; }
 
 if [ "$(id -u)" != 0 ]; then
   if command -v sinfo >/dev/null 2>&1 && node_is_up; then
@@ -78,10 +58,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # --- packages -------------------------------------------------------------------
-missing=()
-for package in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
-done
+mapfile -t missing < <(missing_packages "${PACKAGES[@]}")
 if [ "${#missing[@]}" -gt 0 ]; then
   command -v apt-get >/dev/null 2>&1 || fail "missing packages ${missing[*]} and no apt-get on this machine; install them with the system's package manager"
   say "installing ${missing[*]}"

@@ -61,10 +61,7 @@ milliseconds, so an ensemble parallelises over simulations, not within one.
 import argparse
 import functools
 import math
-import numbers
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -73,6 +70,12 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+try:
+    import solver_cli
+except ModuleNotFoundError:  # imported by path or run as `python -m solvers.burgers`: solvers/ is not on sys.path
+    sys.path.append(str(Path(__file__).resolve().parent))
+    import solver_cli
 
 PARAMETER_NAMES = ("A", "nu")
 FIELD_NAMES = ("u", "dudx")
@@ -87,36 +90,9 @@ CONTOUR_POINTS = 64  # points of the Kassam-Trefethen contour for the ETDRK4 coe
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_count(value: Any, name: str, minimum: int = 1) -> int:
-    """Return ``value`` as an int >= ``minimum``, or raise an error naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} of type {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_positive(value: Any, name: str) -> float:
-    """Return ``value`` as a finite float > 0, or raise an error naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a finite number > 0, got {value!r} of type {type(value).__name__}")
-    result = float(value)
-    if not (math.isfinite(result) and result > 0.0):
-        raise ValueError(f"{name} must be a finite number > 0, got {result!r}")
-    return result
-
-
 def _check_parameters(parameters: ArrayLike) -> tuple[float, float]:
     """Return (A, nu) as floats: two finite numbers, nu > 0; or raise a clear error."""
-    try:
-        vector = np.asarray(parameters, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"parameters must be 2 numbers (A, nu), got {parameters!r}") from error
-    if vector.shape != (2,):
-        raise ValueError(f"parameters must have shape (2,) ordered (A, nu), got shape {vector.shape}")
-    if not np.all(np.isfinite(vector)):
-        bad = [label for label, value in zip(PARAMETER_NAMES, vector) if not math.isfinite(value)]
-        raise ValueError(f"parameters must be finite; non-finite entries: {', '.join(bad)} in {vector.tolist()}")
+    vector = solver_cli.check_vector(parameters, 2, "parameters", PARAMETER_NAMES)
     amplitude, viscosity = (float(value) for value in vector)
     if viscosity <= 0.0:
         raise ValueError(f"the viscosity nu (parameters[1]) must be > 0, got {viscosity!r}")
@@ -128,7 +104,7 @@ def _check_parameters(parameters: ArrayLike) -> tuple[float, float]:
 
 def grid(n_points: int) -> np.ndarray:
     """The N grid points x_j = 2 pi j / N, j = 0..N-1, float64."""
-    size = _check_count(n_points, "n_points", MIN_POINTS)
+    size = solver_cli.check_count(n_points, "n_points", MIN_POINTS)
     return 2.0 * np.pi * np.arange(size, dtype=np.float64) / size
 
 
@@ -225,12 +201,6 @@ class BurgersStepper:
         return (np.fft.irfft(spectrum, n=self.n_points), np.fft.irfft(self.derivative * spectrum, n=self.n_points))
 
 
-def _read_only(array: np.ndarray) -> np.ndarray:
-    """Mark ``array`` read-only (it is shared through the stepper cache) and return it."""
-    array.flags.writeable = False
-    return array
-
-
 @functools.lru_cache(maxsize=64)
 def _cached_stepper(n_points: int, nu: float, h: float) -> BurgersStepper:
     """Build the stepper for validated arguments (cached: built once per (N, nu, h))."""
@@ -241,22 +211,24 @@ def _cached_stepper(n_points: int, nu: float, h: float) -> BurgersStepper:
         n_points,
         nu,
         h,
-        *(_read_only(array) for array in coefficients),
-        advection=_read_only(np.where(kept, -0.5j * k, 0.0)),
-        derivative=_read_only(np.where(kept, 1j * k, 0.0)),
+        *(solver_cli.read_only(array) for array in coefficients),
+        advection=solver_cli.read_only(np.where(kept, -0.5j * k, 0.0)),
+        derivative=solver_cli.read_only(np.where(kept, 1j * k, 0.0)),
     )
 
 
 def make_stepper(n_points: int, nu: float, h: float) -> BurgersStepper:
     """The (cached, read-only) ETDRK4 stepper for N points, viscosity nu and step h."""
     return _cached_stepper(
-        _check_count(n_points, "n_points", MIN_POINTS), _check_positive(nu, "nu"), _check_positive(h, "h")
+        solver_cli.check_count(n_points, "n_points", MIN_POINTS),
+        solver_cli.check_positive(nu, "nu"),
+        solver_cli.check_positive(h, "h"),
     )
 
 
 def initial_spectrum(initial_field: ArrayLike, n_points: int) -> np.ndarray:
     """The dealiased rfft of an (N,) initial field (modes above K set to zero), a new complex array."""
-    size = _check_count(n_points, "n_points", MIN_POINTS)
+    size = solver_cli.check_count(n_points, "n_points", MIN_POINTS)
     field = np.asarray(initial_field, dtype=np.float64)
     if field.shape != (size,):
         raise ValueError(f"initial_field must have shape ({size},), got shape {field.shape}")
@@ -289,13 +261,13 @@ def evolve(
         raise ValueError(f"initial_field must be a 1-D array of N >= {MIN_POINTS} points, got shape {field.shape}")
     n_points = field.shape[0]
     spectrum = initial_spectrum(field, n_points)
-    viscosity = _check_positive(nu, "nu")
-    steps = _check_count(n_steps, "n_steps")
-    step = _check_positive(dt, "dt")
+    viscosity = solver_cli.check_positive(nu, "nu")
+    steps = solver_cli.check_count(n_steps, "n_steps")
+    step = solver_cli.check_positive(dt, "dt")
     if substeps is None:
         speed = float(np.max(np.abs(field)))
-        substeps = substeps_for(speed, n_points, step, _check_positive(cfl, "cfl"))
-    count = _check_count(substeps, "substeps")
+        substeps = substeps_for(speed, n_points, step, solver_cli.check_positive(cfl, "cfl"))
+    count = solver_cli.check_count(substeps, "substeps")
     stepper = make_stepper(n_points, viscosity, step / count)
     return _run(stepper, spectrum, steps, count)
 
@@ -327,9 +299,9 @@ def simulate(
     """
     amplitude, viscosity = _check_parameters(parameters)
     x = grid(n_points)
-    step = _check_positive(dt, "dt")
+    step = solver_cli.check_positive(dt, "dt")
     if substeps is None:
-        substeps = substeps_for(amplitude, x.size, step, _check_positive(cfl, "cfl"))
+        substeps = substeps_for(amplitude, x.size, step, solver_cli.check_positive(cfl, "cfl"))
     return evolve(amplitude * np.sin(x), viscosity, n_steps, step, substeps=substeps)
 
 
@@ -351,16 +323,7 @@ def spectral_tail(field: ArrayLike) -> float:
 
 def _client_module() -> Any:
     """jaxsurro.client, or a clear exit when the package is not installed."""
-    try:
-        from jaxsurro import client
-    except ModuleNotFoundError as error:
-        if error.name not in ("jaxsurro", "jaxsurro.client"):
-            raise
-        raise SystemExit(
-            f"burgers.py --client needs the jaxsurro package ({error}); install it with "
-            "`pip install -e .` in the repository, or run without --client"
-        ) from error
-    return client
+    return solver_cli.client_module("burgers.py")
 
 
 def run_client(n_points: int, n_steps: int, dt: float, cfl: float = DEFAULT_CFL) -> None:
@@ -373,117 +336,33 @@ def run_client(n_points: int, n_steps: int, dt: float, cfl: float = DEFAULT_CFL)
             sim.send("dudx", t, dudx)
 
 
-def write_trajectory(path: Path, steps: Iterator[tuple[np.ndarray, np.ndarray]], n_steps: int, n_points: int) -> None:
-    """Write the (n_steps, 2, N) float64 trajectory ([:, 0] = u, [:, 1] = dudx) to ``path`` (.npy), atomically."""
-    directory = path.parent if str(path.parent) else Path(".")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(handle)
-    try:
-        trajectory = np.lib.format.open_memmap(
-            temporary, mode="w+", dtype=np.float64, shape=(n_steps, len(FIELD_NAMES), n_points)
-        )
-        for t, fields in enumerate(steps):
-            trajectory[t] = fields
-        trajectory.flush()
-        del trajectory
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _parse_count(text: str, minimum: int = 1) -> int:
-    """argparse type: an integer >= ``minimum``."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-    return value
-
-
-def _parse_points(text: str) -> int:
-    """argparse type: a grid size N >= MIN_POINTS."""
-    return _parse_count(text, MIN_POINTS)
-
-
-def _parse_finite(text: str) -> float:
-    """argparse type: a finite float."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _parse_positive(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    value = _parse_finite(text)
-    if value <= 0.0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser; every option is documented in --help."""
-    parser = argparse.ArgumentParser(
-        prog="burgers.py",
+    parser = solver_cli.solver_parser(
+        "burgers.py",
         description=(
             "1-D viscous Burgers equation u_t + u u_x = nu u_xx on the periodic domain [0, 2 pi), "
             "u(x, 0) = A sin(x): pseudo-spectral in x (2/3-rule dealiasing), ETDRK4 in time with the "
             "diffusion integrated exactly. Each output step gives u and dudx at x_j = 2 pi j / N."
         ),
-        epilog=(
-            "Without --output or --client, prints a one-line summary of the final fields. "
-            "Example: python solvers/burgers.py --parameters 1.0 0.1 --output run.npy"
-        ),
+        parameter_names=PARAMETER_NAMES,
+        parameters="amplitude A of u(x, 0) = A sin(x) and viscosity nu > 0",
+        summarised="fields",
+        example="python solvers/burgers.py --parameters 1.0 0.1 --output run.npy",
     )
-    parser.add_argument(
-        "--parameters",
-        nargs=2,
-        type=_parse_finite,
-        metavar=PARAMETER_NAMES,
-        help="amplitude A of u(x, 0) = A sin(x) and viscosity nu > 0; required unless --client "
-        "(then the server provides them)",
-    )
-    parser.add_argument(
-        "--points",
-        type=_parse_points,
-        default=DEFAULT_POINTS,
-        metavar="N",
-        help=f"grid points, an integer >= {MIN_POINTS} (default {DEFAULT_POINTS})",
-    )
-    parser.add_argument(
-        "--steps",
-        type=_parse_count,
-        default=DEFAULT_STEPS,
-        metavar="T",
-        help=f"number of output steps, an integer >= 1 (default {DEFAULT_STEPS})",
-    )
-    parser.add_argument(
-        "--dt", type=_parse_positive, default=DEFAULT_DT, help=f"output time step, > 0 (default {DEFAULT_DT})"
-    )
+    solver_cli.add_count_argument(parser, "--points", "N", DEFAULT_POINTS, "grid points", MIN_POINTS)
+    solver_cli.add_time_arguments(parser, DEFAULT_STEPS, DEFAULT_DT, steps="output steps", dt="output time step")
     parser.add_argument(
         "--cfl",
-        type=_parse_positive,
+        type=solver_cli.parse_positive,
         default=DEFAULT_CFL,
         help=f"sub-step bound h |A| / dx <= CFL for the ETDRK4 sub-steps, > 0 (default {DEFAULT_CFL})",
     )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        metavar="FILE.npy",
-        help="write the (T, 2, N) float64 trajectory ([:, 0] = u, [:, 1] = dudx, after output steps 1..T) "
-        "to this .npy file; nothing is written unless given",
-    )
-    parser.add_argument(
-        "--client",
-        action="store_true",
-        help="run as a jaxsurro client: take (A, nu) from the training server (settings from the "
-        "launcher's environment variables) and send every output step as fields 'u' and 'dudx', t = 0..T-1",
+    solver_cli.add_output_arguments(
+        parser,
+        trajectory="(T, 2, N) float64 trajectory ([:, 0] = u, [:, 1] = dudx, after output steps 1..T)",
+        parameters="(A, nu)",
+        sent="every output step as fields 'u' and 'dudx'",
     )
     return parser
 
@@ -492,21 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: simulate, then summarise, write a trajectory or stream to a server."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.client:
-        if args.parameters is not None:
-            parser.error("argument --parameters: not allowed with --client (the server provides the parameters)")
-        if args.output is not None:
-            parser.error("argument --output: not allowed with --client (the fields go to the server)")
-    elif args.parameters is None:
-        parser.error("argument --parameters: required (two numbers A NU) unless --client is given")
-    elif args.parameters[1] <= 0.0:
+    solver_cli.check_parameters_source(parser, args, "two numbers A NU")
+    if args.parameters is not None and args.parameters[1] <= 0.0:
         parser.error(f"argument --parameters: the viscosity NU must be > 0, got {args.parameters[1]!r}")
-    if args.output is not None:
-        directory = args.output.parent if str(args.output.parent) else Path(".")
-        if not directory.is_dir():
-            parser.error(f"argument --output: directory {str(directory)!r} does not exist; create it first")
-        if args.output.is_dir():
-            parser.error(f"argument --output: {str(args.output)!r} is a directory; give a file name")
+    solver_cli.check_output(parser, args)
     if args.client:
         run_client(args.points, args.steps, args.dt, args.cfl)
         return 0
@@ -514,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     steps = simulate(args.parameters, args.points, args.steps, args.dt, cfl=args.cfl)
     if args.output is not None:
-        write_trajectory(args.output, steps, args.steps, args.points)
+        solver_cli.write_trajectory(args.output, steps, (args.steps, len(FIELD_NAMES), args.points))
         return 0
     tail = 0.0
     u = dudx = None

@@ -70,9 +70,7 @@ if __name__ == "__main__":
 import argparse
 import functools
 import math
-import numbers
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -81,6 +79,12 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+try:
+    import solver_cli
+except ModuleNotFoundError:  # imported by path or run as `python -m solvers.heat`: solvers/ is not on sys.path
+    sys.path.append(str(Path(__file__).resolve().parent))
+    import solver_cli
 
 PARAMETER_NAMES = ("T0", "T1", "T2", "T3", "T4")
 BOUNDARY_NAMES = PARAMETER_NAMES[1:]
@@ -95,40 +99,7 @@ TRANSFORMS: tuple[str, ...] = ("auto", "matrix", "fft")
 FFT_MIN_GRID_SIZE = 112
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-def _check_count(value: Any, name: str) -> int:
-    """Return ``value`` as an int >= 1, or raise an error naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= 1, got {value!r} of type {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value}")
-    return int(value)
-
-
-def _check_positive(value: Any, name: str) -> float:
-    """Return ``value`` as a finite float > 0, or raise an error naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a finite number > 0, got {value!r} of type {type(value).__name__}")
-    result = float(value)
-    if not (math.isfinite(result) and result > 0.0):
-        raise ValueError(f"{name} must be a finite number > 0, got {result!r}")
-    return result
-
-
-def _check_vector(values: ArrayLike, length: int, name: str, labels: Sequence[str]) -> np.ndarray:
-    """Return ``values`` as a finite float64 vector of ``length`` entries, or raise a clear error."""
-    try:
-        vector = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"{name} must be {length} numbers ({', '.join(labels)}), got {values!r}") from error
-    if vector.shape != (length,):
-        raise ValueError(f"{name} must have shape ({length},) ordered ({', '.join(labels)}), got shape {vector.shape}")
-    if not np.all(np.isfinite(vector)):
-        bad = [label for label, value in zip(labels, vector) if not math.isfinite(value)]
-        raise ValueError(f"{name} must be finite; non-finite entries: {', '.join(bad)} in {vector.tolist()}")
-    return vector
+# ----------------------------------------------------------------------------- choice of transform
 
 
 def _largest_prime_factor(n: int) -> int:
@@ -203,7 +174,7 @@ class HeatStepper:
 
     def boundary_source(self, boundary: ArrayLike) -> np.ndarray:
         """dt alpha b as an (M, M) float64 field, for boundary temperatures (T1, T2, T3, T4)."""
-        temperatures = _check_vector(boundary, 4, "boundary", BOUNDARY_NAMES)
+        temperatures = solver_cli.check_vector(boundary, 4, "boundary", BOUNDARY_NAMES)
         source = np.zeros((self.grid_size, self.grid_size))
         _add_boundary_source(source, temperatures, self.source_coefficient)
         return source
@@ -214,7 +185,7 @@ class HeatStepper:
         ``field`` is the (M, M) interior field (not modified), ``boundary`` is (T1, T2, T3, T4).
         Returns a new (M, M) float64 array.
         """
-        temperatures = _check_vector(boundary, 4, "boundary", BOUNDARY_NAMES)
+        temperatures = solver_cli.check_vector(boundary, 4, "boundary", BOUNDARY_NAMES)
         rhs = self._copy_field(field)
         _add_boundary_source(rhs, temperatures, self.source_coefficient)
         scratch = np.empty_like(rhs)
@@ -228,8 +199,8 @@ class HeatStepper:
         Iterates u_hat <- g * u_hat + g * S(dt alpha b)S in sine space and transforms back once per
         step; the only per-step allocation is the yielded array, which the caller owns.
         """
-        steps = _check_count(n_steps, "n_steps")
-        temperatures = _check_vector(boundary, 4, "boundary", BOUNDARY_NAMES)
+        steps = solver_cli.check_count(n_steps, "n_steps")
+        temperatures = solver_cli.check_vector(boundary, 4, "boundary", BOUNDARY_NAMES)
         expected = (self.grid_size, self.grid_size)
         initial = np.asarray(initial_field, dtype=np.float64)
         if initial.shape not in ((), expected):
@@ -259,12 +230,6 @@ class HeatStepper:
         return copy
 
 
-def _read_only(array: np.ndarray) -> np.ndarray:
-    """Mark ``array`` read-only (it is shared through the stepper cache) and return it."""
-    array.flags.writeable = False
-    return array
-
-
 @functools.lru_cache(maxsize=16)
 def _cached_stepper(grid_size: int, dt: float, alpha: float, transform: Transform) -> HeatStepper:
     """Build the stepper for validated arguments (cached: built once per (M, dt, alpha, transform))."""
@@ -277,8 +242,8 @@ def _cached_stepper(grid_size: int, dt: float, alpha: float, transform: Transfor
         alpha=alpha,
         transform=transform,
         source_coefficient=dt * alpha / (h * h),
-        gain=_read_only(gain),
-        sine=_read_only(sine_matrix(grid_size)) if transform == "matrix" else None,
+        gain=solver_cli.read_only(gain),
+        sine=solver_cli.read_only(sine_matrix(grid_size)) if transform == "matrix" else None,
     )
 
 
@@ -286,9 +251,9 @@ def make_stepper(
     grid_size: int, dt: float = DEFAULT_DT, alpha: float = DEFAULT_ALPHA, transform: str = "auto"
 ) -> HeatStepper:
     """The (cached) implicit-Euler stepper for an M x M grid; ``transform`` is auto, matrix or fft."""
-    size = _check_count(grid_size, "grid_size")
-    step = _check_positive(dt, "dt")
-    diffusivity = _check_positive(alpha, "alpha")
+    size = solver_cli.check_count(grid_size, "grid_size")
+    step = solver_cli.check_positive(dt, "dt")
+    diffusivity = solver_cli.check_positive(alpha, "alpha")
     if transform not in TRANSFORMS:
         raise ValueError(f"transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
     chosen: Transform = choose_transform(size) if transform == "auto" else transform  # type: ignore[assignment]
@@ -308,7 +273,7 @@ def simulate(
     temperatures on x1 = 0, x1 = 1, x2 = 0, x2 = 1. ``field[i, j]`` is at (x1, x2) = ((i+1)h, (j+1)h).
     Inputs are checked here, when called, not on first iteration. Each yielded array is new.
     """
-    temperatures = _check_vector(parameters, 5, "parameters", PARAMETER_NAMES)
+    temperatures = solver_cli.check_vector(parameters, 5, "parameters", PARAMETER_NAMES)
     stepper = make_stepper(grid_size, dt, alpha)
     return stepper.run(temperatures[0], temperatures[1:], n_steps)
 
@@ -318,8 +283,8 @@ def simulate(
 
 def slab_offsets(grid_size: int, n_parts: int) -> np.ndarray:
     """Offsets (n_parts + 1,) of a balanced block partition of M rows: the first M mod k parts get one more."""
-    size = _check_count(grid_size, "grid_size")
-    parts = _check_count(n_parts, "n_parts")
+    size = solver_cli.check_count(grid_size, "grid_size")
+    parts = solver_cli.check_count(n_parts, "n_parts")
     rows = np.full(parts, size // parts, dtype=np.int64)
     rows[: size % parts] += 1
     return np.concatenate(([0], np.cumsum(rows)))
@@ -359,8 +324,8 @@ def simulate_distributed(
     rounding, about 1e-15 relative), as new (rows, M) float64 arrays. Every rank calls it with the
     same arguments and consumes every step (each step has one all-to-all).
     """
-    temperatures = _check_vector(parameters, 5, "parameters", PARAMETER_NAMES)
-    steps = _check_count(n_steps, "n_steps")
+    temperatures = solver_cli.check_vector(parameters, 5, "parameters", PARAMETER_NAMES)
+    steps = solver_cli.check_count(n_steps, "n_steps")
     stepper = make_stepper(grid_size, dt, alpha)
     offsets = slab_offsets(stepper.grid_size, comm.Get_size())
     return _run_distributed(stepper, temperatures, steps, comm, offsets)
@@ -420,7 +385,7 @@ class HeatSystem(NamedTuple):
 
     def rhs(self, field: ArrayLike, boundary: ArrayLike) -> np.ndarray:
         """The right-hand side u.ravel() + dt alpha b for an (M, M) field and (T1, T2, T3, T4)."""
-        temperatures = _check_vector(boundary, 4, "boundary", BOUNDARY_NAMES)
+        temperatures = solver_cli.check_vector(boundary, 4, "boundary", BOUNDARY_NAMES)
         return np.ravel(field) + self.boundary_matrix @ temperatures
 
 
@@ -430,9 +395,9 @@ def assemble_system(grid_size: int, dt: float = DEFAULT_DT, alpha: float = DEFAU
     """
     import scipy.sparse as sparse
 
-    size = _check_count(grid_size, "grid_size")
-    step = _check_positive(dt, "dt")
-    diffusivity = _check_positive(alpha, "alpha")
+    size = solver_cli.check_count(grid_size, "grid_size")
+    step = solver_cli.check_positive(dt, "dt")
+    diffusivity = solver_cli.check_positive(alpha, "alpha")
     padded = size + 2
     h = 1.0 / (size + 1)
     second_difference = sparse.diags_array(
@@ -460,16 +425,7 @@ def assemble_system(grid_size: int, dt: float = DEFAULT_DT, alpha: float = DEFAU
 
 def _client_module(needed_for: str = "--client", instead: str = "run without --client") -> Any:
     """jaxsurro.client, or a clear exit when the package is not installed."""
-    try:
-        from jaxsurro import client
-    except ModuleNotFoundError as error:
-        if error.name not in ("jaxsurro", "jaxsurro.client"):
-            raise
-        raise SystemExit(
-            f"heat.py {needed_for} needs the jaxsurro package ({error}); install it with "
-            f"`pip install -e .` in the repository, or {instead}"
-        ) from error
-    return client
+    return solver_cli.client_module("heat.py", needed_for, instead)
 
 
 def run_client(grid_size: int, n_steps: int, dt: float, alpha: float, comm: Any = None) -> None:
@@ -492,25 +448,6 @@ def run_client(grid_size: int, n_steps: int, dt: float, alpha: float, comm: Any 
             sim.send(FIELD_NAME, t, rows, start=start, global_shape=(grid_size, grid_size))
 
 
-def write_trajectory(path: Path, fields: Iterator[np.ndarray], n_steps: int, grid_size: int) -> None:
-    """Write the (n_steps, M, M) float64 trajectory to ``path`` (.npy), atomically, step by step."""
-    directory = path.parent if str(path.parent) else Path(".")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(handle)
-    try:
-        trajectory = np.lib.format.open_memmap(
-            temporary, mode="w+", dtype=np.float64, shape=(n_steps, grid_size, grid_size)
-        )
-        for t, field in enumerate(fields):
-            trajectory[t] = field
-        trajectory.flush()
-        del trajectory
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_trajectory_distributed(
     path: Path, slabs: Iterator[np.ndarray], comm: Any, n_steps: int, grid_size: int
 ) -> None:
@@ -528,7 +465,7 @@ def write_trajectory_distributed(
             comm.Gatherv(rows, [field, layout], root=0)
             yield field
 
-    write_trajectory(path, gathered(), n_steps, grid_size)
+    solver_cli.write_trajectory(path, gathered(), (n_steps, grid_size, grid_size))
 
 
 def launched_by_mpi() -> bool:
@@ -591,93 +528,35 @@ def _main_mpi(args: argparse.Namespace) -> int:
         raise
 
 
-def _parse_count(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def _parse_finite(text: str) -> float:
-    """argparse type: a finite float."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _parse_positive(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    value = _parse_finite(text)
-    if value <= 0.0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser; every option is documented in --help."""
-    parser = argparse.ArgumentParser(
-        prog="heat.py",
+    parser = solver_cli.solver_parser(
+        "heat.py",
         description=(
             "2D heat equation du/dt = alpha * Laplacian(u) on the unit square, implicit Euler in time, "
             "5-point finite differences on an M x M interior grid (h = 1/(M+1)), Dirichlet boundaries. "
             "Field convention: field[i, j] = u(x1=(i+1)h, x2=(j+1)h)."
         ),
-        epilog=(
-            "Without --output or --client, prints a one-line summary of the final field. "
-            "Example: python solvers/heat.py --parameters 300 100 500 200 400 --steps 100 --output run.npy"
+        parameter_names=PARAMETER_NAMES,
+        parameters=(
+            "initial interior temperature T0, then boundary temperatures T1 (x1=0), T2 (x1=1), T3 (x2=0), T4 (x2=1)"
         ),
+        summarised="field",
+        example="python solvers/heat.py --parameters 300 100 500 200 400 --steps 100 --output run.npy",
     )
-    parser.add_argument(
-        "--parameters",
-        nargs=5,
-        type=_parse_finite,
-        metavar=PARAMETER_NAMES,
-        help=(
-            "initial interior temperature T0, then boundary temperatures T1 (x1=0), T2 (x1=1), "
-            "T3 (x2=0), T4 (x2=1); required unless --client (then the server provides them)"
-        ),
-    )
-    parser.add_argument(
-        "--grid-size",
-        type=_parse_count,
-        default=DEFAULT_GRID_SIZE,
-        metavar="M",
-        help=f"interior grid points per axis, an integer >= 1 (default {DEFAULT_GRID_SIZE})",
-    )
-    parser.add_argument(
-        "--steps",
-        type=_parse_count,
-        default=DEFAULT_STEPS,
-        metavar="T",
-        help=f"number of time steps, an integer >= 1 (default {DEFAULT_STEPS})",
-    )
-    parser.add_argument("--dt", type=_parse_positive, default=DEFAULT_DT, help=f"time step, > 0 (default {DEFAULT_DT})")
+    solver_cli.add_count_argument(parser, "--grid-size", "M", DEFAULT_GRID_SIZE, "interior grid points per axis")
+    solver_cli.add_time_arguments(parser, DEFAULT_STEPS, DEFAULT_DT, steps="time steps", dt="time step")
     parser.add_argument(
         "--alpha",
-        type=_parse_positive,
+        type=solver_cli.parse_positive,
         default=DEFAULT_ALPHA,
         help=f"thermal diffusivity, > 0 (default {DEFAULT_ALPHA})",
     )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        metavar="FILE.npy",
-        help="write the (T, M, M) float64 trajectory (field after steps 1..T) to this .npy file; "
-        "nothing is written unless given",
-    )
-    parser.add_argument(
-        "--client",
-        action="store_true",
-        help="run as a jaxsurro client: take the parameters from the training server (settings from the "
-        f"launcher's environment variables) and send every step as field {FIELD_NAME!r}, t = 0..T-1",
+    solver_cli.add_output_arguments(
+        parser,
+        trajectory="(T, M, M) float64 trajectory (field after steps 1..T)",
+        parameters="the parameters",
+        sent=f"every step as field {FIELD_NAME!r}",
     )
     parser.add_argument(
         "--mpi",
@@ -697,19 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: simulate, then summarise, write a trajectory or stream to a server."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.client:
-        if args.parameters is not None:
-            parser.error("argument --parameters: not allowed with --client (the server provides the parameters)")
-        if args.output is not None:
-            parser.error("argument --output: not allowed with --client (the fields go to the server)")
-    elif args.parameters is None:
-        parser.error("argument --parameters: required (five numbers T0 T1 T2 T3 T4) unless --client is given")
-    if args.output is not None:
-        directory = args.output.parent if str(args.output.parent) else Path(".")
-        if not directory.is_dir():
-            parser.error(f"argument --output: directory {str(directory)!r} does not exist; create it first")
-        if args.output.is_dir():
-            parser.error(f"argument --output: {str(args.output)!r} is a directory; give a file name")
+    solver_cli.check_parameters_source(parser, args, "five numbers T0 T1 T2 T3 T4")
+    solver_cli.check_output(parser, args)
     if args.mpi == "on" or (args.mpi == "auto" and launched_by_mpi()):
         return _main_mpi(args)
     if args.client:
@@ -719,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     fields = simulate(args.parameters, args.grid_size, args.steps, args.dt, args.alpha)
     if args.output is not None:
-        write_trajectory(args.output, fields, args.steps, args.grid_size)
+        solver_cli.write_trajectory(args.output, fields, (args.steps, args.grid_size, args.grid_size))
         return 0
     final = None
     for final in fields:

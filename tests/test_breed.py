@@ -45,7 +45,8 @@ def test_fixed_key_is_bitwise_reproducible_and_keys_differ() -> None:
     assert not np.array_equal(first[0], other[0])
 
 
-def test_every_child_lies_within_bounds_and_sigma_follows_the_shrink_rule() -> None:
+def test_retry_rule_children_lie_within_bounds_and_sigma_follows_the_shrink_rule() -> None:
+    """The paper's rule, kept as boundary="retry": σ·0.3^r for the first successful round r."""
     rng = np.random.default_rng(1)
     low = np.array([0.0, -1.0, 10.0], np.float32)
     high = np.array([1.0, 1.0, 12.0], np.float32)
@@ -55,11 +56,13 @@ def test_every_child_lies_within_bounds_and_sigma_follows_the_shrink_rule() -> N
     locations = (low + unit * (high - low)).astype(np.float32)
     sigma = 0.2
     children, parents, sigmas, fallback = as_numpy(
-        amis(jax.random.key(0), locations, np.ones(50, np.float32), 4000, sigma, low, high)
+        amis(jax.random.key(0), locations, np.ones(50, np.float32), 4000, sigma, low, high, boundary="retry")
     )
-    assert children.shape == (4000, 3) and parents.shape == (4000,) and sigmas.shape == (4000,)
+    assert children.shape == (4000, 3) and parents.shape == (4000,) and sigmas.shape == (4000, 3)
     assert np.all(children >= low) and np.all(children <= high)
     assert not fallback
+    assert np.all(sigmas == sigmas[:, :1])  # an isotropic σ shrinks in every coordinate together
+    sigmas = sigmas[:, 0]
     allowed = sigma * 0.3 ** np.arange(6)
     assert np.all(np.min(np.abs(sigmas[:, None] - allowed[None, :]), axis=1) <= 1e-7)
     assert np.any(sigmas < sigma) and np.any(sigmas == np.float32(sigma))  # some retried, some did not
@@ -137,21 +140,21 @@ def test_importance_weights_divide_the_scores_by_the_proposal_density() -> None:
         breed.amis_resample(jax.random.key(0), locations, scores, 4, 0.01, LOW, HIGH, proposal_density=density)
 
 
-def test_out_of_bounds_after_every_retry_keeps_the_parent_location() -> None:
-    """A parent at a corner with a huge σ: all six draws leave the cube, so child = parent, σ = σ·0.3^5."""
+def test_retry_rule_out_of_bounds_after_every_retry_keeps_the_parent_location() -> None:
+    """boundary="retry", a parent at a corner with a huge σ: all six draws leave the cube, so child = parent."""
     low = np.zeros(3, np.float32)
     high = np.ones(3, np.float32)
     corner = np.array([[0.0, 0.0, 1.0]], np.float32)
     sigma = 1e6
     children, parents, sigmas, _ = as_numpy(
-        amis(jax.random.key(0), corner, np.ones(1, np.float32), 256, sigma, low, high)
+        amis(jax.random.key(0), corner, np.ones(1, np.float32), 256, sigma, low, high, boundary="retry")
     )
     np.testing.assert_array_equal(parents, 0)
     np.testing.assert_array_equal(children, np.broadcast_to(corner, (256, 3)))
     np.testing.assert_allclose(sigmas, sigma * 0.3**5, rtol=1e-6)
     # max_retries = 0: one draw, then the parent, with σ unchanged.
     children, _, sigmas, _ = as_numpy(
-        amis(jax.random.key(0), corner, np.ones(1, np.float32), 16, sigma, low, high, max_retries=0)
+        amis(jax.random.key(0), corner, np.ones(1, np.float32), 16, sigma, low, high, max_retries=0, boundary="retry")
     )
     np.testing.assert_array_equal(children, np.broadcast_to(corner, (16, 3)))
     np.testing.assert_array_equal(sigmas, np.float32(sigma))
@@ -161,9 +164,9 @@ def test_per_location_sigma_is_inherited_by_the_children() -> None:
     locations = np.full((2, 5), 300.0, np.float32)
     window_sigma = np.array([0.01, 0.001], np.float32)
     children, parents, sigmas, _ = as_numpy(
-        amis(jax.random.key(2), locations, np.ones(2, np.float32), 500, window_sigma, LOW, HIGH)
+        amis(jax.random.key(2), locations, np.ones(2, np.float32), 500, window_sigma[:, None], LOW, HIGH)
     )
-    np.testing.assert_array_equal(sigmas, window_sigma[parents])
+    np.testing.assert_array_equal(sigmas, np.broadcast_to(window_sigma[parents][:, None], (500, 5)))
     spread = [np.std((children[parents == j] - 300.0) / 400.0) for j in (0, 1)]
     np.testing.assert_allclose(spread, window_sigma, rtol=0.1)
 
@@ -238,12 +241,25 @@ def test_amis_rejects_mismatched_shapes_with_a_clear_message() -> None:
         breed.amis_resample(jax.random.key(0), locations, np.ones(4), 2, 0.01, LOW[:3], HIGH[:3])
 
 
-def test_proposal_density_matches_a_scipy_mixture() -> None:
+def truncated_mixture_density(points_unit, centres_unit, sigmas, ratio):
+    """scipy reference: r·mean_k Π_i truncnorm(x_i | c_ki, σ_ki on [0, 1]) + (1 − r), in the unit cube."""
+    sigmas = np.broadcast_to(sigmas, centres_unit.shape)
+    members = []
+    for c, s in zip(centres_unit, sigmas, strict=True):
+        a, b = (0.0 - c) / s, (1.0 - c) / s
+        members.append(np.prod(scipy_stats.truncnorm(a, b, loc=c, scale=s).pdf(points_unit), axis=1))
+    return ratio * np.mean(members, axis=0) + (1 - ratio)
+
+
+def test_proposal_density_is_the_truncated_mixture_the_draws_come_from() -> None:
+    """Members N(c_k, diag(σ_k²)) truncated to the cube (as amis_resample draws them), mixed with U at r."""
     rng = np.random.default_rng(4)
     low = np.array([0.0, 100.0])
     high = np.array([2.0, 500.0])
-    centres_unit = rng.uniform(0.2, 0.8, (7, 2))
-    sigmas = rng.uniform(0.05, 0.2, 7)
+    # Centres near and on the faces, where truncation matters, and per-dimension σ.
+    centres_unit = rng.uniform(0.0, 1.0, (7, 2))
+    centres_unit[:2] = [[0.0, 0.03], [1.0, 1.0]]
+    sigmas = rng.uniform(0.05, 0.3, (7, 2))
     points_unit = rng.uniform(0.0, 1.0, (11, 2))
     ratio = 0.7
     density = np.asarray(
@@ -251,13 +267,81 @@ def test_proposal_density_matches_a_scipy_mixture() -> None:
             low + points_unit * (high - low), low + centres_unit * (high - low), sigmas, low, high, ratio
         )
     )
-    gaussians = np.stack(
-        [
-            scipy_stats.multivariate_normal(c, s**2 * np.eye(2)).pdf(points_unit)
-            for c, s in zip(centres_unit, sigmas, strict=True)
-        ]
+    np.testing.assert_allclose(density, truncated_mixture_density(points_unit, centres_unit, sigmas, ratio), rtol=1e-4)
+    # Points outside the cube have density 0; a scalar σ broadcasts like amis_resample's.
+    outside = np.asarray(
+        breed.proposal_density(np.array([[2.5, 300.0]]), ((low + high) / 2)[None], 0.1, low, high, ratio)
     )
-    np.testing.assert_allclose(density, ratio * gaussians.mean(axis=0) + (1 - ratio), rtol=1e-4)
+    np.testing.assert_array_equal(outside, 0.0)
+    scalar = np.asarray(
+        breed.proposal_density(low + points_unit * (high - low), ((low + high) / 2)[None], 0.1, low, high)
+    )
+    np.testing.assert_allclose(
+        scalar, truncated_mixture_density(points_unit, np.full((1, 2), 0.5), np.full((1, 2), 0.1), 1.0), rtol=1e-4
+    )
+
+
+def test_proposal_density_integrates_to_one_over_the_cube() -> None:
+    """A density of the draws: with truncated members it integrates to 1 even for centres on a corner."""
+    low, high = np.zeros(2), np.ones(2)
+    grid = (np.arange(400) + 0.5) / 400
+    points = np.stack(np.meshgrid(grid, grid), axis=-1).reshape(-1, 2)
+    centres = np.array([[0.0, 0.0], [1.0, 0.4], [0.5, 0.5]])
+    density = np.asarray(breed.proposal_density(points, centres, np.array([[0.1, 0.2]]), low, high, 0.6))
+    assert density.mean() == pytest.approx(1.0, abs=2e-3)
+
+
+def test_truncated_children_of_a_corner_parent_are_inside_and_spread() -> None:
+    """Default boundary="truncate": a corner parent's children are half-normal offsets into the box, never it."""
+    low, high = np.zeros(5, np.float32), np.ones(5, np.float32)
+    corner = np.array([[0.0, 1.0, 0.0, 1.0, 1.0]], np.float32)
+    sigma = 0.1
+    children, parents, sigmas, _ = as_numpy(
+        amis(jax.random.key(0), corner, np.ones(1, np.float32), 4000, sigma, low, high)
+    )
+    np.testing.assert_array_equal(parents, 0)
+    assert np.all(children >= 0.0) and np.all(children <= 1.0)
+    assert not np.any(np.all(children == corner, axis=1)), "a child kept its parent's location"
+    np.testing.assert_array_equal(sigmas, np.float32(sigma))  # nothing shrinks: the parent's σ is passed on
+    offsets = np.abs(children - corner) / sigma  # per coordinate, |N(0, 1)| conditioned on the box
+    for axis in range(5):
+        result = scipy_stats.kstest(offsets[:, axis], scipy_stats.truncnorm(0.0, 1.0 / sigma).cdf)
+        assert result.pvalue > P_MIN, f"coordinate {axis}: KS p = {result.pvalue}"
+    assert np.all(np.std(offsets, axis=0) > 0.5)  # spread on the scale of σ (half-normal: 0.60)
+
+
+def test_truncated_children_near_a_face_follow_the_truncated_normal() -> None:
+    """A parent 0.05 from a face with σ = 0.1 per dimension: the child's coordinate is exactly truncnorm."""
+    low, high = np.zeros(2, np.float32), np.ones(2, np.float32)
+    parent = np.array([[0.05, 0.5]], np.float32)
+    sigma = np.array([[0.1, 0.02]], np.float32)
+    children, _, _, _ = as_numpy(amis(jax.random.key(3), parent, np.ones(1, np.float32), 5000, sigma, low, high))
+    near = scipy_stats.truncnorm(-0.5, 9.5, loc=0.05, scale=0.1)
+    assert scipy_stats.kstest(children[:, 0], near.cdf).pvalue > P_MIN
+    assert scipy_stats.kstest((children[:, 1] - 0.5) / 0.02, "norm").pvalue > P_MIN  # far from faces: N(0, σ²)
+    # The paper's rule would shrink σ here; the truncated normal keeps its width.
+    assert np.std(children[:, 0]) == pytest.approx(near.std(), rel=0.05)
+
+
+def test_per_dimension_sigma_is_isotropic_in_physical_units() -> None:
+    """A physical σ on parameters of unequal spans: unit_sigma gives σ/span_i, children spread σ in every unit."""
+    low = np.array([100.0, 0.0, -50.0], np.float32)
+    high = np.array([500.0, 40.0, 50.0], np.float32)
+    sigma_unit = breed.unit_sigma(2.0, low, high)
+    np.testing.assert_allclose(sigma_unit, [2.0 / 400, 2.0 / 40, 2.0 / 100])
+    parent = ((low + high) / 2)[None]
+    children, _, sigmas, _ = as_numpy(
+        amis(jax.random.key(4), parent, np.ones(1, np.float32), 4000, np.asarray(sigma_unit, np.float32), low, high)
+    )
+    np.testing.assert_allclose(sigmas, np.broadcast_to(np.float32(sigma_unit), (4000, 3)))
+    offsets = (children - parent) / 2.0  # physical offsets in units of the physical σ
+    for axis in range(3):
+        result = scipy_stats.kstest(offsets[:, axis], "norm")
+        assert result.pvalue > P_MIN, f"coordinate {axis}: KS p = {result.pvalue}"
+    with pytest.raises(ValueError, match=r"broadcastable to \[1, 3\]"):
+        breed.amis_resample(jax.random.key(0), parent, np.ones(1), 2, np.ones(2), low, high)
+    with pytest.raises(ValueError, match="boundary must be one of"):
+        breed.amis_resample(jax.random.key(0), parent, np.ones(1), 2, 0.1, low, high, boundary="reflect")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,6 +505,22 @@ def test_recent_window_takes_the_most_recently_updated_scored_simulations() -> N
     np.testing.assert_array_equal(ids, [5, 1])
 
 
+def test_recent_window_admits_only_simulations_with_every_time_step_seen() -> None:
+    """The paper's Λ_J^(i') (§3.1): a simulation with a time step never seen in a batch is not in the window."""
+    state = breed.init_loss_stats(4, 3)
+    # Simulation 2 is updated last and scores high, but its step 2 was never in a batch.
+    for sim, steps in ((0, (0, 1, 2)), (1, (0, 1, 2)), (3, (0,)), (2, (0, 1))):
+        ids = np.array([3 * sim + t for t in steps] + [11], np.int32)  # id 11: sim 3, step 2 (a low loss)
+        losses = np.array([5.0] * len(steps) + [0.0], np.float32)
+        state = update(state, losses, ids, np.ones(len(ids), np.float32))
+    np.testing.assert_array_equal(np.asarray(breed.fully_observed(state)), [True, True, False, False])
+    _, has_score = scores_of(state)
+    assert bool(has_score[2])  # it has a score, from the steps it has
+    ids, valid = (np.asarray(x) for x in window_of(state, size=4))
+    np.testing.assert_array_equal(ids[valid], [1, 0])
+    assert valid.sum() == 2
+
+
 def test_loss_stats_update_compiles_once_and_rejects_bad_shapes() -> None:
     traces = []
 
@@ -459,6 +559,19 @@ def test_config_defaults_are_table_1_and_sigma_converts_to_the_unit_cube() -> No
         3.0,
     )
     assert settings.importance_weights is False
-    assert breed.unit_sigma(settings.sigma, [100.0] * 5, [500.0] * 5) == pytest.approx(0.0125)
-    with pytest.raises(ValueError, match="same span"):
-        breed.unit_sigma(5.0, [0.0, 0.0], [1.0, 2.0])
+    assert breed.unit_sigma(settings.sigma, [100.0] * 5, [500.0] * 5) == pytest.approx((0.0125,) * 5)
+    # Unequal spans: one unit-cube width per parameter (the paper's σ·I_d is in the parameter space).
+    assert breed.unit_sigma(5.0, [0.0, 0.0], [1.0, 2.0]) == pytest.approx((5.0, 2.5))
+    with pytest.raises(ValueError, match="low < high"):
+        breed.unit_sigma(5.0, [0.0], [0.0])
+
+
+def test_config_converts_breed_sigma_per_parameter() -> None:
+    from pathlib import Path
+
+    from jaxsurro.config import load_config
+
+    heat = Path(__file__).resolve().parents[1] / "experiments/heat.toml"
+    config = load_config(heat, ["solver.parameters.T1=[100.0, 140.0]", "solver.parameters.T2=[0.0, 4000.0]"])
+    assert config.breed_sigma_unit == pytest.approx((0.0125, 0.125, 0.00125, 0.0125, 0.0125))
+    assert load_config(heat, ["breed.sigma_unit=0.02"]).breed_sigma_unit == pytest.approx((0.02,) * 5)

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from jaxsurro.config import buffer_capacity_problems
+from jaxsurro.config import buffer_capacity_problems, load_config
 from jaxsurro.server.buffers import (
     BufferClosed,
     FIFOBuffer,
     FIROBuffer,
     ReservoirBuffer,
     SampleBatch,
+    buffer_from_config,
     make_buffer,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["fifo", "firo", "reservoir"]
 INPUT_DIM = 3
 FIELD_SHAPE = (2, 4)
@@ -356,3 +359,37 @@ def test_the_buffers_apply_the_configurations_size_rules(
     else:
         buffer.end_reception()
         assert buffer.get_batch(batch_size, timeout=0) is None  # empty and over: a valid request
+
+
+def test_buffer_from_config_follows_the_buffer_section_and_the_solver() -> None:
+    """The configured kind, capacity and watermark; rows of (parameters, time) and of the solver's sample."""
+    overrides = ["buffer.kind=firo", "buffer.capacity=500", "buffer.watermark=100", "solver.grid_size=8"]
+    config = load_config(ROOT / "experiments" / "heat.toml", overrides)
+    buffer = buffer_from_config(config, seed=3)
+    assert isinstance(buffer, FIROBuffer)
+    assert (buffer.capacity, buffer.watermark) == (500, 100)
+    assert (buffer.input_dim, buffer.field_size) == (len(config.solver.parameters) + 1, config.solver.sample_size)
+    assert buffer.field_size == 64
+
+
+@pytest.mark.parametrize("kind", ["fifo", "firo", "reservoir"])
+def test_a_restored_snapshot_behaves_like_the_buffer_it_was_taken_from(kind):
+    """Same samples, uses, counters and random draws: a resumed run continues as the original would have."""
+    original = make_buffer(kind, capacity=8, watermark=2, input_dim=2, field_size=3, seed=7)
+    for i in range(6):
+        original.put(i, np.full(2, i, np.float32), np.full(3, i, np.float32), timeout=1)
+    original.get_batch(2, timeout=1)
+    snapshot = original.snapshot()
+    restored = make_buffer(kind, capacity=8, watermark=2, input_dim=2, field_size=3, seed=99)
+    restored.restore(snapshot)
+    assert restored.stats() == original.stats()
+    np.testing.assert_array_equal(restored.repetition_histogram(), original.repetition_histogram())
+    for i in range(6, 8):
+        for buffer in (original, restored):
+            buffer.put(i, np.full(2, i, np.float32), np.full(3, i, np.float32), timeout=1)
+    for _ in range(2):
+        a, b = original.get_batch(2, timeout=1), restored.get_batch(2, timeout=1)
+        np.testing.assert_array_equal(a.sample_ids, b.sample_ids)
+        np.testing.assert_array_equal(a.targets, b.targets)
+    with pytest.raises(ValueError, match="needs an empty"):
+        restored.restore(snapshot)

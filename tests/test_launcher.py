@@ -1,5 +1,5 @@
-"""The local launcher with real subprocesses: concurrency limit, retries, missing FINISH, cancellation;
-and the job scripts of every backend, readable by their owner only."""
+"""The local launcher with real subprocesses: concurrency limit, retries, missing or short FINISH, silent jobs,
+redraws, cancellation; and the job scripts of every backend, readable by their owner only."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import os
 import stat
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -117,6 +118,101 @@ def test_a_job_that_cannot_be_started_is_reported(tmp_path):
     launcher.shutdown()
     assert launcher.table[0].state == SimState.FAILED
     assert "could not be submitted" in launcher.table[0].error and "no-such-solver" in launcher.table[0].error
+
+
+def test_a_short_finish_fails_the_attempt_and_a_complete_one_completes_the_retry(tmp_path):
+    launcher = make_launcher(tmp_path, 1, lambda i, a: [sys.executable, "-c", "pass"])
+    finished: list[int] = []
+
+    def play_receiver() -> bool:
+        """The first attempt's FINISH reports 1 of 2 steps, the second's both."""
+        with launcher.table.lock:
+            record = launcher.table[0]
+            if record.state == SimState.SUBMITTED and len(finished) < record.attempts:
+                steps = 1 if record.attempts == 1 else 2
+                launcher.table.mark_finished(0, steps, expected=2)
+                finished.append(steps)
+        return launcher.done.is_set()
+
+    launcher.start()
+    try:
+        wait_until(play_receiver, 20, "the simulation to end")
+    finally:
+        launcher.shutdown()
+    record = launcher.table[0]
+    assert (record.state, record.attempts, record.steps_finished) == (SimState.COMPLETED, 2, 2)
+    assert record.error == "exited with 0 but its FINISH reported 1 of the 2 time steps"
+
+
+def test_a_finish_from_a_process_of_an_earlier_attempt_is_ignored():
+    table = SimulationTable(np.zeros((1, 1)))
+    table.supervised = True
+    table[0].attempts, table[0].state = 2, SimState.SUBMITTED
+    table.welcome(0, client_id=22)  # the current attempt's process
+    table.mark_finished(0, 5, expected=5, client_id=11)  # late, from the first attempt's process
+    assert table[0].steps_finished is None
+    table.mark_finished(0, 5, expected=5, client_id=22)
+    assert table[0].steps_finished == 5
+
+
+def test_a_silent_job_is_cancelled_and_retried_but_one_heard_from_is_not(tmp_path):
+    gate = tmp_path / "gate"
+    launcher = make_launcher(
+        tmp_path, 2, lambda i, a: [sys.executable, "-c", GATED_JOB, str(gate), "0"], silence_timeout=0.5
+    )
+
+    def play_receiver() -> bool:
+        """Simulation 0 sends a message every round; simulation 1 never does."""
+        launcher.table.heard[0] = time.monotonic()
+        return launcher.table[1].attempts == 2 and launcher.table[1].state == SimState.FAILED
+
+    launcher.start()
+    try:
+        wait_until(play_receiver, 20, "simulation 1 to be cancelled twice")
+        gate.touch()
+        with launcher.table.lock:
+            launcher.table.mark_finished(0, 1)
+        assert launcher.done.wait(20)
+    finally:
+        launcher.shutdown()
+    assert (launcher.table[0].state, launcher.table[0].attempts) == (SimState.COMPLETED, 1)
+    assert "sent no message for" in launcher.table[1].error and "cancelled as hung" in launcher.table[1].error
+
+
+def test_an_exhausted_simulation_is_redrawn_once_the_receiver_applied_it_then_given_up(tmp_path, caplog):
+    script = "import os, sys; print('attempt', os.environ['ATTEMPT'], 'diverged'); sys.exit(5)"
+    draws = iter([np.array([7.0]), np.array([8.0])])
+    launcher = make_launcher(
+        tmp_path,
+        1,
+        lambda i, a: [sys.executable, "-c", script],
+        max_attempts=1,
+        redraw=lambda: next(draws),
+        max_redraws=2,
+    )
+    submitted_with: list[float] = []
+
+    def play_receiver() -> bool:
+        """Applies the redraws, as the receiver does between two messages; notes what each attempt ran with."""
+        with launcher.table.lock:
+            record = launcher.table[0]
+            if record.state == SimState.SUBMITTED and len(submitted_with) < record.attempts:
+                assert record.next_parameters is None  # never submitted before the switch
+                submitted_with.append(float(record.parameters[0]))
+            launcher.table.apply_redraws()
+        return launcher.done.is_set()
+
+    launcher.start()
+    try:
+        wait_until(play_receiver, 20, "the simulation to end")
+    finally:
+        launcher.shutdown()
+    record = launcher.table[0]
+    assert (record.state, record.attempts, record.redraws) == (SimState.FAILED, 3, 2)
+    assert submitted_with == [0.0, 7.0, 8.0]
+    assert [float(p[0]) for p in record.previous_parameters] == [0.0, 7.0]
+    assert "1 attempt(s) with parameters [7] failed, the last failed with exit code 5" == record.redraw_reason
+    assert "drawing new parameters [8] (redraw 2/2)" in caplog.text and "giving up" in caplog.text
 
 
 def test_shutdown_cancels_running_jobs_and_their_children(tmp_path):

@@ -16,7 +16,14 @@ MPIRUN = shutil.which("mpirun") or "mpirun (missing: run scripts/setup.sh, which
 N_SIMS, N_STEPS = 10, 12
 
 
-def mpirun(n_ranks: int, tmp_path: Path, *overrides: str, timeout: float = 240, devices_per_rank: int = 1) -> dict:
+def mpirun(
+    n_ranks: int,
+    tmp_path: Path,
+    *overrides: str,
+    timeout: float = 240,
+    devices_per_rank: int = 1,
+    returncode: int = 0,
+) -> dict:
     """Runs a tiny study with ``mpirun -n n_ranks python -m jaxsurro.run`` and returns its summary."""
     run_dir = tmp_path / f"run-{n_ranks}"
     settings = [
@@ -55,7 +62,7 @@ def mpirun(n_ranks: int, tmp_path: Path, *overrides: str, timeout: float = 240, 
         *[arg for o in settings for arg in ("--set", o)],
     ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == returncode, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert f"run directory: {run_dir}" in result.stdout
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -79,8 +86,10 @@ def test_a_starved_rank_neither_deadlocks_nor_drifts(tmp_path):
     command = (
         f'solver.command=["{{python}}", "{ROOT / "tests/solvers/skewed_heat.py"}", "{{grid_size}}", "{{n_steps}}"]'
     )
-    # Validation uses the same solver: with a single receiving rank it still gets every step.
-    summary = mpirun(2, tmp_path, command, timeout=180)
+    # Validation uses the same solver: with a single receiving rank it still gets every step. The study's
+    # simulations send half their steps, so every attempt is incomplete and the run reports them failed (exit 1).
+    summary = mpirun(2, tmp_path, command, timeout=180, returncode=1)
+    assert summary["simulations_failed"] == N_SIMS and summary["simulations_finished"] == 0
     per_rank = [r["unique_samples_received"] for r in summary["ranks"]]
     assert per_rank[1] == 0 and per_rank[0] == N_SIMS * N_STEPS // 2
     assert summary["ranks"][1]["samples_trained"] == 0  # it took part in every step with zero weight

@@ -21,14 +21,14 @@ def test_every_batch_arrives_once_in_order_then_the_buffer_reports_drained():
     buffer.end_reception()
     converted = []
 
-    def to_device(batch):
+    def prepare(batch):
         converted.append(batch.sample_ids.tolist())
         return batch.targets * 2  # stands in for the device batch
 
-    with Prefetcher(buffer, to_device, batch_size=4, depth=2) as prefetcher:
+    with Prefetcher(buffer, prepare, batch_size=4, depth=2) as prefetcher:
         got = []
         while (ready := prefetcher.get(timeout=10)) is not None:
-            np.testing.assert_array_equal(ready.device, ready.host.targets * 2)
+            np.testing.assert_array_equal(ready.prepared, ready.host.targets * 2)
             got.append(ready.host.sample_ids.tolist())
         assert prefetcher.get(timeout=10) is None  # drained stays drained
     assert got == converted == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from scipy import stats as scipy_stats
 
 from jaxsurro.config import load_config
+from jaxsurro.core.model import Scaling
 from jaxsurro.run import plan_simulations
 from jaxsurro.server.distributed import World
 from jaxsurro.server.parallel import make_data_mesh
-from jaxsurro.server.steering import Steering
+from jaxsurro.server.steering import MOMENT_FLUSH_STEPS, Steering
+from jaxsurro.server.validation import ValidationSet, input_mean_mse, mean_field_mse
 from jaxsurro.table import SimState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,3 +101,243 @@ def test_padding_rows_do_not_enter_the_statistics():
     observe_hard_simulations(steering, range(3), hard=[])
     counts = np.asarray(steering.stats.delta_count)
     assert counts.sum() == 3 * N_STEPS and counts[3:].sum() == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Fidelity to the Breed paper (§3)
+# ----------------------------------------------------------------------------------------------
+
+
+def spy_on_resample(steering):
+    """Records the (args, kwargs) of every AMIS draw the steering makes."""
+    calls = []
+    original = steering._resample
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    steering._resample = spy
+    return calls
+
+
+def truncated_mixture_density(points_unit, centres_unit, sigmas, ratio):
+    """scipy reference: r·mean_k Π_i truncnorm(x_i | c_ki, σ_ki on [0, 1]) + (1 − r), in the unit cube."""
+    members = []
+    for c, s in zip(centres_unit, np.broadcast_to(sigmas, centres_unit.shape), strict=True):
+        members.append(np.prod(scipy_stats.truncnorm(-c / s, (1 - c) / s, loc=c, scale=s).pdf(points_unit), axis=1))
+    return ratio * np.mean(members, axis=0) + (1 - ratio)
+
+
+def test_the_first_round_uses_r_of_s_equal_one():
+    config, table, steering = setup()
+    finish(table, range(10))
+    observe_hard_simulations(steering, range(10), hard=[3])
+    steering.resample()
+    steering.resample()
+    settings = config.breed
+    step = (settings.r_end - settings.r_start) / settings.r_cycles
+    ratios = [entry["ratio"] for entry in steering.history]
+    np.testing.assert_allclose(ratios, [settings.r_start + step, settings.r_start + 2 * step], rtol=1e-6)
+    assert [entry["round"] for entry in steering.history] == [1, 2]
+
+
+def test_a_simulation_with_an_unseen_time_step_is_never_a_parent():
+    """The window is the paper's Λ_J^(i'): every time step of a simulation must have a loss deviation."""
+    _, table, steering = setup()
+    finish(table, range(10))
+    # Simulation 3 is by far the hardest, but its last time step was never in a batch.
+    ids = np.array([s * N_STEPS + t for s in range(10) for t in range(N_STEPS) if (s, t) != (3, N_STEPS - 1)])
+    losses = np.where(ids // N_STEPS == 3, 10.0, 1.0) + np.random.default_rng(0).random(len(ids)) * 0.1
+    padded = np.concatenate([losses, np.zeros(2 + len(losses) % 2)]).astype(np.float32)
+    steering.observe(jax.device_put(jnp.asarray(padded), steering._sharding), ids)
+    steering.resample()
+    assert table[3].score > 5 * max(table[s].score for s in range(10) if s != 3)  # scored, yet not eligible
+    bred = [r for r in table if r.bred]
+    assert bred and all(r.parent != 3 for r in bred)
+    assert steering.history[0]["window"] == 9
+
+
+def test_a_shrunk_sigma_is_carried_by_the_child_into_the_next_round():
+    """boundary="retry" (the paper's rule): a child accepted after retries keeps σ·0.3^r as its proposal member's σ."""
+    config, table, steering = setup()
+    steering.boundary = "retry"
+    calls = spy_on_resample(steering)
+    base = steering.sigma_unit.copy()
+    np.testing.assert_allclose(base, 5.0 / 400.0)
+    finish(table, range(10))
+    table[3].parameters = np.asarray(config.solver.low, np.float64)  # a corner: most first draws leave the box
+    observe_hard_simulations(steering, range(10), hard=[3])
+    steering.resample()
+    np.testing.assert_array_equal(calls[0][0][4], np.tile(base, (20, 1)))  # the window's σ: all base so far
+    pending = list(range(10, N_SIMS))
+    sigma = steering.simulation_sigma
+    shrunk = [s for s in pending if table[s].bred and np.all(sigma[s] < base)]
+    assert shrunk, "no child of the corner parent needed a retry"
+    for sim_id in pending:
+        if not table[sim_id].bred:
+            np.testing.assert_array_equal(sigma[sim_id], base)  # uniform draws start again from σ
+            continue
+        ratio = sigma[sim_id] / base
+        retries = np.round(np.log(ratio) / np.log(0.3))
+        assert np.all(retries == retries[0]) and 0 <= retries[0] <= 5
+        np.testing.assert_allclose(ratio, 0.3 ** retries[0], rtol=1e-5)
+    # Those children run; in the next round their own members use the σ they carry.
+    finish(table, shrunk)
+    observe_hard_simulations(steering, shrunk, hard=shrunk)
+    windows = []
+    window_of = steering._window
+    steering._window = lambda *a, **k: windows.append(window_of(*a, **k)) or windows[-1]
+    steering.resample()
+    window_ids, valid = (np.asarray(x) for x in windows[0])
+    window_sigma = np.asarray(calls[1][0][4])
+    assert set(shrunk) & set(window_ids[valid].tolist())  # the window holds some of them (it takes 20)
+    for row, sim_id in enumerate(window_ids):
+        np.testing.assert_array_equal(window_sigma[row], sigma[sim_id])
+    assert np.all(window_sigma[np.isin(window_ids, shrunk)] < base)
+
+
+def test_importance_weights_use_the_previous_rounds_proposal_mixture():
+    """Q_j is divided by r·(1/K)Σ_k TN(λ_j | parent_k, σ_k) + (1 − r) of the previous round, at each window point."""
+    config, table, steering = setup("breed.importance_weights=true")
+    calls = spy_on_resample(steering)
+    finish(table, range(10))
+    observe_hard_simulations(steering, range(10), hard=[3])
+    steering.resample()
+    # Before any round every simulation came from the uniform initial design: density 1.
+    np.testing.assert_array_equal(calls[0][1]["proposal_density"], 1.0)
+    proposal = steering.proposal
+    pending = list(range(10, N_SIMS))
+    assert proposal.centres.shape == (len(pending), 5) and proposal.ratio == steering.history[0]["ratio"]
+    for i, sim_id in enumerate(pending):  # a member is centred on its parent, with the σ its child carries
+        if table[sim_id].bred:
+            np.testing.assert_allclose(proposal.centres[i], table[table[sim_id].parent].parameters, rtol=1e-6)
+            np.testing.assert_array_equal(proposal.sigmas[i], steering.simulation_sigma[sim_id])
+    # Some of those simulations run; the next round weighs its window by the density they were drawn from.
+    finish(table, pending[:8])
+    observe_hard_simulations(steering, pending[:8], hard=[])
+    steering.resample()
+    args, kwargs = calls[1]
+    low, high = np.asarray(config.solver.low), np.asarray(config.solver.high)
+    window_unit = (np.asarray(args[1], np.float64) - low) / (high - low)
+    valid = np.asarray(kwargs["valid"])
+    expected = truncated_mixture_density(
+        window_unit[valid], (proposal.centres - low) / (high - low), proposal.sigmas, proposal.ratio
+    )
+    np.testing.assert_allclose(np.asarray(kwargs["proposal_density"])[valid], expected, rtol=1e-3)
+    # The bred points sit where the proposal is dense, the old uniform ones mostly where it is not.
+    bred_rows = [
+        np.flatnonzero(np.all(args[1] == table[s].parameters.astype(np.float32), axis=1))[0]
+        for s in pending[:8]
+        if table[s].bred
+    ]
+    assert bred_rows and np.min(expected[bred_rows]) > np.median(expected)
+
+
+class ThreadHub:
+    """Two ranks in one process, on two threads: the World collectives over a barrier."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=120)
+        self.slots: list = [None] * size
+
+
+class ThreadWorld:
+    """The World interface Steering uses (sum, gather, broadcast), for ranks that are threads."""
+
+    def __init__(self, hub: ThreadHub, rank: int):
+        self.hub, self.rank, self.size = hub, rank, hub.size
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return True
+
+    def _exchange(self, value):
+        self.hub.slots[self.rank] = value
+        self.hub.barrier.wait()
+        values = list(self.hub.slots)
+        self.hub.barrier.wait()
+        return values
+
+    def sum(self, values, timeout, what):
+        return np.sum(self._exchange(np.asarray(values)), axis=0)
+
+    def gather(self, value, timeout, what):
+        values = self._exchange(value)
+        return values if self.is_root else None
+
+    def broadcast(self, value, timeout, what):
+        return self._exchange(value)[0]
+
+
+def test_two_ranks_use_the_global_batch_moments():
+    """Each step's batch is split over two ranks with very different losses: δ must use the global μ and σ."""
+    config = setup()[0]
+    mesh = make_data_mesh()
+    reference = Steering(config, World(), plan_simulations(config), mesh)
+    hub = ThreadHub(2)
+    ranks = [Steering(config, ThreadWorld(hub, r), plan_simulations(config), mesh) for r in range(2)]
+    rng = np.random.default_rng(1)
+    n_batches = MOMENT_FLUSH_STEPS + 6  # one flush on the way, the rest at the round
+    all_ids = np.array([s * N_STEPS + t for s in range(12) for t in range(N_STEPS)], dtype=np.int64)
+    batches = []
+    for _ in range(n_batches):
+        ids = rng.choice(all_ids, 24, replace=False)
+        on_rank_1 = rng.random(24) < 0.5
+        losses = np.where(on_rank_1, 5.0, 0.0) + rng.exponential(1.0, 24)  # rank 1's rows are much harder
+        batches.append((ids, losses.astype(np.float32), on_rank_1))
+
+    def device_losses(steering, losses):
+        padded = np.concatenate([losses, np.zeros(2 + len(losses) % 2, np.float32)])
+        return jax.device_put(jnp.asarray(padded), steering._sharding)
+
+    for ids, losses, _ in batches:
+        reference.observe(device_losses(reference, losses), ids)
+    reference.resample()
+
+    def run(rank: int) -> None:
+        steering = ranks[rank]
+        for ids, losses, on_rank_1 in batches:
+            mine = on_rank_1 if rank == 1 else ~on_rank_1
+            steering.observe(device_losses(steering, losses[mine]), ids[mine])
+        steering.resample()
+
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(run, r) for r in range(2)]:
+            future.result()
+    expected = np.array([reference.table[s].score for s in range(12)])
+    merged = np.array([ranks[0].table[s].score for s in range(12)])
+    np.testing.assert_allclose(merged, expected, rtol=1e-4, atol=1e-6)
+    assert np.ptp(expected) > 0.1  # the scores do differ between simulations
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation baselines
+# ----------------------------------------------------------------------------------------------
+
+
+def test_input_mean_mse_is_the_time_resolved_mean_field_baseline():
+    rng = np.random.default_rng(0)
+    n_sims, n_steps = 4, 3
+    # Two fields of 2 and 3 elements; field 0 in [0, 2], field 1 in [-1, 1].
+    scaling = Scaling((0.0,), (1.0,), 1.0, (0.0, -1.0), (2.0, 1.0), (2, 3))
+    samples = rng.uniform(-1.0, 1.0, (n_sims, n_steps, 5)).astype(np.float32)
+    samples[:, :, :2] += 1.0 + np.arange(n_steps)[None, :, None] * 0.3  # field 0 drifts in time
+    validation = ValidationSet(rng.uniform(0, 1, (n_sims, 1)), samples)
+    weights = (1.0, 3.0)
+    # Straightforward reference: predict, for every simulation at step t, the mean over simulations at step t.
+    normalized = (samples.astype(np.float64) - np.array([0, 0, -1, -1, -1])) / np.array([2, 2, 2, 2, 2])
+    prediction = normalized.mean(axis=0, keepdims=True)
+    errors = (normalized - prediction) ** 2
+    per_field = [errors[..., :2].mean(), errors[..., 2:].mean()]
+    expected = (per_field[0] * 1.0 + per_field[1] * 3.0) / 4.0
+    assert input_mean_mse(validation, scaling, weights) == pytest.approx(expected, rel=1e-12)
+    # It never loses to the single mean field, and wins when the field moves in time.
+    assert input_mean_mse(validation, scaling, weights) < mean_field_mse(validation, scaling, weights)
+    constant = ValidationSet(validation.parameters, np.repeat(samples[:, :1], n_steps, axis=1))
+    assert input_mean_mse(constant, scaling, weights) == pytest.approx(mean_field_mse(constant, scaling, weights))

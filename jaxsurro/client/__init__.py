@@ -113,6 +113,10 @@ def connect(
     talks to the server, and every rank gets a ParallelSimulation with the same parameters, or raises
     the root's error (see the module docstring). None or a one-rank communicator: a plain Simulation.
     """
+
+    def open_simulation() -> Simulation:
+        return Simulation.open(resolve_settings(server, token, sim_id, timeout, wire_dtype, fields=fields))
+
     if comm is not None:
         size = comm.Get_size() if hasattr(comm, "Get_size") else None
         if size is None or (size > 1 and not all(hasattr(comm, name) for name in _COMMUNICATOR_METHODS)):
@@ -120,8 +124,8 @@ def connect(
         if size > 1:
             from jaxsurro.client import parallel
 
-            return parallel.connect_parallel(comm, server, token, sim_id, timeout, wire_dtype, fields)
-    return Simulation.open(resolve_settings(server, token, sim_id, timeout, wire_dtype, fields=fields))
+            return parallel.connect_parallel(comm, timeout, open_simulation)
+    return open_simulation()
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,7 @@ import operator
 import os
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,9 +29,8 @@ from jaxsurro.client.settings import (
     check_field_name,
     check_real_array,
     check_time_step,
-    resolve_settings,
 )
-from jaxsurro.client.simulation import Simulation
+from jaxsurro.client.simulation import Simulation, SimulationContext
 
 # An MPI rank polls a pending request without sleeping for this long, then sleeps with doubling pauses
 # up to _MAX_PAUSE: low latency when the ranks are in step, little CPU taken from the solver when one
@@ -253,19 +252,13 @@ def _receive_announcement(comm: Any, deadline: float, what: str) -> tuple[np.nda
     return header, payload.tobytes()
 
 
-def connect_parallel(
-    comm: Any,
-    server: str | None = None,
-    token: bytes | str | None = None,
-    sim_id: int | None = None,
-    timeout: float | None = None,
-    wire_dtype: Any = None,
-    fields: Any = None,
-) -> ParallelSimulation:
+def connect_parallel(comm: Any, timeout: float | None, open_simulation: Callable[[], Simulation]) -> ParallelSimulation:
     """Collective connect: rank 0 shakes hands with the server, then tells every rank the outcome.
 
-    What jaxsurro.client.connect(comm=comm) does for a communicator of more than one rank (call that);
-    the arguments are connect()'s. Every rank returns a ParallelSimulation or raises the root's error.
+    What jaxsurro.client.connect(comm=comm) does for a communicator of more than one rank (call that):
+    the root opens its connection with `open_simulation` (connect()'s arguments bound), and `timeout`
+    is connect()'s, for the waits before the root's settings arrive. Every rank returns a
+    ParallelSimulation or raises the root's error.
     """
     waiting = _waiting_timeout(timeout)
     comm, request = comm.Idup()  # the client's own collectives never match the solver's
@@ -303,7 +296,7 @@ def connect_parallel(
 
     simulation: Simulation | None = None
     try:
-        simulation = Simulation.open(resolve_settings(server, token, sim_id, timeout, wire_dtype, fields=fields))
+        simulation = open_simulation()
     except BaseException as error:
         header, payload = _error_announcement(error)
         try:
@@ -401,7 +394,7 @@ def _prepare_part(
         return _Part(metadata, empty, error)
 
 
-class ParallelSimulation:
+class ParallelSimulation(SimulationContext):
     """One simulation streamed by an MPI-parallel solver: every rank sends its part, the root the whole.
 
     Made by connect(comm=...) on every rank (collective). `parameters`, `sim_id`, `n_steps`, `addresses`,
@@ -444,22 +437,6 @@ class ParallelSimulation:
     def closed(self) -> bool:
         """True after finish() or abort()."""
         return self._closed
-
-    @property
-    def steps_sent(self) -> int:
-        """Number of distinct time steps sent so far (the same on every rank)."""
-        return len(self._steps_sent)
-
-    def __enter__(self) -> ParallelSimulation:
-        """Use as a context manager: finish (collective) on success, abort (local) on an exception."""
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
-        """FINISH on success; close without FINISH on an exception (re-raised)."""
-        if exc_type is None:
-            self.finish()
-        else:
-            self.abort()
 
     def _deadline(self, n_timeouts: int) -> float:
         """Now + what the root may take for `n_timeouts` server waits, plus the others' skew."""

@@ -76,6 +76,18 @@ def _invalid(name: str, expected: str, got: Any) -> ClientConfigurationError:
     return ClientConfigurationError(f"{name}: expected {expected}, got {got!r}. {_HOW_TO_SET}")
 
 
+def _given_or_environment(
+    value: Any, argument: str, env: Mapping[str, str], variable: str, expected: str
+) -> tuple[Any, str]:
+    """``(value, argument)`` when the argument is given, else ``(env[variable], variable)``: what to check
+    and the name to blame; raises _missing when neither is set (an empty variable is unset)."""
+    if value is not None:
+        return value, argument
+    if not env.get(variable):
+        raise _missing(variable, expected)
+    return env[variable], variable
+
+
 def resolve_settings(
     server: str | None = None,
     token: bytes | str | None = None,
@@ -89,22 +101,12 @@ def resolve_settings(
     env = os.environ if environ is None else environ
 
     address_form = "the server's control address tcp://HOST:PORT (e.g. tcp://127.0.0.1:5555)"
-    if server is None:
-        if not env.get(ENV_SERVER):
-            raise _missing(ENV_SERVER, address_form)
-        server, server_source = env[ENV_SERVER], ENV_SERVER
-    else:
-        server_source = "server"
+    server, server_source = _given_or_environment(server, "server", env, ENV_SERVER, address_form)
     if not isinstance(server, str) or "://" not in server:
         raise _invalid(server_source, address_form, server)
 
     token_form = f"the run token, {2 * protocol.TOKEN_BYTES} hexadecimal characters"
-    if token is None:
-        if not env.get(ENV_TOKEN):
-            raise _missing(ENV_TOKEN, token_form)
-        token, token_source = env[ENV_TOKEN], ENV_TOKEN
-    else:
-        token_source = "token"
+    token, token_source = _given_or_environment(token, "token", env, ENV_TOKEN, token_form)
     if isinstance(token, bytes) and len(token) == protocol.TOKEN_BYTES:
         raw_token = token
     elif isinstance(token, str):
@@ -116,17 +118,13 @@ def resolve_settings(
         raise _invalid(token_source, f"{token_form} or {protocol.TOKEN_BYTES} raw bytes", token)
 
     sim_form = f"the simulation id, an integer in [0, 2**64 - 1) or 'any' (= {ANY_SIMULATION})"
+    sim_given, sim_source = _given_or_environment(sim_id, "sim_id", env, ENV_SIM_ID, sim_form)
     if sim_id is None:
-        if not env.get(ENV_SIM_ID):
-            raise _missing(ENV_SIM_ID, sim_form)
-        text = env[ENV_SIM_ID].strip()
+        sim_given = sim_given.strip()
         try:
-            sim_id = ANY_SIMULATION if text.lower() == "any" else int(text)
+            sim_id = ANY_SIMULATION if sim_given.lower() == "any" else int(sim_given)
         except ValueError:
-            raise _invalid(ENV_SIM_ID, sim_form, text) from None
-        sim_source, sim_given = ENV_SIM_ID, text
-    else:
-        sim_source, sim_given = "sim_id", sim_id
+            raise _invalid(ENV_SIM_ID, sim_form, sim_given) from None
     if isinstance(sim_id, bool) or not isinstance(sim_id, int | np.integer) or not 0 <= sim_id <= ANY_SIMULATION:
         raise _invalid(sim_source, sim_form, sim_given)
 

@@ -13,7 +13,7 @@ import hmac
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import zmq
@@ -112,7 +112,40 @@ def _sim_text(sim_id: int) -> str:
     return "ANY" if sim_id == ANY_SIMULATION else str(sim_id)
 
 
-class Simulation:
+class SimulationContext:
+    """What Simulation and ParallelSimulation share: the `with` protocol and the count of steps sent.
+
+    A subclass keeps the distinct time steps it sent in `_steps_sent` and defines finish() and abort().
+    """
+
+    _steps_sent: set[int]
+
+    @property
+    def steps_sent(self) -> int:
+        """Number of distinct time steps sent so far (what FINISH reports; the same on every MPI rank)."""
+        return len(self._steps_sent)
+
+    def finish(self) -> None:
+        """Send FINISH and close (defined by each kind of simulation)."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Close without FINISH (defined by each kind of simulation)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        """Use as a context manager: finish on success, abort on an exception."""
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        """finish() on success (FINISH, then wait for delivery); abort() on an exception, which is re-raised."""
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
+
+
+class Simulation(SimulationContext):
     """One simulation's connection: `parameters`, then `send` each step; `finish` or leave the `with`.
 
     Public attributes: `sim_id`, `parameters` (float64), `n_steps` (None if unstated), `addresses` and
@@ -177,22 +210,6 @@ class Simulation:
     def closed(self) -> bool:
         """True after finish() or abort()."""
         return self._sockets is None
-
-    @property
-    def steps_sent(self) -> int:
-        """Number of distinct time steps sent so far (what FINISH reports)."""
-        return len(self._steps_sent)
-
-    def __enter__(self) -> Simulation:
-        """Use as a context manager: finish on success, abort on an exception."""
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
-        """FINISH and wait for delivery on success; close without FINISH on an exception (re-raised)."""
-        if exc_type is None:
-            self.finish()
-        else:
-            self.abort()
 
     def send(
         self,

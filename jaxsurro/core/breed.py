@@ -19,14 +19,21 @@ sum / count), so that merging the statistics of several server ranks is adding (
 Memory is O(S × T) scalars; updates consume the per-sample losses the training step already
 returns, so they cost no extra forward or backward pass.
 
-**AMIS resampling** (paper §3.2, eqs. 9-12). From a window of N simulations with locations λ_j
-and scores Q_j, parents are drawn multinomially with weights w_j = Q_j / mean(Q) (optionally
-divided by the proposal density: true importance weights), and each of K children is drawn from
-N(parent, σ²I) in the unit cube that the bounds map to. A child out of bounds is redrawn with
-σ ← σ·shrink (0.3), at most ``max_retries`` (5) times, then takes its parent's location; its final
-σ is returned so it can be passed on. Each pending simulation then gets a child with probability
-r(s) = min(r_s + s·(r_e − r_s)/r_c, r_e), else a uniform draw (:func:`mixing_ratio`, :func:`mix`;
-the paper prints max(...), which cannot be meant; docs/architecture.md, "Breed").
+The window (:func:`recent_window`) holds only simulations of the paper's Λ_J^(i'): every time
+step has at least one recorded δ (:func:`fully_observed`).
+
+**AMIS resampling** (paper §3.2, eqs. 9-12). From a window of N simulations with locations λ_j,
+scores Q_j and proposal widths σ_j (one per parameter: Σ_j = diag(σ_j²)), parents are drawn
+multinomially with weights w_j = Q_j / mean(Q) (optionally divided by the density of the proposal
+the window was drawn from: true importance weights, :func:`proposal_density`), and each of K
+children is drawn from N(parent, Σ_parent) restricted to the unit cube that the bounds map to.
+By default (``boundary="truncate"``) that is an exact truncated normal, one draw per child; the
+paper's rule (``boundary="retry"``: redraw with σ ← σ·0.3 at most 5 times, then keep the parent's
+location) is kept as an option. Each child's final σ is returned so it is passed on to its
+proposal member. Each pending simulation then gets a child with probability
+r(s) = min(r_s + s·(r_e − r_s)/r_c, r_e) at resampling round s = 1, 2, ... (s = 0 is the initial
+design), else a uniform draw (:func:`mixing_ratio`, :func:`mix`; the paper prints max(...), which
+cannot be meant; docs/architecture.md, "Breed").
 
 Jit with ``jax.jit(amis_resample, static_argnames=AMIS_STATIC_ARGNAMES)`` and
 ``jax.jit(recent_window, static_argnames=("size",))``; the other functions take no static
@@ -44,12 +51,14 @@ from jax import Array
 
 __all__ = [
     "AMIS_STATIC_ARGNAMES",
+    "BOUNDARY_RULES",
     "AmisDraw",
     "LossMoments",
     "LossStatsState",
     "amis_resample",
     "combine_loss_stats",
     "delta_mean",
+    "fully_observed",
     "init_loss_stats",
     "loss_moments",
     "mix",
@@ -61,7 +70,8 @@ __all__ = [
     "update_loss_stats",
 ]
 
-AMIS_STATIC_ARGNAMES = ("n_children", "importance_weights", "max_retries")
+AMIS_STATIC_ARGNAMES = ("n_children", "importance_weights", "max_retries", "boundary")
+BOUNDARY_RULES = ("truncate", "retry")  # amis_resample's ``boundary``: see its docstring
 
 # A batch whose losses are all equal up to float32 rounding (σ <= this × |μ|) has no deviation.
 _RELATIVE_SIGMA_FLOOR = 1e-6
@@ -72,19 +82,20 @@ _RELATIVE_SIGMA_FLOOR = 1e-6
 # ----------------------------------------------------------------------------------------------
 
 
-def unit_sigma(physical_sigma: float, low: Sequence[float], high: Sequence[float]) -> float:
-    """Convert a proposal width in physical units to unit-cube units (all bounds must share one span)."""
+def unit_sigma(physical_sigma: float, low: Sequence[float], high: Sequence[float]) -> tuple[float, ...]:
+    """Convert a proposal width in physical units to unit-cube widths, one per parameter: σ / (high_i − low_i).
+
+    The paper's proposal members are N(λ, σ²I) in the parameter space itself (Σ = σ·I_d, eq. 11), so
+    in the unit cube the bounds map to, parameter i has width σ / span_i: an isotropic physical σ
+    becomes a per-dimension unit-cube σ (equal components when every span is the same, as in the
+    paper's [100, 500]^5). :func:`amis_resample` and :func:`proposal_density` take that vector.
+    """
     spans = [float(h) - float(l) for l, h in zip(low, high, strict=True)]
     if not spans or any(not s > 0 for s in spans):
         raise ValueError(
             f"unit_sigma: expected non-empty bounds with low < high, got low={list(low)}, high={list(high)}"
         )
-    if max(spans) - min(spans) > 1e-9 * max(spans):
-        raise ValueError(
-            f"unit_sigma: a physical σ is isotropic in the unit cube only when every parameter has the same "
-            f"span, got spans {spans}; give sigma_unit directly instead"
-        )
-    return float(physical_sigma) / spans[0]
+    return tuple(float(physical_sigma) / span for span in spans)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,6 +234,11 @@ def simulation_scores(state: LossStatsState) -> tuple[Array, Array]:
     return scores, has_score
 
 
+def fully_observed(state: LossStatsState) -> Array:
+    """[S] bool: every time step of the simulation has at least one recorded δ (the paper's Λ_J^(i'), §3.1)."""
+    return jnp.all(state.delta_count > 0, axis=1)
+
+
 def combine_loss_stats(states: Sequence[LossStatsState]) -> LossStatsState:
     """Merge several ranks' statistics: sums and counts add, last_update and n_updates take the maximum.
 
@@ -246,18 +262,18 @@ def combine_loss_stats(states: Sequence[LossStatsState]) -> LossStatsState:
 
 
 def recent_window(state: LossStatsState, size: int, eligible: Array | None = None) -> tuple[Array, Array]:
-    """(sim_ids [size] int32, valid [size] bool): the ``size`` most recently updated scored simulations.
+    """(sim_ids [size] int32, valid [size] bool): the ``size`` most recently updated fully observed simulations.
 
     The paper's window: the last N simulations in order of Q updates, most recent first, among those
-    with a score and (when given) ``eligible`` [S] bool (e.g. finished simulations). When fewer
-    qualify, the tail rows are invalid (``valid`` False, id of an arbitrary simulation). ``size`` is
-    static.
+    of Λ_J^(i') (§3.1: every time step has a recorded δ, :func:`fully_observed`) and (when given)
+    ``eligible`` [S] bool (e.g. finished simulations). A simulation with some time step never seen
+    in a batch does not qualify, whatever its other steps scored. When fewer qualify, the tail rows
+    are invalid (``valid`` False, id of an arbitrary simulation). ``size`` is static.
     """
     n_simulations = state.last_update.shape[0]
     if not 1 <= size:
         raise ValueError(f"recent_window: size must be >= 1, got {size}")
-    _, has_score = simulation_scores(state)
-    qualifies = has_score & (state.last_update >= 0)
+    qualifies = fully_observed(state) & (state.last_update >= 0)
     if eligible is not None:
         eligible = jnp.asarray(eligible, bool)
         if eligible.shape != (n_simulations,):
@@ -284,8 +300,20 @@ class AmisDraw(NamedTuple):
 
     children: Array  # [K, d] float32, physical units, within [low, high]
     parents: Array  # [K] int32, index into the window (rows of `locations`)
-    sigma: Array  # [K] float32, unit-cube σ each child was accepted with (σ·shrink^retries)
+    sigma: Array  # [K, d] float32, unit-cube σ of each child's proposal member (its parent's σ, shrunk by retries)
     uniform_fallback: Array  # [] bool, True when no usable weight existed and parents were drawn uniformly
+
+
+def _widths(name: str, sigma: float | Array, rows: int, dim: int) -> Array:
+    """σ broadcast to [rows, d] (NumPy rules: a scalar, [d] per parameter, [rows, 1] per row, [rows, d])."""
+    sigma = jnp.asarray(sigma, jnp.float32)
+    try:
+        return jnp.broadcast_to(sigma, (rows, dim))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name}: expected sigma broadcastable to [{rows}, {dim}] (a scalar, [d] per parameter, "
+            f"[{rows}, 1] per row or [{rows}, d]), got shape {sigma.shape}"
+        ) from None
 
 
 def _parent_weights(
@@ -323,6 +351,35 @@ def _check_bounds(name: str, locations: Array, low: Array, high: Array) -> None:
         )
 
 
+def _truncated_draw(key: Array, parent_unit: Array, widths: Array) -> tuple[Array, Array]:
+    """Children ~ N(parent, diag(σ²)) conditioned on the unit cube: one exact draw each, per coordinate."""
+    # A box and a diagonal covariance: the truncated normal factorizes into one truncated normal
+    # per coordinate, drawn by inverse CDF on [Φ(−c/σ), Φ((1 − c)/σ)] (the parent c is inside).
+    lower = -parent_unit / widths
+    upper = (1.0 - parent_unit) / widths
+    z = jax.random.truncated_normal(key, lower, upper, parent_unit.shape, jnp.float32)
+    return jnp.clip(parent_unit + widths * z, 0.0, 1.0), widths
+
+
+def _retry_draw(
+    key: Array, parent_unit: Array, widths: Array, max_retries: int, shrink: float | Array
+) -> tuple[Array, Array, Array]:
+    """The paper's rule, all rounds at once: (child_unit, σ, accepted); a child never accepted is its parent."""
+    # Round r (0 = first draw, then max_retries retries) uses σ·shrink^r; take each child's first success.
+    n_children = parent_unit.shape[0]
+    rounds = jnp.arange(max_retries + 1, dtype=jnp.float32)
+    round_sigma = widths[None] * jnp.asarray(shrink, jnp.float32) ** rounds[:, None, None]  # [R+1, K, d]
+    noise = jax.random.normal(key, round_sigma.shape, jnp.float32)
+    candidates = parent_unit[None] + round_sigma * noise  # [R+1, K, d]
+    inside = jnp.all((candidates >= 0.0) & (candidates <= 1.0), axis=-1)  # [R+1, K]
+    accepted = jnp.any(inside, axis=0)
+    first = jnp.argmax(inside, axis=0)  # the first successful round (0 when none; masked below)
+    chosen = jnp.take_along_axis(candidates, first[None, :, None], axis=0)[0]
+    child_unit = jnp.where(accepted[:, None], chosen, parent_unit)
+    final_sigma = jnp.where(accepted[:, None], round_sigma[first, jnp.arange(n_children)], round_sigma[-1])
+    return child_unit, final_sigma, accepted
+
+
 def amis_resample(
     key: Array,
     locations: Array,
@@ -336,25 +393,42 @@ def amis_resample(
     max_retries: int = 5,
     shrink: float | Array = 0.3,
     valid: Array | None = None,
+    boundary: str = "truncate",
 ) -> AmisDraw:
     """Draw K = ``n_children`` children from the score-weighted Gaussian mixture around the window.
 
     ``locations`` [N, d] are the window's parameters (physical units, within [low, high]); ``scores``
     [N] their Q. Parents are drawn multinomially with weights Q_j / mean(Q), or with
-    ``importance_weights`` Q_j / ``proposal_density``_j (true importance weights; the density [N] is
-    then required). Negative, non-finite or masked-out (``valid`` [N] bool False) scores weigh 0, as
-    do entries with a non-positive or non-finite density. When no weight is left (all Q are 0 or
-    non-finite), parents are drawn uniformly among the valid entries (among all N if none is valid)
-    and ``uniform_fallback`` is True.
+    ``importance_weights`` Q_j / ``proposal_density``_j (true importance weights; the density [N] of
+    the proposal the window was drawn from, see :func:`proposal_density`, is then required).
+    Negative, non-finite or masked-out (``valid`` [N] bool False) scores weigh 0, as do entries with
+    a non-positive or non-finite density. When no weight is left (all Q are 0 or non-finite),
+    parents are drawn uniformly among the valid entries (among all N if none is valid) and
+    ``uniform_fallback`` is True.
 
-    Each child is parent + σ·z, z ~ N(0, I), in the unit cube [low, high] maps to; ``sigma`` is a
-    unit-cube width, a scalar or [N] per window entry (a child starts from its parent's σ). A child
-    out of the cube is redrawn with σ ← σ·``shrink``, at most ``max_retries`` times; if every draw
-    fails it takes its parent's location and σ·shrink^max_retries. All K children and all
-    1 + max_retries rounds are drawn at once (no loop over samples). ``n_children``,
-    ``importance_weights`` and ``max_retries`` are static (:data:`AMIS_STATIC_ARGNAMES`); the
-    children are iid given the window, so to avoid a compile per K draw a fixed K and use the first
-    rows.
+    ``sigma`` is the unit-cube width of each window entry's proposal member N(λ_j, diag(σ_j²)),
+    broadcast to [N, d] by NumPy rules: a scalar, [d] one per parameter (:func:`unit_sigma` of a
+    physical σ), [N, 1] one per entry, or [N, d]. A child starts from its parent's σ.
+
+    ``boundary`` says what happens to the part of a member outside the unit cube [low, high] maps to:
+
+    * ``"truncate"`` (default): the child is drawn from N(parent, diag(σ²)) *conditioned* on the
+      cube, an exact truncated normal (one inverse-CDF draw per coordinate, since a diagonal
+      Gaussian restricted to a box factorizes), and keeps its parent's σ. This is what the paper's
+      "redraw when out of bounds" converges to without shrinking σ, it never returns the parent
+      unchanged (a parent on a face or corner gets half-normal offsets into the box, where the
+      paper's rule keeps the parent for e.g. (1 − 2^-d)^6 of the draws at a corner, 83 % for d = 5),
+      and its density is known in closed form, so :func:`proposal_density` is exact. Reflection at
+      the bounds would also keep children inside, but folds mass back next to the faces and has a
+      density that is a sum over mirror images; the truncated normal is simpler and exact.
+    * ``"retry"``: the paper's rule (§3.2): a child out of the cube is redrawn with σ ← σ·``shrink``,
+      at most ``max_retries`` times; if every draw fails it takes its parent's location and
+      σ·shrink^max_retries. The σ it was accepted with is returned, to be passed on to the member.
+
+    All K children (and with ``"retry"`` all 1 + max_retries rounds) are drawn at once, no loop over
+    samples. ``n_children``, ``importance_weights``, ``max_retries`` and ``boundary`` are static
+    (:data:`AMIS_STATIC_ARGNAMES`); the children are iid given the window, so to avoid a compile
+    per K draw a fixed K and use the first rows.
     """
     locations = jnp.asarray(locations, jnp.float32)
     scores = jnp.asarray(scores, jnp.float32)
@@ -370,6 +444,8 @@ def amis_resample(
         raise ValueError(f"amis_resample: n_children must be >= 1, got {n_children}")
     if max_retries < 0:
         raise ValueError(f"amis_resample: max_retries must be >= 0, got {max_retries}")
+    if boundary not in BOUNDARY_RULES:
+        raise ValueError(f"amis_resample: boundary must be one of {BOUNDARY_RULES}, got {boundary!r}")
     if importance_weights and proposal_density is None:
         raise ValueError(
             "amis_resample: importance_weights=True divides the scores by the proposal density; "
@@ -389,7 +465,7 @@ def amis_resample(
     valid = jnp.ones((n_window,), bool) if valid is None else jnp.asarray(valid, bool)
     if valid.shape != (n_window,):
         raise ValueError(f"amis_resample: expected valid of shape ({n_window},), got {valid.shape}")
-    window_sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (n_window,))
+    window_sigma = _widths("amis_resample", sigma, n_window, dim)
 
     key_parents, key_noise = jax.random.split(key)
     probabilities, fallback = _parent_weights(scores, valid, importance_weights, proposal_density)
@@ -397,32 +473,33 @@ def amis_resample(
 
     span = high - low
     parent_physical = locations[parents]  # [K, d]
-    parent_unit = (parent_physical - low) / span
-    # Round r (0 = first draw, then max_retries retries) uses σ·shrink^r; take each child's first success.
-    rounds = jnp.arange(max_retries + 1, dtype=jnp.float32)
-    round_sigma = window_sigma[parents][None, :] * jnp.asarray(shrink, jnp.float32) ** rounds[:, None]  # [R+1, K]
-    noise = jax.random.normal(key_noise, (max_retries + 1, n_children, dim), jnp.float32)
-    candidates = parent_unit[None] + round_sigma[..., None] * noise  # [R+1, K, d]
-    inside = jnp.all((candidates >= 0.0) & (candidates <= 1.0), axis=-1)  # [R+1, K]
-    accepted = jnp.any(inside, axis=0)
-    first = jnp.argmax(inside, axis=0)  # the first successful round (0 when none; masked below)
-    chosen_unit = jnp.take_along_axis(candidates, first[None, :, None], axis=0)[0]
-    chosen = jnp.clip(low + chosen_unit * span, low, high)
-    children = jnp.where(accepted[:, None], chosen, parent_physical)
-    final_sigma = jnp.where(accepted, round_sigma[first, jnp.arange(n_children)], round_sigma[-1])
+    parent_unit = jnp.clip((parent_physical - low) / span, 0.0, 1.0)
+    widths = window_sigma[parents]  # [K, d]
+    if boundary == "truncate":
+        child_unit, final_sigma = _truncated_draw(key_noise, parent_unit, widths)
+        children = jnp.clip(low + child_unit * span, low, high)
+    else:
+        child_unit, final_sigma, accepted = _retry_draw(key_noise, parent_unit, widths, max_retries, shrink)
+        children = jnp.where(accepted[:, None], jnp.clip(low + child_unit * span, low, high), parent_physical)
     return AmisDraw(children=children, parents=parents, sigma=final_sigma, uniform_fallback=fallback)
 
 
 def proposal_density(
     points: Array, centres: Array, sigmas: Array | float, low: Array, high: Array, ratio: float | Array = 1.0
 ) -> Array:
-    """Density [M] of the unit-cube proposal r·(1/K)Σ_k N(·|centre_k, σ_k²I) + (1 − r)·U at ``points`` [M, d].
+    """Density [M] at ``points`` [M, d] of one round's proposal r·(1/K)Σ_k TN(·|centre_k, σ_k) + (1 − r)·U.
 
-    For ``importance_weights``: evaluate the window's locations under the previous round's proposal
-    (its children as ``centres`` [K, d] physical, their ``sigmas`` [K] unit-cube, its mixing ratio).
-    The Gaussians are not renormalized for the out-of-bounds retries (a close approximation while σ
-    is small against the cube). Computed in log space; float32, so extreme σ^-d may overflow to inf,
-    which :func:`amis_resample` treats as weight 0.
+    The proposal of an AMIS round, in the unit cube the bounds map to: its K members are Gaussians
+    N(centre_k, diag(σ_k²)) truncated to the cube (TN), as :func:`amis_resample` draws them, mixed
+    with the uniform density 1 at the round's ratio r (a pending simulation takes the child with
+    probability r, else a uniform draw; :func:`mix`). For ``importance_weights``, evaluate the
+    window's locations under the previous round's proposal: ``centres`` [K, d] are that round's
+    *parents* (physical units, ``locations[draw.parents]``), ``sigmas`` the σ of each member
+    (``draw.sigma``, unit cube; broadcast to [K, d] like ``amis_resample``'s ``sigma``) and
+    ``ratio`` its r. With ``boundary="truncate"`` this is the exact density of that round's draws;
+    with ``"retry"`` it is exact given each member's final σ, except for the children that kept
+    their parent's location. Points outside the cube have density 0. Computed in log space in
+    float32, so extreme σ^-d may overflow to inf, which :func:`amis_resample` treats as weight 0.
     """
     points = jnp.asarray(points, jnp.float32)
     centres = jnp.asarray(centres, jnp.float32)
@@ -430,16 +507,25 @@ def proposal_density(
     high = jnp.asarray(high, jnp.float32)
     _check_bounds("proposal_density", points, low, high)
     _check_bounds("proposal_density", centres, low, high)
-    dim = points.shape[1]
-    sigmas = jnp.broadcast_to(jnp.asarray(sigmas, jnp.float32), (centres.shape[0],))
+    n_centres, dim = centres.shape
+    widths = _widths("proposal_density", sigmas, n_centres, dim)  # [K, d]
     span = high - low
     x = (points - low) / span
-    c = (centres - low) / span
-    squared = jnp.sum((x[:, None, :] - c[None, :, :]) ** 2, axis=-1)  # [M, K]
-    log_gauss = -0.5 * squared / sigmas**2 - dim * jnp.log(sigmas) - 0.5 * dim * jnp.log(2.0 * jnp.pi)
-    log_mixture = jax.nn.logsumexp(log_gauss, axis=1) - jnp.log(float(centres.shape[0]))
+    c = jnp.clip((centres - low) / span, 0.0, 1.0)
+    # Per coordinate, the mass of N(c, σ²) inside [0, 1]: the truncated normal's normalizer.
+    root2 = jnp.sqrt(2.0).astype(jnp.float32)
+    mass = 0.5 * (jax.lax.erf((1.0 - c) / (widths * root2)) - jax.lax.erf(-c / (widths * root2)))
+    log_mass = jnp.log(jnp.maximum(mass, jnp.finfo(jnp.float32).tiny))  # [K, d]
+    z = (x[:, None, :] - c[None, :, :]) / widths[None]  # [M, K, d]
+    log_member = jnp.sum(
+        -0.5 * z * z - jnp.log(widths)[None] - 0.5 * jnp.log(2.0 * jnp.pi) - log_mass[None], axis=-1
+    )  # [M, K]
+    log_mixture = jax.nn.logsumexp(log_member, axis=1) - jnp.log(float(n_centres))
     ratio = jnp.asarray(ratio, jnp.float32)
-    return ratio * jnp.exp(log_mixture) + (1.0 - ratio)
+    density = ratio * jnp.exp(log_mixture) + (1.0 - ratio)
+    tolerance = 1e-6
+    inside = jnp.all((x >= -tolerance) & (x <= 1.0 + tolerance), axis=1)
+    return jnp.where(inside, density, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,9 +536,12 @@ def proposal_density(
 def mixing_ratio(s: int | Array, r_start: float, r_end: float, r_cycles: float) -> Array:
     """r(s) = min(r_s + s·(r_e − r_s)/r_c, r_e): the probability that resampling round s uses a child.
 
-    Written as r_s + min(s/r_c, 1)·(r_e − r_s), which is the same for r_e >= r_s and also moves a
-    decreasing schedule (r_e < r_s) monotonically to r_e. The paper prints max(...), which would be
-    r_e or more from the start (docs/architecture.md, "Breed"). Returns a [] float32 array.
+    Rounds count as in the paper (§3.2, "at resampling iteration s, i = s·P"): s = 1 at the first
+    resampling round, s = 0 being the initial uniform design, so the first round uses
+    r_s + (r_e − r_s)/r_c, not r_s. Written as r_s + min(s/r_c, 1)·(r_e − r_s), which is the same
+    for r_e >= r_s and also moves a decreasing schedule (r_e < r_s) monotonically to r_e. The paper
+    prints max(...), which would be r_e or more from the start (docs/architecture.md, "Breed").
+    Returns a [] float32 array.
     """
     if isinstance(r_cycles, (int, float)) and not r_cycles > 0:
         raise ValueError(f"mixing_ratio: r_cycles (r_c) must be > 0, got {r_cycles}")

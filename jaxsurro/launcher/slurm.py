@@ -16,7 +16,7 @@ import re
 import shlex
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from jaxsurro.launcher.commands import CommandError, Commands, Runner, describe, export_lines, write_job_script
@@ -258,17 +258,22 @@ def parse_sbatch(stdout: str) -> tuple[str, str | None]:
     return job_id, cluster or None
 
 
-def parse_squeue(stdout: str) -> dict[str, tuple[str, str]]:
-    """``{job id: (state, reason)}`` from ``squeue -h -o '%i|%T|%r'`` (``CLUSTER:`` headers skipped)."""
-    jobs = {}
+def _table_rows(stdout: str, row: re.Pattern[str], command: str, expected: str) -> Iterator[re.Match[str]]:
+    """The match of ``row`` on each line of a command's table (blank lines and ``CLUSTER:`` headers skipped);
+    SlurmError quoting a line it does not match, which should have the form ``expected``."""
     for line in stdout.splitlines():
         if not line.strip() or line.startswith("CLUSTER: "):
             continue
-        match = _SQUEUE_LINE.fullmatch(line.strip())
+        match = row.fullmatch(line.strip())
         if match is None:
-            raise SlurmError(
-                f"cannot read squeue line {line!r}; expected 'JOBID|STATE|REASON' (squeue -h -o '%i|%T|%r')"
-            )
+            raise SlurmError(f"cannot read {command} line {line!r}; expected {expected}")
+        yield match
+
+
+def parse_squeue(stdout: str) -> dict[str, tuple[str, str]]:
+    """``{job id: (state, reason)}`` from ``squeue -h -o '%i|%T|%r'`` (``CLUSTER:`` headers skipped)."""
+    jobs = {}
+    for match in _table_rows(stdout, _SQUEUE_LINE, "squeue", "'JOBID|STATE|REASON' (squeue -h -o '%i|%T|%r')"):
         slurm_state(match[2])  # an unknown state raises here, quoting it
         jobs[match[1]] = (match[2], match[3])
     return jobs
@@ -277,15 +282,9 @@ def parse_squeue(stdout: str) -> dict[str, tuple[str, str]]:
 def parse_sacct(stdout: str) -> dict[str, JobStatus]:
     """``{job id: status}`` from ``sacct -n -P -X -o JobIDRaw,State,ExitCode`` (the last row of an id wins)."""
     statuses = {}
-    for line in stdout.splitlines():
-        if not line.strip() or line.startswith("CLUSTER: "):
-            continue
-        match = _SACCT_LINE.fullmatch(line.strip())
-        if match is None:
-            raise SlurmError(
-                f"cannot read sacct line {line!r}; expected 'JOBID|STATE|N:S' "
-                f"(sacct -n -P -X -o JobIDRaw,State,ExitCode)"
-            )
+    for match in _table_rows(
+        stdout, _SACCT_LINE, "sacct", "'JOBID|STATE|N:S' (sacct -n -P -X -o JobIDRaw,State,ExitCode)"
+    ):
         state = slurm_state(match[2])
         code = exit_code(int(match[3]), int(match[4])) if state.is_terminal else None
         statuses[match[1]] = JobStatus(state, code)

@@ -2,24 +2,106 @@
 
 It runs in a thread of the server's rank-0 process, so the simulation table it
 drives is the one the receiver and Breed see. A failed attempt is resubmitted
-with the same parameters up to ``max_attempts`` times; a job that exits with 0
-but whose FINISH message never arrives counts as a failed attempt too.
-See docs/architecture.md, section "Launcher".
+with the same parameters up to ``max_attempts`` times. Failed attempts are: a job that
+ends with a non-zero code or is lost; one that exits with 0 but whose FINISH message never
+arrives, or whose FINISH reports fewer steps than the experiment's or arrives while some of
+the steps it sent are missing; and a *silent* one, which has sent no message for the silence
+limit while running (a hung solver), which is cancelled. Once a simulation's attempts are
+exhausted it fails, or (``redraw``) runs again with new parameters from the sampler, keeping
+its id. See docs/architecture.md, section "Launcher".
+
+The silence limit (:class:`SilenceLimit`) is ``launcher.silence_timeout`` when given; else it
+is derived from the pace the launcher observes, by sampling the receiver's per-simulation
+"last heard" times each round: ``max(30 s, client_timeout + 10 × p95 of the gaps between a
+simulation's messages)`` (``client_timeout`` because a healthy client blocked by a full
+server buffer waits that long in its send before it fails on its own), and before a
+simulation's first message ``max(30 s, 10 × p95 of the times from start to first message)``.
+Until enough of either was seen there is no limit: a slow solver is never cancelled before its
+pace is known (the server's ``server.receive_timeout`` still stops a run where nobody talks).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from jaxsurro.launcher.scheduler import JobSpec, JobState, Scheduler
 from jaxsurro.table import SimState, SimulationTable
 
 log = logging.getLogger("jaxsurro.launcher")
+
+MIN_SILENCE_S = 30.0  # a derived silence limit is never shorter
+PACE_FACTOR = 10.0  # derived limit: this many times the 95th percentile of the observed gaps
+PACE_QUANTILE = 95.0
+MIN_GAPS = 20  # gaps observed before the limit between messages is derived from them
+MIN_STARTUPS = 3  # first messages observed before the limit before a first message is derived
+PACE_WINDOW = 2000  # the most recent observations kept
+
+
+class SilenceLimit:
+    """How long a running simulation may send nothing before it is taken for hung (seconds).
+
+    ``fixed``: ``launcher.silence_timeout``, used as it is. Otherwise derived from observations
+    (module docstring); ``fallback`` until enough were seen (default: no limit); ``backpressure`` is
+    the longest a healthy client may be blocked sending (the client's timeout).
+    """
+
+    def __init__(self, fixed: float | None, *, fallback: float = math.inf, backpressure: float = 0.0):
+        self.fixed = fixed
+        self.fallback = fallback
+        self.backpressure = backpressure
+        self.gaps: collections.deque[float] = collections.deque(maxlen=PACE_WINDOW)
+        self.startups: collections.deque[float] = collections.deque(maxlen=PACE_WINDOW)
+        self._cache: dict[bool, float] = {}
+
+    def observe_gap(self, seconds: float) -> None:
+        self.gaps.append(seconds)
+        self._cache.pop(True, None)
+
+    def observe_startup(self, seconds: float) -> None:
+        self.startups.append(max(seconds, 0.0))
+        self._cache.pop(False, None)
+
+    def limit(self, heard: bool) -> float:
+        """The limit between two messages (``heard``: this attempt has sent one), or before its first."""
+        if self.fixed is not None:
+            return self.fixed
+        if heard not in self._cache:
+            samples, needed, extra = (
+                (self.gaps, MIN_GAPS, self.backpressure) if heard else (self.startups, MIN_STARTUPS, 0.0)
+            )
+            if len(samples) < needed:
+                self._cache[heard] = self.fallback
+            else:
+                pace = float(np.percentile(np.fromiter(samples, float), PACE_QUANTILE))
+                self._cache[heard] = max(MIN_SILENCE_S, extra + PACE_FACTOR * pace)
+        return self._cache[heard]
+
+    def describe(self, heard: bool) -> str:
+        if self.fixed is not None:
+            return "launcher.silence_timeout"
+        samples, needed = (self.gaps, MIN_GAPS) if heard else (self.startups, MIN_STARTUPS)
+        if len(samples) < needed:
+            return "until the solver's pace is known"
+        what = "gaps between a simulation's messages" if heard else "times from start to first message"
+        return f"derived from {len(samples)} observed {what}"
+
+
+@dataclasses.dataclass
+class _Watch:
+    """A running attempt: when it started and when it was last heard from (time.monotonic())."""
+
+    submitted: float
+    started: float
+    last: float = -np.inf  # the last message of this attempt seen; -inf: none yet
 
 
 class Launcher:
@@ -37,7 +119,16 @@ class Launcher:
         finish_grace: float = 30.0,
         output_tail_lines: int = 20,
         on_done: Callable[[], None] | None = None,
+        silence_timeout: float | None = None,
+        silence_fallback: float = math.inf,
+        redraw: Callable[[], np.ndarray] | None = None,
+        max_redraws: int = 3,
     ):
+        """``silence_timeout``: a fixed silence limit, or None to derive it (:class:`SilenceLimit`, with
+        ``finish_grace``, the clients' timeout, as its backpressure allowance and ``silence_fallback``
+        as the limit until the pace is known, by default none). ``redraw``: new parameters for a
+        simulation whose attempts are exhausted, at most ``max_redraws`` times each; None: it fails.
+        """
         self.table = table
         self.scheduler = scheduler
         self._job_for = job_for  # (sim_id, attempt) -> JobSpec
@@ -53,6 +144,12 @@ class Launcher:
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="launcher", daemon=True)
         self._logs: dict[int, Path] = {}
+        self.silence = SilenceLimit(silence_timeout, fallback=silence_fallback, backpressure=finish_grace)
+        self._redraw = redraw
+        self._max_redraws = max_redraws
+        self._submitted: dict[int, float] = {}  # sim_id -> time.monotonic() of its current attempt's submission
+        self._watch: dict[int, _Watch] = {}  # the attempts running now, by sim_id
+        table.supervised = True  # an incomplete FINISH is now a failed attempt, retried
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -103,41 +200,56 @@ class Launcher:
             self.done.set()
 
     def step(self) -> None:
-        """One round: poll active jobs, settle the ended ones, submit up to the concurrency limit.
+        """One round: poll active jobs, settle the ended ones, cancel silent ones, submit up to the limit.
 
         Called by the launcher's own thread only; it is not meant to run concurrently with itself.
         """
         with self.table.lock:
             active = {r.job_id: r.sim_id for r in self.table if r.state == SimState.SUBMITTED}
         statuses = self.scheduler.poll(list(active)) if active else {}
-        now = time.time()
+        now, monotonic = time.time(), time.monotonic()
         for job_id, status in statuses.items():
             sim_id = active[job_id]
+            failure = ""
             with self.table.lock:
                 record = self.table[sim_id]
                 if record.state != SimState.SUBMITTED or record.job_id != job_id:
                     continue
                 if status.state == JobState.RUNNING and record.started_at is None:
                     record.started_at = now
+                    self._watch[sim_id] = _Watch(self._submitted.get(sim_id, monotonic), monotonic)
+                    self.table.last_start = monotonic
                 if not status.state.is_terminal:
                     continue
+                self._watch.pop(sim_id, None)
                 record.ended_at, record.exit_code = now, status.exit_code
-                if status.state == JobState.COMPLETED:
-                    if record.steps_finished is not None:
-                        record.state = SimState.COMPLETED
-                    else:
-                        record.state, record.exited_at = SimState.EXITED, time.monotonic()
-                    continue
-            self._attempt_failed(sim_id, f"{status.state.value} with exit code {status.exit_code}")
+                if status.state != JobState.COMPLETED:
+                    failure = f"{status.state.value} with exit code {status.exit_code}"
+                    if record.incomplete_finish:
+                        failure += f" ({record.incomplete_finish})"
+                elif record.incomplete_finish:
+                    failure = f"exited with 0 but {record.incomplete_finish}"
+                elif record.steps_finished is not None:
+                    record.state = SimState.COMPLETED
+                else:
+                    record.state, record.exited_at = SimState.EXITED, time.monotonic()
+            if failure:
+                self._attempt_failed(sim_id, failure)
         self._expire_missing_finish()
+        self._cancel_silent(time.monotonic())
         self._submit_pending()
         with self.table.lock:
+            self.table.running = len(self._watch)
             self.table.changed.notify_all()
 
     def _expire_missing_finish(self) -> None:
         deadline = time.monotonic() - self._finish_grace
         with self.table.lock:
-            late = [r.sim_id for r in self.table if r.state == SimState.EXITED and r.exited_at < deadline]
+            exited = [r for r in self.table if r.state == SimState.EXITED]
+            incomplete = [(r.sim_id, r.incomplete_finish) for r in exited if r.incomplete_finish]
+            late = [r.sim_id for r in exited if not r.incomplete_finish and r.exited_at < deadline]
+        for sim_id, why in incomplete:
+            self._attempt_failed(sim_id, f"exited with 0 but {why}")
         for sim_id in late:
             self._attempt_failed(
                 sim_id,
@@ -146,13 +258,56 @@ class Launcher:
                 f"context manager normally?)",
             )
 
+    def _cancel_silent(self, now: float) -> None:
+        """Observes the running attempts' pace; cancels those silent for longer than the limit."""
+        silent = []
+        with self.table.lock:
+            for sim_id, watch in self._watch.items():
+                record = self.table[sim_id]
+                if record.state != SimState.SUBMITTED:
+                    continue
+                heard = float(self.table.heard[sim_id])  # written by the receiver without the lock
+                if heard > watch.last and heard >= watch.submitted:  # new messages of this attempt
+                    if watch.last == -np.inf:
+                        self.silence.observe_startup(heard - watch.started)
+                    else:
+                        self.silence.observe_gap(heard - watch.last)
+                    watch.last = heard
+                has_spoken = watch.last > -np.inf
+                quiet = now - max(watch.last, watch.started)
+                limit = self.silence.limit(has_spoken)
+                if quiet > limit:
+                    silent.append((sim_id, record.job_id, quiet, limit, self.silence.describe(has_spoken), has_spoken))
+        for sim_id, job_id, quiet, limit, source, has_spoken in silent:
+            self.scheduler.cancel([job_id])
+            self._attempt_failed(
+                sim_id,
+                f"sent no message for {quiet:.1f} s {'since its last one' if has_spoken else 'since it started'} "
+                f"(silence limit {limit:.1f} s, {source}); cancelled as hung",
+            )
+
     def _attempt_failed(self, sim_id: int, what: str) -> None:
         with self.table.lock:
             record = self.table[sim_id]
-            attempt = record.attempts
-            retry = attempt < self._max_attempts
+            self._watch.pop(sim_id, None)
+            attempt = record.draw_attempts
             record.error = what
-            record.state = SimState.PENDING if retry else SimState.FAILED
+            if attempt < self._max_attempts:
+                outcome = "retrying with the same parameters"
+                record.state = SimState.PENDING
+            elif self._redraw is not None and record.redraws < self._max_redraws:
+                old = record.parameters
+                new = np.asarray(self._redraw(), dtype=np.float64)
+                self.table.request_redraw(
+                    sim_id, new, f"{attempt} attempt(s) with parameters {_vector(old)} failed, the last {what}"
+                )
+                outcome = (
+                    f"every attempt failed: drawing new parameters {_vector(new)} "
+                    f"(redraw {record.redraws + 1}/{self._max_redraws})"
+                )
+            else:
+                outcome = "giving up"
+                record.state = SimState.FAILED
         tail = self._tail(sim_id)
         log.warning(
             "simulation %d attempt %d/%d %s; %s%s",
@@ -160,7 +315,7 @@ class Launcher:
             attempt,
             self._max_attempts,
             what,
-            "retrying with the same parameters" if retry else "giving up",
+            outcome,
             f"\n--- last lines of {self._logs.get(sim_id)} ---\n{tail}" if tail else "",
         )
 
@@ -170,14 +325,20 @@ class Launcher:
             free = self._max_concurrent - running
             if free <= 0:
                 return
-            # Retries first (lowest id), then new simulations in order.
-            pending = [r for r in self.table if r.state == SimState.PENDING]
+            # Retries first (lowest id), then new simulations in order. A redrawn simulation waits until
+            # the receiver has switched it to its new parameters.
+            pending = [r for r in self.table if r.state == SimState.PENDING and r.next_parameters is None]
             pending.sort(key=lambda r: (r.attempts == 0, r.sim_id))
             chosen = pending[:free]
+            submitted = time.monotonic()
             for record in chosen:
                 record.attempts += 1
+                record.draw_attempts += 1
                 record.state = SimState.SUBMITTED  # parameters are frozen from here on
                 record.started_at = record.ended_at = record.exit_code = record.steps_finished = None
+                record.incomplete_finish = ""
+                record.attempt_clients = set()
+                self._submitted[record.sim_id] = submitted
         for record in chosen:
             job = self._job_for(record.sim_id, record.attempts)
             self._logs[record.sim_id] = job.log_path
@@ -197,3 +358,7 @@ class Launcher:
             return ""
         with open(path, errors="replace") as handle:
             return "".join(collections.deque(handle, maxlen=self._tail_lines)).rstrip()
+
+
+def _vector(values: np.ndarray) -> str:
+    return "[" + ", ".join(f"{float(v):.6g}" for v in values) + "]"

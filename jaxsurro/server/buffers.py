@@ -38,12 +38,13 @@ buffers raise them here (docs/architecture.md, "Buffers").
 from __future__ import annotations
 
 import abc
+import copy
 import threading
 from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
 
-from jaxsurro.config import buffer_capacity_problems
+from jaxsurro.config import Config, buffer_capacity_problems
 
 __all__ = [
     "Buffer",
@@ -53,6 +54,7 @@ __all__ = [
     "FIROBuffer",
     "ReservoirBuffer",
     "SampleBatch",
+    "buffer_from_config",
     "make_buffer",
 ]
 
@@ -75,6 +77,19 @@ class BufferStats(NamedTuple):
     evicted: int  # samples removed (overwritten, or read by an evicting draw)
     drawn: int  # rows returned in batches, duplicates included
     reception_over: bool
+
+
+class BufferSnapshot(NamedTuple):
+    """Everything a buffer holds, copied at one instant: what a checkpoint saves and a resumed run restores."""
+
+    kind: str
+    inputs: np.ndarray  # [n, input_dim] float32: the stored samples, in the buffer's order (FIFO: oldest first)
+    targets: np.ndarray  # [n, field_size] float32
+    sample_ids: np.ndarray  # [n] int64
+    use_counts: np.ndarray  # [n] int32: how often each was drawn (a Reservoir's seen samples have > 0)
+    evicted_uses: np.ndarray  # [k] int64: the histogram of evicted samples' use counts
+    counters: np.ndarray  # [3] int64: samples received, evicted, drawn
+    rng_state: dict  # the draws' generator state (numpy bit generator)
 
 
 class ReceptionOver(RuntimeError):
@@ -282,6 +297,61 @@ class Buffer(abc.ABC):
                 reception_over=self._reception_over,
             )
 
+    def wait_for_room(self, timeout: float) -> bool:
+        """Waits up to ``timeout`` seconds until a put could store a sample now; whether it could."""
+        with self._lock:
+            return self._space_available.wait_for(
+                lambda: self._closed or self._reception_over or self._can_accept(), timeout
+            )
+
+    def snapshot(self) -> BufferSnapshot:
+        """A copy of the stored samples, their use counts, the counters and the draws' state, under the lock."""
+        with self._lock:
+            slots = self._stored_slots()
+            return BufferSnapshot(
+                kind=self.kind,
+                inputs=self._inputs[slots],
+                targets=self._targets[slots],
+                sample_ids=self._sample_ids[slots],
+                use_counts=self._use_count[slots],
+                evicted_uses=self._evicted_uses.copy(),
+                counters=np.array([self._received, self._evicted, self._drawn], dtype=np.int64),
+                rng_state=copy.deepcopy(self._rng.bit_generator.state),
+            )
+
+    def restore(self, snapshot: BufferSnapshot) -> None:
+        """Refills an empty buffer of the same kind and sizes from :meth:`snapshot`: same samples, uses and draws."""
+        if (
+            snapshot.kind != self.kind
+            or snapshot.inputs.shape[1:] != (self.input_dim,)
+            or (snapshot.targets.shape[1:] != (self.field_size,))
+        ):
+            raise ValueError(
+                f"a {snapshot.kind} snapshot of samples {snapshot.inputs.shape[1:]} -> {snapshot.targets.shape[1:]} "
+                f"cannot refill a {self.kind} buffer of {self.input_dim} -> {self.field_size} values"
+            )
+        if len(snapshot.sample_ids) > self.capacity:
+            raise ValueError(f"the snapshot holds {len(snapshot.sample_ids)} samples; the capacity is {self.capacity}")
+        with self._lock:
+            if self.population:
+                raise ValueError(f"restore needs an empty {self.kind} buffer; this one holds {self.population}")
+            slots = np.empty(len(snapshot.sample_ids), dtype=np.int64)
+            for row in range(len(slots)):
+                slot = slots[row] = self._claim_slot()
+                self._inputs[slot] = snapshot.inputs[row]
+                self._targets[slot] = snapshot.targets[row]
+                self._sample_ids[slot] = snapshot.sample_ids[row]
+                self._publish_slot(slot)
+            self._restore_uses(slots, np.asarray(snapshot.use_counts, dtype=np.int32))
+            self._evicted_uses = np.array(snapshot.evicted_uses, dtype=np.int64)
+            self._received, self._evicted, self._drawn = (int(v) for v in snapshot.counters)
+            self._rng.bit_generator.state = copy.deepcopy(snapshot.rng_state)
+            self._batch_available.notify_all()
+
+    def _restore_uses(self, slots: np.ndarray, uses: np.ndarray) -> None:
+        """Sets restored samples' use counts (a Reservoir also marks the used ones seen)."""
+        self._use_count[slots] = uses
+
     def repetition_histogram(self) -> np.ndarray:
         """counts[k] = unique samples used exactly k times, over every sample ever stored."""
         with self._lock:
@@ -443,10 +513,8 @@ class FIFOBuffer(Buffer):
         return f"a batch needs {batch_size} stored samples and the producer has not delivered them"
 
 
-class FIROBuffer(Buffer):
-    """First In, Random Out: distinct random samples per batch above the watermark; reading evicts."""
-
-    kind = "firo"
+class _SlotSetBuffer(Buffer):
+    """A buffer whose samples sit in any slots, kept as index sets of free and stored slots (FIRO, Reservoir)."""
 
     def __init__(self, capacity: int, watermark: int, input_dim: int, field_size: int, seed: int) -> None:
         super().__init__(capacity, watermark, input_dim, field_size, seed)
@@ -458,14 +526,23 @@ class FIROBuffer(Buffer):
     def population(self) -> int:
         return self._stored.size
 
+    def _publish_slot(self, slot: int) -> None:
+        self._stored.add(slot)
+
+    def _stored_slots(self) -> np.ndarray:
+        return self._stored.members[: self._stored.size]
+
+
+class FIROBuffer(_SlotSetBuffer):
+    """First In, Random Out: distinct random samples per batch above the watermark; reading evicts."""
+
+    kind = "firo"
+
     def _can_accept(self) -> bool:
         return self._free.size > 0
 
     def _claim_slot(self) -> int:
         return self._free.pop_last()
-
-    def _publish_slot(self, slot: int) -> None:
-        self._stored.add(slot)
 
     def _batch_ready(self, batch_size: int) -> bool:
         if self._reception_over:
@@ -484,9 +561,6 @@ class FIROBuffer(Buffer):
         self._stored.remove_many(slots)
         self._free.add_many(slots)
 
-    def _stored_slots(self) -> np.ndarray:
-        return self._stored.members[: self._stored.size]
-
     def _unseen(self) -> int:
         return self._stored.size
 
@@ -497,21 +571,14 @@ class FIROBuffer(Buffer):
         )
 
 
-class ReservoirBuffer(Buffer):
+class ReservoirBuffer(_SlotSetBuffer):
     """Reservoir: overwrite a random seen sample when full; draw with replacement above the watermark."""
 
     kind = "reservoir"
 
     def __init__(self, capacity: int, watermark: int, input_dim: int, field_size: int, seed: int) -> None:
         super().__init__(capacity, watermark, input_dim, field_size, seed)
-        self._free = _SlotSet(self.capacity)
-        self._free.add_many(np.arange(self.capacity - 1, -1, -1))  # pop_last hands out slot 0 first
-        self._stored = _SlotSet(self.capacity)
         self._seen = _SlotSet(self.capacity)  # stored slots already drawn in a batch
-
-    @property
-    def population(self) -> int:
-        return self._stored.size
 
     def _can_accept(self) -> bool:
         return self._free.size > 0 or self._seen.size > 0
@@ -524,9 +591,6 @@ class ReservoirBuffer(Buffer):
         self._seen.remove(slot)
         self._stored.remove(slot)
         return slot
-
-    def _publish_slot(self, slot: int) -> None:
-        self._stored.add(slot)
 
     def _batch_ready(self, batch_size: int) -> bool:
         if self._reception_over:
@@ -556,11 +620,12 @@ class ReservoirBuffer(Buffer):
         if len(newly_seen):
             self._seen.add_many(np.unique(newly_seen))
 
-    def _stored_slots(self) -> np.ndarray:
-        return self._stored.members[: self._stored.size]
-
     def _unseen(self) -> int:
         return self._stored.size - self._seen.size
+
+    def _restore_uses(self, slots: np.ndarray, uses: np.ndarray) -> None:
+        super()._restore_uses(slots, uses)
+        self._seen.add_many(slots[uses > 0])
 
     def _put_blocked_reason(self) -> str:
         return (
@@ -593,3 +658,17 @@ def make_buffer(
     except KeyError:
         raise ValueError(f"unknown buffer kind {kind!r}; expected one of {sorted(_BUFFER_KINDS)}") from None
     return cls(capacity=capacity, watermark=watermark, input_dim=input_dim, field_size=field_size, seed=seed)
+
+
+def buffer_from_config(config: Config, seed: int) -> Buffer:
+    """An empty buffer as ``config`` sets it up: ``[buffer]`` kind, capacity and watermark, rows of the
+    solver's parameters and time (inputs) and of its sample (fields); ``seed`` seeds its draws."""
+    solver = config.solver
+    return make_buffer(
+        config.buffer.kind,
+        capacity=config.buffer.capacity,
+        watermark=config.buffer.watermark,
+        input_dim=len(solver.parameters) + 1,
+        field_size=solver.sample_size,
+        seed=seed,
+    )

@@ -105,15 +105,22 @@ class Ensemble:
         return self.launcher is not None and self.launcher.done.is_set()
 
     def poll(self) -> None:
-        """Raises what stopped a thread, or a reception that stalled (rank 0, which hears every client)."""
+        """Raises what stopped a thread, or a reception that stalled (rank 0, which hears every client).
+
+        The stall clock runs only while a simulation runs, from the later of the last message and the
+        latest start: clients queued for long on a busy cluster are not a stall. (A single hung
+        client is the launcher's to cancel, after its silence limit.)
+        """
         self.receiver.check()
         if self.launcher is None:
             return
         self.launcher.check()
-        quiet = time.monotonic() - self.receiver.counters().last_message_at
-        if not self.done and quiet > self.config.server.receive_timeout:
+        if self.done or not self.table.running:
+            return
+        quiet = time.monotonic() - max(self.receiver.counters().last_message_at, self.table.last_start)
+        if quiet > self.config.server.receive_timeout:
             raise StallError(
-                f"no message from any client for {quiet:.0f} s (server.receive_timeout = "
+                f"no message from any client for {quiet:.0f} s while simulations run (server.receive_timeout = "
                 f"{self.config.server.receive_timeout:.0f} s); simulations: {self.table.counts()}; "
                 "see the simulation logs in the run directory"
             )

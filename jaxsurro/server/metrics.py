@@ -302,8 +302,9 @@ class MetricsLog:
     writer), one scalar per key of :data:`TENSORBOARD_SCALARS` and per field, at the record's batch.
     """
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
-        self._handle = open(path, "w", buffering=1)
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, append: bool = False):
+        """``append``: a resumed run continues the file of the run it resumes."""
+        self._handle = open(path, "a" if append else "w", buffering=1)
         self._writer = None
         if tensorboard_dir is not None:
             from tensorboardX import SummaryWriter  # loaded only when asked for

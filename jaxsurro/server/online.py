@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,7 +26,7 @@ from jaxsurro import rundir
 from jaxsurro.config import Config
 from jaxsurro.core.model import Scaling
 from jaxsurro.core.sampling import derive_seed
-from jaxsurro.server import metrics
+from jaxsurro.server import checkpoint, metrics
 from jaxsurro.server.buffers import SampleBatch, make_buffer
 from jaxsurro.server.distributed import World, gradient_allreduce
 from jaxsurro.server.ensemble import Ensemble, LaunchFactory, StallError
@@ -40,6 +41,10 @@ from jaxsurro.table import SimState, SimulationTable
 
 log = logging.getLogger("jaxsurro.server.online")
 
+# Steps dispatched but not finished at most: the host prepares the next step while the devices run
+# this one, and the queue of asynchronous work stays bounded (XLA's CPU collectives across several
+# local devices were seen to stall with hundreds of steps in flight).
+STEPS_IN_FLIGHT = 2
 SINGLE_RANK_WAIT = 0.5  # seconds a lone rank waits for a batch before checking on its threads
 MULTI_RANK_WAIT = 0.02  # seconds a rank waits for a batch before training without one (peers are waiting)
 
@@ -52,6 +57,27 @@ class _Control(enum.IntEnum):
     FAILED = 2  # ranks that hit an error this iteration
     LOG_NOW = 3  # set by rank 0: write a metrics record
     ALL_ENDED = 4  # set by rank 0: every simulation has ended
+    CHECKPOINT = 5  # set by rank 0: every rank copies its state and starts writing a checkpoint
+    WRITING = 6  # ranks still writing their part of the last checkpoint
+    STOP = 7  # set by rank 0: a stop was asked for (SIGTERM, SIGINT): checkpoint, then end the loop
+
+
+class Requests:
+    """What the process was asked from outside (by signals, see jaxsurro.run): a checkpoint, or to stop."""
+
+    def __init__(self) -> None:
+        self.checkpoint = threading.Event()  # SIGUSR1: write a checkpoint and go on
+        self.stop = threading.Event()  # SIGTERM, SIGINT: write a checkpoint and end with status "interrupted"
+        self.active = False  # the training loop runs and watches these (before it, a signal stops at once)
+
+
+class TrainingStopped(Exception):
+    """The training loop ended by an exception (its ``__cause__``); the trainer holds the latest parameters."""
+
+    def __init__(self, trainer: Trainer, steps: int):
+        super().__init__(f"training stopped after {steps} batches")
+        self.trainer = trainer
+        self.steps = steps
 
 
 class PeerFailed(RuntimeError):
@@ -61,6 +87,7 @@ class PeerFailed(RuntimeError):
 class TrainingResult(NamedTuple):
     trainer: Trainer
     summary: dict[str, Any] | None  # on rank 0; None on the other ranks
+    status: str  # "completed", or "interrupted" when a stop was asked for
 
 
 def train_online(
@@ -73,19 +100,43 @@ def train_online(
     launch: LaunchFactory,
     world: World | None = None,
     log_interval: float = 0.5,
+    requests: Requests | None = None,
+    resume_from: Path | None = None,
 ) -> TrainingResult:
     """Runs the study on this rank: its share of the stream goes into its buffer while the ranks train.
 
-    ``validation`` is needed on rank 0 only, which validates for everyone.
+    ``validation`` is needed on rank 0 only, which validates for everyone. ``resume_from``, a
+    complete checkpoint directory, continues the run it was written by (same number of ranks).
     """
     world = world or World()
     tensorboard_dir = run_dir / rundir.TENSORBOARD if config.log.tensorboard else None
-    metrics_log = MetricsLog(run_dir / rundir.METRICS, tensorboard_dir) if world.is_root else None
+    metrics_log = None
+    if world.is_root:
+        metrics_log = MetricsLog(run_dir / rundir.METRICS, tensorboard_dir, append=resume_from is not None)
+    requests = requests or Requests()
     try:
-        return OnlineTraining(
-            config, table, validation, scaling, progress, launch, world, log_interval, metrics_log
-        ).run()
+        training = OnlineTraining(
+            config,
+            table,
+            validation,
+            scaling,
+            progress,
+            launch,
+            world,
+            log_interval,
+            metrics_log,
+            requests,
+            run_dir / rundir.CHECKPOINTS,
+        )
+        if resume_from is not None:
+            training.restore(resume_from)
+        requests.active = True
+        try:
+            return training.run()
+        except BaseException as exc:
+            raise TrainingStopped(training.trainer, training.steps) from exc
     finally:
+        requests.active = False
         if metrics_log is not None:
             metrics_log.close()
 
@@ -108,6 +159,8 @@ class OnlineTraining:
         world: World,
         log_interval: float,
         metrics_log: MetricsLog | None,
+        requests: Requests,
+        checkpoints: Path,
     ):
         solver = config.solver
         self.config, self.table, self.world = config, table, world
@@ -138,7 +191,7 @@ class OnlineTraining:
         empty = SampleBatch(
             np.zeros((0, n_inputs), np.float32), np.zeros((0, n_field), np.float32), np.zeros(0, np.int64)
         )
-        self._empty = Ready(empty, self.trainer.to_device(empty), 0.0)  # this rank's share when it has no batch
+        self._empty = Ready(empty, self.trainer.prepare(empty), 0.0)  # this rank's share when it has no batch
         self.steps = 0  # global steps (identical on every rank)
         self.samples_trained = 0  # by this rank
         self.field_names = tuple(solver.field_shapes)
@@ -157,6 +210,14 @@ class OnlineTraining:
         self._reception_ended = False
         self._start = time.monotonic()
         self._since = metrics.RatePoint(self._start, 0, 0)  # rank 0: the last metrics line, for the rates
+        self.requests = requests
+        self.checkpoints = checkpoints
+        self.status = "completed"
+        self.earlier_wall = 0.0  # training wall time of the runs this one resumes
+        self._writer = checkpoint.BackgroundWriter()
+        self.prefetcher = Prefetcher(self.buffer, self.trainer.prepare, config.train.batch_size)
+        self._writing_step: int | None = None  # the checkpoint whose parts are being written
+        self._last_checkpoint = time.monotonic()
         # Last: a collective (the run token, the ranks' addresses) that binds this rank's sockets.
         sink = BufferSink(self.buffer, table, solver.n_steps, solver.dt)
         self.ensemble = Ensemble(config, table, sink, "sim", launch, world=world)
@@ -165,15 +226,16 @@ class OnlineTraining:
     def run(self) -> TrainingResult:
         with self.ensemble:
             try:
-                with Prefetcher(self.buffer, self.trainer.to_device, self.config.train.batch_size) as prefetcher:
-                    self._loop(prefetcher)
+                with self.prefetcher:
+                    self._loop(self.prefetcher)
+                self._complete_checkpoint_in_flight()
             finally:
                 self.buffer.close()
-        wall = time.monotonic() - self._start
+        wall = self.earlier_wall + time.monotonic() - self._start
         if self.world.is_root:
             self._validate()
         ranks = self._record("validation", final=True)
-        return TrainingResult(self.trainer, self._summary(ranks, wall) if ranks is not None else None)
+        return TrainingResult(self.trainer, self._summary(ranks, wall) if ranks is not None else None, self.status)
 
     def _loop(self, prefetcher: Prefetcher) -> None:
         last_progress = time.monotonic()
@@ -183,6 +245,7 @@ class OnlineTraining:
             batch = None
             try:
                 self.ensemble.poll()
+                self._writer.check()
                 self._end_reception_when_finished()
                 batch = prefetcher.get(timeout=self.batch_wait)
                 control[_Control.DRAINED] = batch is None
@@ -198,11 +261,21 @@ class OnlineTraining:
                 now = time.monotonic()
                 control[_Control.LOG_NOW] = now - self._since.time >= self.log_interval
                 control[_Control.ALL_ENDED] = self.ensemble.done
+                control[_Control.STOP] = self.requests.stop.is_set()
+                control[_Control.CHECKPOINT] = (
+                    self.requests.checkpoint.is_set()
+                    or now - self._last_checkpoint >= self.config.checkpoint.every_seconds
+                )
+            control[_Control.WRITING] = not self._writer.idle
             totals = self.world.sum(control, self.collective_timeout, "the next training step")
             if totals[_Control.FAILED]:
                 if failure is not None:
                     raise failure
                 raise PeerFailed(f"rank {self.world.rank} stops: another server rank failed (see its log)")
+            if totals[_Control.STOP]:
+                self._checkpoint_and_stop()
+                return
+            self._advance_checkpoint(bool(totals[_Control.CHECKPOINT]), int(totals[_Control.WRITING]))
             if totals[_Control.ALL_ENDED] and self._awaiting is None:
                 self._learn_completed_simulations()
             if totals[_Control.HAVE_BATCH]:
@@ -220,7 +293,9 @@ class OnlineTraining:
                 self._record("train")
 
     def _train(self, batch: Ready) -> None:
-        step_metrics, per_sample_loss = self.trainer.step_on_device(batch.device)
+        if len(self._pending_metrics) >= STEPS_IN_FLIGHT:
+            jax.block_until_ready(self._pending_metrics[-STEPS_IN_FLIGHT])
+        step_metrics, per_sample_loss = self.trainer.step_on_device(self.trainer.put(batch.prepared))
         if self.first_step_delay is None and self.first_batch_at is not None:
             jax.block_until_ready(step_metrics)  # once: when the first step really ended
             self.first_step_delay = time.monotonic() - self.first_batch_at
@@ -243,6 +318,105 @@ class OnlineTraining:
         self.val_mse = evaluation.mse
         self.val_field_mse = dict(zip(self.field_names, evaluation.field_mse, strict=True))
         self.min_val_mse = evaluation.mse if not self.min_val_mse <= evaluation.mse else self.min_val_mse
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _advance_checkpoint(self, wanted: bool, ranks_writing: int) -> None:
+        """Starts a checkpoint when rank 0 asks and none is in flight; rank 0 completes it once all are written."""
+        if self._writing_step is not None and ranks_writing == 0:
+            if self.world.is_root:
+                final = checkpoint.finalize(self.checkpoints, self._writing_step, self.config.checkpoint.keep)
+                log.info("checkpoint %s written", final)
+            self._writing_step = None
+        if wanted and self._writing_step is None:
+            self.requests.checkpoint.clear()
+            self._last_checkpoint = time.monotonic()
+            self._writing_step = self.steps
+            self._writer.start(self._copy_for_checkpoint(self.steps))
+
+    def _checkpoint_and_stop(self) -> None:
+        """Asked to stop: every rank writes a last checkpoint and waits for it, then the loop ends."""
+        self._writer.wait(self.collective_timeout)  # a checkpoint in flight ends first
+        if self._writing_step is not None:
+            self.world.sum(np.zeros(1, np.int64), self.collective_timeout, "the previous checkpoint")
+            if self.world.is_root:
+                checkpoint.finalize(self.checkpoints, self._writing_step, self.config.checkpoint.keep)
+            self._writing_step = None
+        self._copy_for_checkpoint(self.steps)()
+        self.world.sum(np.zeros(1, np.int64), self.collective_timeout, "the last checkpoint")
+        if self.world.is_root:
+            final = checkpoint.finalize(self.checkpoints, self.steps, self.config.checkpoint.keep)
+            log.info("stopped on request; checkpoint %s written", final)
+        self.status = "interrupted"
+
+    def _complete_checkpoint_in_flight(self) -> None:
+        """The loop ended with a checkpoint being written: let it finish, so no partial one is left behind."""
+        if self._writing_step is None:
+            return
+        self._writer.wait(self.collective_timeout)
+        self.world.sum(np.zeros(1, np.int64), self.collective_timeout, "the checkpoint in flight")
+        if self.world.is_root:
+            checkpoint.finalize(self.checkpoints, self._writing_step, self.config.checkpoint.keep)
+        self._writing_step = None
+
+    def _copy_for_checkpoint(self, step: int):
+        """Copies this rank's state now (milliseconds) and returns the function that writes the copy."""
+        receiver = self.ensemble.receiver
+        # Nothing is drawn nor stored meanwhile: the buffer, the batches drawn but not trained on and
+        # the deduplication record agree, so no time step is lost or counted twice by a resumed run.
+        with self.prefetcher.paused(), receiver.paused():
+            buffer = self.buffer.snapshot()
+            stored, counters = receiver.state()
+            pending = [ready.host for ready in self.prefetcher.pending()]
+        part = checkpoint.RankState(
+            buffer=checkpoint.with_pending(buffer, pending),
+            stored=stored,
+            receiver=counters,
+            samples_trained=self.samples_trained,
+            breed=self.steering.local_state() if self.steering is not None else None,
+        )
+        train_state = meta = None
+        if self.world.is_root:
+            train_state = self.trainer.host_state()
+            meta = {
+                "step": step,
+                "ranks": self.world.size,
+                "val_mse": self.val_mse,
+                "min_val_mse": self.min_val_mse,
+                "wall_seconds": self.earlier_wall + time.monotonic() - self._start,
+                "table": self.table.to_records(),
+                "breed": self.steering.root_state() if self.steering is not None else None,
+            }
+        directory = checkpoint.partial_for(self.checkpoints, step)
+        rank = self.world.rank
+
+        def write() -> None:
+            checkpoint.write_rank(directory, rank, part)
+            if train_state is not None:
+                checkpoint.write_train_state(directory, train_state)
+                checkpoint.write_meta(directory, metrics.strict_json(meta))
+
+        return write
+
+    def restore(self, directory: Path) -> None:
+        """Continues from a complete checkpoint: train state, buffer, deduplication record, counters, Breed."""
+        meta = checkpoint.read_meta(directory)
+        if meta["ranks"] != self.world.size:
+            raise ValueError(
+                f"{directory} was written by {meta['ranks']} server rank(s); resume it with as many "
+                f"(this run has {self.world.size})"
+            )
+        part = checkpoint.read_rank(directory, self.world.rank)
+        self.buffer.restore(part.buffer)
+        self.ensemble.receiver.restore(part.stored, part.receiver)
+        self.trainer.load_state(checkpoint.read_train_state(directory, self.trainer.host_state()))
+        if self.steering is not None:
+            self.steering.restore(part.breed, meta.get("breed") if self.world.is_root else None)
+        self.steps = int(meta["step"])
+        self.samples_trained = part.samples_trained
+        self.val_mse = float("nan") if meta["val_mse"] is None else meta["val_mse"]
+        self.min_val_mse = float("nan") if meta["min_val_mse"] is None else meta["min_val_mse"]
+        self.earlier_wall = float(meta["wall_seconds"])
+        log.info("resumed from %s at step %d", directory, self.steps)
 
     # -- the end of reception ------------------------------------------------------------------
     def _learn_completed_simulations(self) -> None:

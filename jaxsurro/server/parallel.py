@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 DATA_AXIS = "data"
+_REPLICATED = P()  # the state, parameters and metrics: a copy on every device
+_SHARDED = P(DATA_AXIS)  # the batch and per-sample values: split along the leading axis
 
 
 def make_data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -94,35 +96,34 @@ def put_batch(batch: Batch, mesh: Mesh, min_size: int = 0) -> Batch:
     batches, so the jitted step is not recompiled for them.
     """
     padded = pad_batch(batch, multiple=mesh.devices.size, min_size=min_size)
-    return jax.device_put(padded, NamedSharding(mesh, P(DATA_AXIS)))
+    return jax.device_put(padded, NamedSharding(mesh, _SHARDED))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Copy a pytree to every device of the mesh (always a fresh copy, safe to donate later)."""
-    return jax.device_put(tree, NamedSharding(mesh, P()), may_alias=False)
+    return jax.device_put(tree, NamedSharding(mesh, _REPLICATED), may_alias=False)
+
+
+def _jit_on_mesh(function: Any, mesh: Mesh, in_specs: Sequence[P], out_specs: Sequence[P], **jit_options: Any) -> Any:
+    """``jax.jit(function, **jit_options)`` with each argument and result placed on `mesh` by its PartitionSpec."""
+    return jax.jit(
+        function,
+        in_shardings=tuple(NamedSharding(mesh, spec) for spec in in_specs),
+        out_shardings=tuple(NamedSharding(mesh, spec) for spec in out_specs),
+        **jit_options,
+    )
 
 
 def jit_train_step(train_step: TrainStep, mesh: Mesh) -> TrainStep:
     """Jit the step once: replicated state in and out (donated), data-sharded batch and losses."""
-    replicated = NamedSharding(mesh, P())
-    data_sharded = NamedSharding(mesh, P(DATA_AXIS))
-    return jax.jit(
-        train_step,
-        in_shardings=(replicated, data_sharded),
-        out_shardings=(replicated, replicated, data_sharded),
-        donate_argnums=0,
+    return _jit_on_mesh(
+        train_step, mesh, (_REPLICATED, _SHARDED), (_REPLICATED, _REPLICATED, _SHARDED), donate_argnums=0
     )
 
 
 def jit_eval_step(eval_step: EvalStep, mesh: Mesh) -> EvalStep:
     """Jit the evaluation once: replicated params, data-sharded batch and per-sample losses."""
-    replicated = NamedSharding(mesh, P())
-    data_sharded = NamedSharding(mesh, P(DATA_AXIS))
-    return jax.jit(
-        eval_step,
-        in_shardings=(replicated, data_sharded),
-        out_shardings=(data_sharded, replicated, replicated, replicated),
-    )
+    return _jit_on_mesh(eval_step, mesh, (_REPLICATED, _SHARDED), (_SHARDED, _REPLICATED, _REPLICATED, _REPLICATED))
 
 
 def jit_reduced_train_step(
@@ -138,20 +139,14 @@ def jit_reduced_train_step(
     """
     if reduce_fn is None or mesh.devices.size == 1:
         return jit_train_step(make_train_step(model, optimizer, reduce_fn, field_weights), mesh)
-    replicated = NamedSharding(mesh, P())
-    data_sharded = NamedSharding(mesh, P(DATA_AXIS))
-    gradient_sums = jax.jit(
-        make_gradient_sums(model, field_weights),
-        in_shardings=(replicated, data_sharded),
-        out_shardings=(replicated, data_sharded),
+    gradient_sums = _jit_on_mesh(
+        make_gradient_sums(model, field_weights), mesh, (_REPLICATED, _SHARDED), (_REPLICATED, _SHARDED)
     )
     reduce_on_one_device = jax.jit(reduce_fn)
-    apply_sums = jax.jit(
-        make_apply_sums(optimizer),
-        in_shardings=(replicated, replicated),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
+    apply_sums = _jit_on_mesh(
+        make_apply_sums(optimizer), mesh, (_REPLICATED, _REPLICATED), (_REPLICATED, _REPLICATED), donate_argnums=0
     )
+    replicated = NamedSharding(mesh, _REPLICATED)
 
     def train_step(state, batch):
         sums, per_sample = gradient_sums(state.params, batch)

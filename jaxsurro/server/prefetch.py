@@ -1,55 +1,60 @@
-"""The next batch, ready on the devices before the trainer asks: host batch assembly off the step's path.
+"""The next batch, ready before the trainer asks: host batch assembly off the step's path.
 
-A :class:`Prefetcher` thread draws batch N+1 from the host buffer, converts it and puts it on the
-devices with the step's sharding (``Trainer.to_device``) while step N runs, and keeps at most
-``depth`` such batches ready. The trainer takes them with :meth:`Prefetcher.get`, so the host's
-share of a step (the buffer's lock and gather, padding, the transfer) overlaps the device's work
-(docs/architecture.md, "Training").
+A :class:`Prefetcher` thread draws batch N+1 from the host buffer and prepares it as the step
+takes it (``Trainer.prepare``: weights, padding to the batch size and the mesh) while step N runs,
+and keeps at most ``depth`` such batches ready. The trainer takes them with :meth:`Prefetcher.get`
+and puts them on the devices itself (``Trainer.put``, an asynchronous transfer), so the host's
+share of a step (the buffer's lock and gather, the padding) overlaps the device's work. The
+transfer stays in the trainer's thread: XLA's CPU collectives across several local devices wait
+for every device's part of a step, and a transfer issued from another thread in the middle of a
+step was seen to stall that rendezvous (docs/architecture.md, "Training").
 """
 
 from __future__ import annotations
 
-import queue
+import collections
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
 from jaxsurro.core.train import Batch
 from jaxsurro.server.buffers import Buffer, BufferClosed, SampleBatch
 
-POLL_SECONDS = 0.05  # how often the thread looks up from a wait to see whether it must stop
+POLL_SECONDS = 0.01  # the longest the thread holds its lock waiting for the buffer, or sleeps before rechecking
 
 
 class Ready(NamedTuple):
-    """A batch as drawn from the buffer (its sample ids feed Breed) and as the step takes it."""
+    """A batch as drawn from the buffer (its sample ids feed Breed) and as prepared for the step."""
 
     host: SampleBatch
-    device: Batch
+    prepared: Batch
     drawn_at: float  # time.monotonic() when it was drawn from the buffer
 
 
-class _Drained(NamedTuple):
-    """Put in the queue when the buffer is drained after reception ended: training is over."""
-
-
-class _Failed(NamedTuple):
-    error: BaseException
-
-
-class ToDevice(Protocol):
+class Prepare(Protocol):
     def __call__(self, batch: SampleBatch) -> Batch: ...
 
 
 class Prefetcher:
-    """A thread keeping up to ``depth`` batches drawn and on the devices; use as a context manager."""
+    """A thread keeping up to ``depth`` batches drawn and prepared; use as a context manager.
 
-    def __init__(self, buffer: Buffer, to_device: ToDevice, batch_size: int, depth: int = 2):
+    Drawing, preparing and queueing a batch happen under one lock, so :meth:`paused` sees every
+    drawn batch either in the buffer or among :meth:`pending`, never in between (checkpoints).
+    """
+
+    def __init__(self, buffer: Buffer, prepare: Prepare, batch_size: int, depth: int = 2):
         self._buffer = buffer
-        self._to_device = to_device
+        self._prepare = prepare
         self._batch_size = batch_size
-        self._ready: queue.Queue[Ready | _Drained | _Failed] = queue.Queue(maxsize=depth)
+        self._depth = depth
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # an item was queued or taken
+        self._items: collections.deque[Ready] = collections.deque()
+        self._drained = False  # the buffer reported drained; handed out once the queue is empty
+        self._error: BaseException | None = None
         self._stop = threading.Event()
-        self._finished = False  # the drained marker was handed out
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
 
     def __enter__(self) -> Prefetcher:
@@ -66,44 +71,57 @@ class Prefetcher:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        with self._lock:
+            self._changed.notify_all()
         self._thread.join(timeout)
 
     def get(self, timeout: float) -> Ready | None:
-        """The next batch on the devices; None once the buffer is drained; TimeoutError if none within ``timeout``.
+        """The next prepared batch; None once the buffer is drained; TimeoutError if none within ``timeout``.
 
-        An error of the thread (the buffer's or the transfer's) is raised here, in the caller's thread.
+        An error of the thread (the buffer's or the preparation's) is raised here, in the caller's thread.
         """
-        if self._finished:
-            return None
-        try:
-            item = self._ready.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"no batch was ready within {timeout:g} s") from None
-        if isinstance(item, _Failed):
-            raise item.error
-        if isinstance(item, _Drained):
-            self._finished = True
-            return None
-        return item
+        with self._lock:
+            ready = self._changed.wait_for(lambda: self._items or self._drained or self._error, timeout)
+            if self._items:
+                item = self._items.popleft()
+                self._changed.notify_all()
+                return item
+            if self._error is not None:
+                raise self._error
+            if ready:  # drained, and every batch was handed out
+                return None
+        raise TimeoutError(f"no batch was ready within {timeout:g} s")
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Nothing is drawn while the block runs; :meth:`pending` then lists every drawn batch not yet taken."""
+        with self._lock:
+            yield
+
+    def pending(self) -> list[Ready]:
+        """The batches drawn and not yet taken by the trainer, oldest first (call inside :meth:`paused`)."""
+        return list(self._items)
 
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                try:
-                    batch = self._buffer.get_batch(self._batch_size, timeout=POLL_SECONDS)
-                except TimeoutError:
-                    continue
-                drawn_at = time.monotonic()
-                item = _Drained() if batch is None else Ready(batch, self._to_device(batch), drawn_at)
-                while not self._stop.is_set():
-                    try:
-                        self._ready.put(item, timeout=POLL_SECONDS)
-                        break
-                    except queue.Full:
+                with self._lock:
+                    if len(self._items) >= self._depth:
+                        self._changed.wait(POLL_SECONDS)  # releases the lock until the trainer takes one
                         continue
-                if batch is None:
-                    return
+                    try:
+                        batch = self._buffer.get_batch(self._batch_size, timeout=POLL_SECONDS)
+                    except TimeoutError:
+                        continue
+                    if batch is None:
+                        self._drained = True
+                        self._changed.notify_all()
+                        return
+                    self._items.append(Ready(batch, self._prepare(batch), time.monotonic()))
+                    self._changed.notify_all()
         except BufferClosed:
             return  # the run is ending
         except BaseException as exc:  # handed to the trainer's thread by get()
-            self._ready.put(_Failed(exc))
+            with self._lock:
+                self._error = exc
+                self._changed.notify_all()

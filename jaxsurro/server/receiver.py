@@ -22,11 +22,12 @@ messages it drained (and while it waits on a full sink), and other threads read 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -47,6 +48,8 @@ RECEIVE_QUEUE_MESSAGES = 16
 LATE = "after_end_of_reception"
 # ... an incomplete multi-field step dropped because every assembly slot was taken.
 INCOMPLETE_STEP = "incomplete_step"
+# ... a message from a process of a simulation's abandoned draw (the simulation has new parameters).
+ABANDONED_DRAW = "abandoned_draw"
 # Reasons that mean the client and the experiment disagree on the fields: fatal to the run.
 MISMATCH_REASONS = frozenset({"unknown_field", "bad_shape", "bad_dtype", "bad_size", "field_mismatch"})
 # Incomplete steps held per assembly slot pool by default: a client sends a step's fields together,
@@ -63,6 +66,9 @@ class Sink(Protocol):
 
     def accept(self, sim_id: int, time_step: int, sample: np.ndarray, timeout: float) -> bool:
         """Stores one time step (its flat row of every field); False if it could not within ``timeout``."""
+
+    def wait_for_room(self, timeout: float) -> None:
+        """Returns once a time step could be stored, or after ``timeout`` seconds."""
 
 
 class ReceiverCounters(NamedTuple):
@@ -142,6 +148,9 @@ class Receiver:
         self._last_data_at: float | None = None
         self._last_message_at = time.monotonic()
         self._lock = threading.Lock()  # guards _published
+        # Held while a time step is committed (stored in the sink and marked in `stored`), so that a
+        # checkpoint copies the sink and the deduplication record at one instant (paused()).
+        self._commit = threading.Lock()
         self._published = self._snapshot()
         self._stop = threading.Event()
         self.error: BaseException | None = None
@@ -232,6 +241,10 @@ class Receiver:
             poller.register(self.control, zmq.POLLIN)
         try:
             while not self._stop.is_set():
+                if self.table.redraws_requested:  # new parameters apply between two messages (jaxsurro.table)
+                    for sim_id in self.table.apply_redraws(self.stored):
+                        if self.assembler is not None:
+                            self.assembler.drop_simulation(sim_id)
                 events = dict(poller.poll(100))
                 if self.control is not None and self.control in events:
                     self._serve_control()
@@ -257,10 +270,16 @@ class Receiver:
             except protocol.ProtocolError as exc:
                 self._reject(exc.reason, exc.message)
                 continue
+            if self.table.retired and (message.sim_id, message.client_id) in self.table.retired:
+                self._reject(
+                    ABANDONED_DRAW, f"simulation {message.sim_id} has new parameters since this process ran it"
+                )
+                continue
+            self.table.heard[message.sim_id] = self._last_message_at  # for the launcher's silence check
             if message.kind == protocol.DATA:
                 self._take(message)
             else:
-                self._finish(message.sim_id, message.time_step)
+                self._finish(message.sim_id, message.time_step, message.client_id)
 
     def _reject(self, reason: str, message: str) -> None:
         """Counts a rejected message; the first of each reason is a warning, a field mismatch is fatal."""
@@ -281,7 +300,7 @@ class Receiver:
         else:
             log.debug("rejected a message (%s): %s", reason, message)
 
-    def _finish(self, sim_id: int, steps: int) -> None:
+    def _finish(self, sim_id: int, steps: int, client_id: int) -> None:
         self._finishes += 1
         if steps < self.n_steps:
             self._incomplete[sim_id] = (steps, self.n_steps)
@@ -291,7 +310,13 @@ class Receiver:
                 steps,
                 self.n_steps,
             )
-        self.table.mark_finished(sim_id, steps)
+        else:
+            self._incomplete.pop(sim_id, None)  # a later attempt sent every step
+        share = self.stored[sim_id, (self.rank - sim_id) % self.n_ranks :: self.n_ranks]  # the steps routed here
+        missing = share.size - int(share.sum())
+        self.table.mark_finished(
+            sim_id, steps, expected=self.n_steps, missing=missing, client_id=client_id, other_ranks=self.n_ranks > 1
+        )
 
     def _take(self, message: protocol.Received) -> None:
         """A valid DATA message: stored at once (one field), or assembled until its step is complete."""
@@ -322,7 +347,15 @@ class Receiver:
 
     def _store(self, sim_id: int, step: int, sample: np.ndarray) -> None:
         try:
-            while not self.sink.accept(sim_id, step, sample, timeout=0.1):
+            while True:
+                with self._commit:  # never held while waiting: a checkpoint may pause the receiver at any time
+                    if self.sink.accept(sim_id, step, sample, timeout=0):
+                        self.stored[sim_id, step] = True
+                        now = time.monotonic()
+                        self._unique_received += 1
+                        self._first_data_at = self._first_data_at or now
+                        self._last_data_at = now
+                        return
                 # The sink is full: show the counts so far, and keep answering HELLOs so that new
                 # clients are not refused meanwhile.
                 self._publish()
@@ -330,15 +363,41 @@ class Receiver:
                     return
                 if self.control is not None and self.control.poll(0):
                     self._serve_control()
+                self.sink.wait_for_room(0.1)
         except (BufferClosed, ReceptionOver) as exc:  # a straggler after the study ended
             self._rejected[LATE] += 1
             log.warning("time step %d of simulation %d arrived after reception ended: %s", step, sim_id, exc)
-            return
-        self.stored[sim_id, step] = True
-        now = time.monotonic()
-        self._unique_received += 1
-        self._first_data_at = self._first_data_at or now
-        self._last_data_at = now
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No time step is committed while the block runs (messages wait in ZeroMQ's queues meanwhile)."""
+        with self._commit:
+            yield
+
+    def state(self) -> tuple[np.ndarray, dict]:
+        """A copy of the deduplication record and the counters, for a checkpoint (call inside paused())."""
+        return self.stored.copy(), {
+            "unique_received": self._unique_received,
+            "duplicates": self._duplicates,
+            "bytes_received": self._bytes_received,
+            "finishes": self._finishes,
+            "rejected": dict(self._rejected),
+            "incomplete": {str(k): list(v) for k, v in self._incomplete.items()},
+        }
+
+    def restore(self, stored: np.ndarray, counters: dict) -> None:
+        """Continues from :meth:`state`: the steps stored before are duplicates now, the counts go on."""
+        if stored.shape != self.stored.shape:
+            raise ValueError(f"a deduplication record of shape {stored.shape} cannot restore {self.stored.shape}")
+        with self._commit:
+            self.stored[...] = stored
+            self._unique_received = int(counters["unique_received"])
+            self._duplicates = int(counters["duplicates"])
+            self._bytes_received = int(counters["bytes_received"])
+            self._finishes = int(counters["finishes"])
+            self._rejected.update(counters["rejected"])
+            self._incomplete.update({int(k): tuple(v) for k, v in counters["incomplete"].items()})
+        self._publish()
 
     def _serve_control(self) -> None:
         while True:
@@ -374,7 +433,7 @@ class Receiver:
                     "unknown_simulation",
                     f"simulation {header.sim_id} is {record.state.value}, not submitted: nothing to run",
                 )
-            parameters = record.parameters.copy()
+            parameters = self.table.welcome(header.sim_id, header.client_id)
         return protocol.encode_welcome(
             self.token, header.sim_id, header.client_id, self.addresses, parameters, self.n_steps
         )
@@ -404,6 +463,9 @@ class ValidationSink:
         self.samples[sim_id, time_step] = sample
         return True
 
+    def wait_for_room(self, timeout: float) -> None:
+        return  # always room
+
 
 class BufferSink:
     """Turns a time step into a training sample (parameters, time) -> field and puts it in a buffer."""
@@ -424,3 +486,6 @@ class BufferSink:
         except TimeoutError:
             return False
         return True
+
+    def wait_for_room(self, timeout: float) -> None:
+        self.buffer.wait_for_room(timeout)

@@ -1,19 +1,21 @@
 """Breed steering: the training losses choose the parameters of the simulations not yet started.
 
 Every training step feeds its per-sample losses into the loss-deviation statistics
-(:mod:`jaxsurro.core.breed`, on the devices, no extra forward pass). Every P steps, once
-enough simulations have completed, the ranks merge their statistics on rank 0, which
-draws children around the simulations the network finds hard (AMIS), mixes them with
-uniform draws at the ratio r(s), and replaces the parameters of every simulation never
-submitted, atomically with respect to the launcher: a simulation starts either with its
-old parameters or with its new ones, never half-updated. The other ranks receive the
+(:mod:`jaxsurro.core.breed`, on the devices, no extra forward pass), with the mean and
+standard deviation of the step's *global* batch: on several ranks, each rank's batch moments
+are summed over the ranks before its deviations are added (see :meth:`Steering.observe`).
+Every P steps, once enough simulations have completed, the ranks merge their statistics on
+rank 0, which draws children around the simulations the network finds hard (AMIS), mixes
+them with uniform draws at the ratio r(s), and replaces the parameters of every simulation
+never submitted, atomically with respect to the launcher: a simulation starts either with
+its old parameters or with its new ones, never half-updated. The other ranks receive the
 new parameters in the same collective, before any of those simulations can start.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -29,20 +31,52 @@ from jaxsurro.table import SimState, SimulationTable
 
 log = logging.getLogger("jaxsurro.server.steering")
 
+# On several ranks, steps whose deviations wait for the ranks' summed batch moments; the wait ends
+# at every resampling round and at least every this many steps (bounds the losses kept on device).
+MOMENT_FLUSH_STEPS = 64
+
+
+class Proposal(NamedTuple):
+    """The proposal mixture of one round: r·(1/K)Σ_k TN(·|centre_k, σ_k) + (1 − r)·U (breed.proposal_density)."""
+
+    centres: np.ndarray  # [K, d] float32, physical units: the parents of the round's K members
+    sigmas: np.ndarray  # [K, d] float32, unit cube: each member's σ (as its child was accepted with)
+    ratio: float  # r(s) of the round
+
+
+class _PendingStep(NamedTuple):
+    """One step's rows, kept on the devices until the ranks' summed moments are known."""
+
+    losses: jax.Array
+    ids: jax.Array
+    weights: jax.Array
+    moments: breed.LossMoments  # this rank's rows only
+
 
 class Steering:
     """One rank's Breed: its loss statistics, and on rank 0 the resampling of pending simulations."""
+
+    # Out-of-bounds rule of the AMIS draw (breed.amis_resample's ``boundary``): an exact truncated
+    # normal; "retry" is the paper's shrink-and-redraw rule, whose shrunk σ is then passed on.
+    boundary = "truncate"
 
     def __init__(self, config: Config, world: World, table: SimulationTable, mesh: Any):
         self.config, self.world, self.table = config, world, table
         self.settings = config.breed
         self.n_steps = config.solver.n_steps
-        self.sigma_unit = config.breed_sigma_unit
         self.low = np.asarray(config.solver.low)
         self.high = np.asarray(config.solver.high)
+        dim = len(self.low)
+        # One unit-cube width per parameter (a physical σ is σ / span_i), and each simulation's own:
+        # a bred simulation carries the σ of the proposal member it came from into later rounds.
+        self.sigma_unit = np.broadcast_to(np.asarray(config.breed_sigma_unit, np.float32), (dim,)).copy()
+        self.simulation_sigma = np.tile(self.sigma_unit, (len(table), 1))  # [S, d], used on rank 0
+        self.proposal: Proposal | None = None  # the last round's proposal mixture (rank 0)
         self.stats = breed.init_loss_stats(len(table), self.n_steps)
+        self._pending_steps: list[_PendingStep] = []
         self._sharding = NamedSharding(mesh, P(DATA_AXIS))
         self._update = jax.jit(breed.update_loss_stats)
+        self._moments = jax.jit(breed.loss_moments)
         self._window = jax.jit(breed.recent_window, static_argnames=("size",))
         self._resample = jax.jit(breed.amis_resample, static_argnames=breed.AMIS_STATIC_ARGNAMES)
         self._mix = jax.jit(breed.mix)
@@ -53,23 +87,97 @@ class Steering:
             config.solver.high,
             derive_seed(config.study.seed, "breed-uniform"),
         )
-        self.round = 0
+        self.uniform_draws = 0  # points drawn by the uniform sampler (a resumed run skips as many)
+        self.round = 0  # resampling rounds done; round s = 1, 2, ... uses r(s)
         self.history: list[dict[str, Any]] = []  # one entry per resampling round (rank 0)
 
     def observe(self, per_sample_loss: jax.Array, sample_ids: np.ndarray) -> None:
-        """Adds a step's per-sample losses (padded rows, beyond ``sample_ids``, carry no weight)."""
+        """Adds a step's per-sample losses (padded rows, beyond ``sample_ids``, carry no weight).
+
+        δ uses the mean and standard deviation of the step's global batch (paper eq. 4: one batch
+        b_i, one network state). On one rank that is this rank's batch, added at once. On several
+        ranks, every rank calls this once per lockstep step (with an empty batch when it has none),
+        so each rank keeps its rows and their three moments (Σw, Σw·l, Σw·l², computed on the
+        devices, nothing fetched) until the next resampling round or MOMENT_FLUSH_STEPS steps,
+        then one host all-reduce of 3 numbers per step gives every rank the global moments, with
+        which it adds its rows' δ: one small collective per round instead of a device sync and an
+        all-reduce per step. The merged statistics then equal those of one rank seeing every row.
+        """
         padded = per_sample_loss.shape[0]
         ids = np.full(padded, -1, dtype=np.int32)
         ids[: len(sample_ids)] = sample_ids
         weights = (ids >= 0).astype(np.float32)
         ids_on_device, weights_on_device = jax.device_put((ids, weights), self._sharding)
-        self.stats = self._update(self.stats, per_sample_loss, ids_on_device, weights_on_device)
+        if not self.world.distributed:
+            self.stats = self._update(self.stats, per_sample_loss, ids_on_device, weights_on_device)
+            return
+        moments = self._moments(per_sample_loss, weights_on_device)
+        self._pending_steps.append(_PendingStep(per_sample_loss, ids_on_device, weights_on_device, moments))
+        if len(self._pending_steps) >= MOMENT_FLUSH_STEPS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """A collective (every rank holds the same number of steps): global moments, then the deferred δ."""
+        steps, self._pending_steps = self._pending_steps, []
+        if not steps:
+            return
+        local = np.asarray(jax.device_get([tuple(step.moments) for step in steps]), np.float64)  # [n, 3]
+        total = self.world.sum(local.ravel(), self.config.train.batch_timeout, "Breed's batch loss moments")
+        for step, row in zip(steps, total.reshape(len(steps), 3), strict=True):
+            moments = breed.LossMoments(*(np.float32(x) for x in row))
+            self.stats = self._update(self.stats, step.losses, step.ids, step.weights, moments)
+
+    def local_state(self) -> dict[str, np.ndarray]:
+        """This rank's loss statistics as host arrays, for a checkpoint (a collective with several ranks)."""
+        self._flush()
+        return {name: np.asarray(value) for name, value in jax.device_get(self.stats)._asdict().items()}
+
+    def root_state(self) -> dict[str, Any]:
+        """Rank 0's resampling state (round, history, σ per simulation, last proposal, random streams), JSON-ready."""
+        proposal = (
+            None
+            if self.proposal is None
+            else {
+                "centres": self.proposal.centres.tolist(),
+                "sigmas": self.proposal.sigmas.tolist(),
+                "ratio": float(self.proposal.ratio),
+            }
+        )
+        return {
+            "round": self.round,
+            "history": self.history,
+            "simulation_sigma": self.simulation_sigma.tolist(),
+            "proposal": proposal,
+            "key": np.asarray(jax.random.key_data(self._key)).tolist(),
+            "uniform_draws": self.uniform_draws,
+        }
+
+    def restore(self, local: dict[str, np.ndarray] | None, root: dict[str, Any] | None) -> None:
+        """Continues from :meth:`local_state` (every rank) and :meth:`root_state` (rank 0) of a checkpoint."""
+        if local is not None:
+            self.stats = breed.LossStatsState(
+                **{name: jax.numpy.asarray(local[name]) for name in breed.LossStatsState._fields}
+            )
+        if root is None:
+            return
+        self.round, self.history = int(root["round"]), list(root["history"])
+        self.simulation_sigma = np.asarray(root["simulation_sigma"], np.float32)
+        if root["proposal"] is not None:
+            self.proposal = Proposal(
+                np.asarray(root["proposal"]["centres"], np.float32),
+                np.asarray(root["proposal"]["sigmas"], np.float32),
+                root["proposal"]["ratio"],
+            )
+        self._key = jax.random.wrap_key_data(np.asarray(root["key"], np.uint32))
+        self._uniform.draw(int(root["uniform_draws"]))  # the same stream from where it was
+        self.uniform_draws = int(root["uniform_draws"])
 
     def due(self, step: int) -> bool:
         return step % self.settings.period == 0
 
     def resample(self) -> None:
         """A collective round: merge the ranks' statistics, breed on rank 0, share the new parameters."""
+        self._flush()
         local = jax.device_get(self.stats)
         gathered = self.world.gather(local, self.config.train.batch_timeout, "Breed's loss statistics")
         replacement = None
@@ -112,6 +220,7 @@ class Steering:
         pending = self.table.pending_ids()
         if completed.sum() < self.settings.min_finished or not pending:
             return None
+        # The window: completed simulations with every time step seen (breed.recent_window).
         window_ids, valid = self._window(stats, size=self.settings.window, eligible=completed)
         window_ids, valid = np.asarray(window_ids), np.asarray(valid)
         if not valid.any():
@@ -124,25 +233,34 @@ class Steering:
             locations,
             scores[window_ids],
             n_children,
-            self.sigma_unit,
+            self.simulation_sigma[window_ids],
             self.low.astype(np.float32),
             self.high.astype(np.float32),
             importance_weights=self.settings.importance_weights,
             proposal_density=self._density(locations) if self.settings.importance_weights else None,
             valid=valid,
+            boundary=self.boundary,
         )
         k = len(pending)
-        ratio = breed.mixing_ratio(self.round, self.settings.r_start, self.settings.r_end, self.settings.r_cycles)
+        s = self.round + 1  # the paper's resampling iteration: s = 1 at the first round
+        ratio = float(breed.mixing_ratio(s, self.settings.r_start, self.settings.r_end, self.settings.r_cycles))
         uniform = np.zeros((n_children, len(self.low)), dtype=np.float32)  # fixed shape: one compilation
         uniform[:k] = self._uniform.draw(k)
+        self.uniform_draws += k
         points, is_child = self._mix(mix_key, draw.children, uniform, ratio)
         points, is_child = np.asarray(points[:k], np.float64), np.asarray(is_child[:k])
-        parents = np.where(is_child, window_ids[np.asarray(draw.parents[:k])], -1)
-        self.round += 1
+        member_parents = np.asarray(draw.parents[:k])
+        member_sigma = np.asarray(draw.sigma[:k], np.float32)  # [k, d]
+        parents = np.where(is_child, window_ids[member_parents], -1)
+        # Each pending simulation's σ: its member's (shrunk by retries under "retry"), or the base σ.
+        self.simulation_sigma[pending] = np.where(is_child[:, None], member_sigma, self.sigma_unit[None])
+        # The mixture the pending simulations were drawn from, for the next round's importance weights.
+        self.proposal = Proposal(centres=locations[member_parents], sigmas=member_sigma, ratio=ratio)
+        self.round = s
         self.history.append(
             {
                 "round": self.round,
-                "ratio": float(ratio),
+                "ratio": ratio,
                 "pending": k,
                 "bred": int(is_child.sum()),
                 "window": int(valid.sum()),
@@ -154,7 +272,7 @@ class Steering:
             self.round,
             k,
             int(is_child.sum()),
-            float(ratio),
+            ratio,
             int(valid.sum()),
         )
         return {
@@ -166,5 +284,15 @@ class Steering:
         }
 
     def _density(self, locations: np.ndarray) -> np.ndarray:
-        """The mixture density the window's points were drawn from, approximated by the current proposal."""
-        return np.asarray(breed.proposal_density(locations, locations, self.sigma_unit, self.low, self.high))
+        """Density at the window's points of the previous round's proposal mixture (uniform before any round).
+
+        The previous round's K members (its parents with each member's σ) mixed with the uniform
+        share at its ratio r (breed.proposal_density); before the first round every simulation came
+        from the initial design, whose density is uniform, so every point gets 1.
+        """
+        if self.proposal is None:
+            return np.ones(len(locations), np.float32)
+        proposal = self.proposal
+        return np.asarray(
+            breed.proposal_density(locations, proposal.centres, proposal.sigmas, self.low, self.high, proposal.ratio)
+        )

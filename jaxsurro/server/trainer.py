@@ -17,7 +17,8 @@ import numpy as np
 import optax
 from flax import linen as nn
 from flax import serialization
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsurro.config import Config
 from jaxsurro.core.fields import FieldSpec, sample_size, split_fields
@@ -26,7 +27,7 @@ from jaxsurro.core.sampling import derive_seed
 from jaxsurro.core.train import Batch, ReduceFn, TrainState, init_train_state, make_optimizer
 from jaxsurro.server.buffers import SampleBatch
 from jaxsurro.server.evaluation import Evaluation, Evaluator
-from jaxsurro.server.parallel import jit_reduced_train_step, make_data_mesh, put_batch, replicate
+from jaxsurro.server.parallel import DATA_AXIS, jit_reduced_train_step, make_data_mesh, pad_batch, replicate
 
 
 def field_layout(config: Config) -> tuple[FieldSpec, ...]:
@@ -97,6 +98,7 @@ class Trainer:
         self._train_step = jit_reduced_train_step(model, optimizer, reduce_fn, mesh, field_weights)
         self.evaluator = Evaluator(model, field_weights, mesh)
         self._ones = np.ones(batch_size, dtype=np.float32)
+        self._batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
 
     @classmethod
     def from_config(
@@ -136,8 +138,16 @@ class Trainer:
 
     def to_device(self, batch: SampleBatch) -> Batch:
         """A host batch as the step takes it: on the mesh, padded to ``batch_size`` with zero-weight rows."""
+        return self.put(self.prepare(batch))
+
+    def prepare(self, batch: SampleBatch) -> Batch:
+        """The host half of :meth:`to_device`: weights, and padding to the batch size and the mesh (NumPy)."""
         n = len(batch.sample_ids)
-        return put_batch(Batch(batch.inputs, batch.targets, self._ones[:n]), self.mesh, min_size=self.batch_size)
+        return pad_batch(Batch(batch.inputs, batch.targets, self._ones[:n]), self.mesh.devices.size, self.batch_size)
+
+    def put(self, prepared: Batch) -> Batch:
+        """The device half of :meth:`to_device`: one sharded transfer (asynchronous)."""
+        return jax.device_put(prepared, self._batch_sharding)
 
     def step_on_device(self, device_batch: Batch) -> tuple[dict[str, jax.Array], jax.Array]:
         """One update from a batch already on the mesh (see to_device); returns device metrics and losses."""
@@ -167,6 +177,16 @@ class Trainer:
     def evaluate(self, inputs: np.ndarray, targets: np.ndarray) -> Evaluation:
         """Validation MSE (normalized units), overall and per field, over a whole host dataset."""
         return self.evaluator(self.state.params, inputs, targets)
+
+    def host_state(self) -> TrainState:
+        """The whole train state (parameters, optimizer state, step) as host arrays: what a checkpoint saves."""
+        return jax.device_get(self.state)
+
+    def load_state(self, host_state: TrainState) -> None:
+        """Replaces the train state by a saved one (same structure), replicated over the mesh."""
+        self.state = replicate(
+            TrainState(*host_state) if not isinstance(host_state, TrainState) else host_state, self.mesh
+        )
 
     def host_params(self) -> Any:
         return jax.device_get(self.state.params)

@@ -115,3 +115,29 @@ def mean_field_mse(validation: ValidationSet, scaling: Scaling, field_weights: S
     per_field = np.array([squared[:, bounds[f] : bounds[f + 1]].mean() for f in range(len(bounds) - 1)])
     weights = np.asarray(field_weights, dtype=np.float64)
     return float(per_field @ weights / weights.sum())
+
+
+def input_mean_mse(validation: ValidationSet, scaling: Scaling, field_weights: Sequence[float]) -> float:
+    """A stronger baseline: the MSE of predicting, at each time step, the validation set's mean field at that step.
+
+    The "time-resolved mean field" predictor ignores the parameters and knows only the time:
+    f(λ, t) = mean over the V validation simulations of their fields after step t. Like
+    :func:`mean_field_mse` (which predicts one mean over every simulation *and* step) it is scored in
+    normalized units, fields mixed by their loss weights, over the same V × T rows; it is never
+    worse than :func:`mean_field_mse`, and for a solution that mostly relaxes in time from a
+    parameter-independent start (the heat equation's mean temperature) it is much better, so a
+    surrogate that does not beat it has learnt little about the parameters. Computed one time step
+    at a time (float64), so memory stays at one step of the set.
+    """
+    low, span = scaling.element_bounds()
+    bounds = np.cumsum((0, *scaling.field_sizes))
+    n_fields = len(bounds) - 1
+    squared_sums = np.zeros(n_fields, dtype=np.float64)
+    n_sims, n_steps = validation.samples.shape[:2]
+    for t in range(n_steps):
+        normalized = (validation.samples[:, t].astype(np.float64) - low) / span  # [V, sample_size]
+        squared = (normalized - normalized.mean(axis=0)) ** 2
+        squared_sums += [squared[:, bounds[f] : bounds[f + 1]].sum() for f in range(n_fields)]
+    per_field = squared_sums / (n_sims * n_steps * np.diff(bounds))
+    weights = np.asarray(field_weights, dtype=np.float64)
+    return float(per_field @ weights / weights.sum())
