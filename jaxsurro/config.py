@@ -1101,9 +1101,14 @@ def dumps(config: Config) -> str:
     return tomli_w.dumps(to_dict(config))
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, what: str = "experiment TOML file") -> None:
-    """The experiment file and its repeatable ``--set SECTION.KEY=VALUE`` overrides, for every command."""
-    parser.add_argument("config", help=what)
+def add_config_arguments(
+    parser: argparse.ArgumentParser, what: str = "experiment TOML file", default: str | Path | None = None
+) -> None:
+    """The experiment file (optional when ``default`` is given) and its repeatable ``--set SECTION.KEY=VALUE``."""
+    if default is None:
+        parser.add_argument("config", help=what)
+    else:
+        parser.add_argument("config", nargs="?", type=Path, default=default, help=f"{what} (default {default})")
     parser.add_argument(
         "--set",
         dest="overrides",

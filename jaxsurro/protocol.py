@@ -453,6 +453,24 @@ def encode_hello(token: bytes, sim_id: int, client_id: int, declaration: bytes |
 
 
 MAX_DECLARATION_BYTES = 4096
+# Slack added to the largest valid frame when capping inbound frames (ZMQ_MAXMSGSIZE, docs/protocol.md 6.1).
+FRAME_LIMIT_MARGIN = 4096
+
+
+def max_data_frame_bytes(expectation: Expectation) -> int:
+    """Largest frame a data (PULL) socket accepts: the largest valid frame plus FRAME_LIMIT_MARGIN.
+
+    A valid DATA message's frames are the 64-byte header, a field name of at most 64 bytes and a
+    payload of exactly prod(shape) x itemsize bytes of one declared field. ZeroMQ's ZMQ_MAXMSGSIZE
+    applies to each frame: a peer announcing a larger frame is disconnected before it is buffered.
+    """
+    largest = max(spec.nbytes for spec in expectation._specs.values())
+    return max(largest, HEADER_SIZE, MAX_FIELD_NAME_BYTES) + FRAME_LIMIT_MARGIN
+
+
+def max_control_frame_bytes() -> int:
+    """Largest frame the control (ROUTER) socket accepts: a header plus a full declaration, plus the margin."""
+    return HEADER_SIZE + MAX_DECLARATION_BYTES + FRAME_LIMIT_MARGIN
 
 
 def encode_declaration(fields: Mapping[str, tuple[Sequence[int], Any]]) -> bytes:
@@ -491,7 +509,7 @@ def decode_declaration(frame: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]
             or dtype is None
             or len(dims) > MAX_NDIM
             or name in fields
-            or not all(d.isdigit() and len(d) <= 10 for d in dims)
+            or not all(d.isascii() and d.isdigit() and len(d) <= 10 for d in dims)  # not '²': int() refuses it
         ):
             raise ProtocolError(
                 "malformed",

@@ -71,6 +71,10 @@ class SimulationRecord:
     abandoned_steps: int = 0  # time steps stored from abandoned draws (labelled with their own parameters)
 
 
+# A simulation's history, in simulations.csv and in checkpoints.
+_HISTORY = ("steps_finished", "generation", "bred", "parent", "score", "error", "redraws", "redraw_reason")
+
+
 class SimulationTable:
     """Thread-safe table of simulations; iterate, or read several fields of a record, under ``table.lock``."""
 
@@ -243,20 +247,7 @@ class SimulationTable:
         return changed
 
     # What a checkpoint keeps of each record; the rest (job ids, clients, times) belongs to the run that ended.
-    _KEPT = (
-        "state",
-        "attempts",
-        "steps_finished",
-        "generation",
-        "bred",
-        "parent",
-        "score",
-        "error",
-        "draw_attempts",
-        "redraws",
-        "redraw_reason",
-        "abandoned_steps",
-    )
+    _KEPT = ("state", "attempts", *_HISTORY, "draw_attempts", "abandoned_steps")
 
     def to_records(self) -> list[dict]:
         """Every simulation's parameters and history, JSON-ready, for a checkpoint."""
@@ -297,14 +288,7 @@ class SimulationTable:
             "started_at",
             "ended_at",
             "exit_code",
-            "steps_finished",
-            "generation",
-            "bred",
-            "parent",
-            "score",
-            "error",
-            "redraws",
-            "redraw_reason",
+            *_HISTORY,
             "previous_parameters",
             "abandoned_steps",
         ]

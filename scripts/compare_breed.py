@@ -32,7 +32,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from jaxsurro import plot
-from jaxsurro.config import ConfigError, load_config
+from jaxsurro.config import ConfigError, add_config_arguments, load_config
 
 DEFAULT_CONFIG = Path("experiments/heat_breed.toml")
 DEFAULT_RUNS_DIR = Path("runs/compare-breed")
@@ -323,21 +323,7 @@ def run_both(config_path: Path, overrides: Sequence[str], runs_dir: Path) -> Non
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(prog="python scripts/compare_breed.py", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "config",
-        nargs="?",
-        type=Path,
-        default=DEFAULT_CONFIG,
-        help=f"experiment TOML file (default {DEFAULT_CONFIG}); sampler.kind is set for each run",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a configuration value in both runs (TOML literal); repeatable",
-    )
+    add_config_arguments(parser, "experiment TOML file; sampler.kind is set for each run", default=DEFAULT_CONFIG)
     parser.add_argument(
         "--runs-dir",
         type=Path,

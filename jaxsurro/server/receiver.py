@@ -122,6 +122,9 @@ class Receiver:
         self._context = context or zmq.Context.instance()
         self.data = self._context.socket(zmq.PULL)
         self.data.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE_MESSAGES)
+        # Before any token is checked, a peer may announce a frame of any size: cap each frame at the
+        # largest valid one, so a larger frame disconnects its sender instead of being buffered.
+        self.data.setsockopt(zmq.MAXMSGSIZE, protocol.max_data_frame_bytes(self.expectation))
         self.data.setsockopt(zmq.LINGER, 0)
         bind_host, advertised_host = _hosts(host)
         port = self.data.bind_to_random_port(f"tcp://{bind_host}")
@@ -130,6 +133,8 @@ class Receiver:
         self.control_address = ""
         if rank == 0:
             self.control = self._context.socket(zmq.ROUTER)
+            self.control.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE_MESSAGES)
+            self.control.setsockopt(zmq.MAXMSGSIZE, protocol.max_control_frame_bytes())
             self.control.setsockopt(zmq.LINGER, 0)
             port = self.control.bind_to_random_port(f"tcp://{bind_host}")
             self.control_address = f"tcp://{advertised_host}:{port}"

@@ -1,0 +1,312 @@
+"""Property-based tests of the decoder against hostile and buggy peers.
+
+`protocol.validate_message` and `protocol.validate_hello` take arbitrary frames (arbitrary bytes, and
+valid messages with bytes flipped, replaced, cut or added, and frames dropped or added): they never raise
+anything but `ProtocolError` with a known reason, and what they accept is consistent with the expectation.
+A real receiver fed a few hundred such messages stores none, counts each by reason and keeps running.
+
+Counts by reason of one run of the receiver test (printed with ``pytest -s``), for 400 messages:
+  data socket: bad_magic ~150, malformed ~110, bad_token ~70, bad_version ~10, time_step_out_of_range,
+  unknown_simulation, bad_size, non_finite, bad_shape, bad_dtype, unknown_field, wrong_rank (a few each);
+  control socket: malformed, bad_magic, bad_token, field_mismatch, unknown_simulation (see the report).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from waiting import wait_until
+
+from jaxsurro import protocol
+from jaxsurro.server.receiver import Receiver, ValidationSink
+from jaxsurro.table import SimState, SimulationTable
+
+TOKEN = bytes(range(1, 17))
+OTHER_TOKEN = bytes(b ^ 0xFF for b in TOKEN)  # differs from TOKEN in every byte
+N_STEPS = 5
+KNOWN = frozenset({0, 1, 2})
+FIELDS = {"u": ((4, 3), np.dtype("<f4")), "w": ((2,), np.dtype("<f8"))}
+EXPECTATION = protocol.Expectation(
+    token=TOKEN, n_steps=N_STEPS, fields=FIELDS, rank=1, n_ranks=2, known_simulations=KNOWN
+)
+REASONS = set(protocol.REJECTION_REASONS) | {"malformed"}
+FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+frames_st = st.lists(st.binary(max_size=300), max_size=5)
+
+
+@st.composite
+def valid_data(draw, token=TOKEN) -> list[bytes]:
+    """A DATA message that validates at rank 1 of 2 (with TOKEN)."""
+    name = draw(st.sampled_from(sorted(FIELDS)))
+    shape, dtype = FIELDS[name]
+    sim_id = draw(st.sampled_from(sorted(KNOWN)))
+    step = draw(st.sampled_from([t for t in range(N_STEPS) if protocol.rank_for(sim_id, t, 2) == 1]))
+    values = draw(st.lists(st.floats(-1e6, 1e6), min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
+    array = np.asarray(values, dtype=dtype).reshape(shape)
+    header, field, payload = protocol.encode_data(
+        token, sim_id, step, draw(st.integers(0, 2**32 - 1)), name.encode(), array
+    )
+    return [header, field, payload.tobytes()]
+
+
+@st.composite
+def valid_finish(draw, token=TOKEN) -> list[bytes]:
+    sim_id = draw(st.sampled_from(sorted(KNOWN)))
+    return protocol.encode_finish(token, sim_id, draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, N_STEPS)))
+
+
+@st.composite
+def valid_hello(draw, token=TOKEN) -> list[bytes]:
+    sim_id = draw(st.sampled_from([*sorted(KNOWN), protocol.ANY_SIMULATION]))
+    declaration = draw(st.sampled_from([None, protocol.encode_declaration(FIELDS)]))
+    return protocol.encode_hello(token, sim_id, draw(st.integers(0, 2**32 - 1)), declaration)
+
+
+@st.composite
+def mutated(draw, message: st.SearchStrategy[list[bytes]]) -> list[bytes]:
+    """A valid message with 1..4 mutations: bit flips, byte replacements, truncation, extension, frame edits."""
+    frames = [bytearray(f) for f in draw(message)]
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "replace", "truncate", "extend", "drop", "add", "duplicate", "swap"]))
+        if not frames:
+            op = "add"
+        if op == "add":
+            frames.insert(draw(st.integers(0, len(frames))), bytearray(draw(st.binary(max_size=80))))
+            continue
+        i = draw(st.integers(0, len(frames) - 1))
+        frame = frames[i]
+        if op == "flip" and frame:
+            j = draw(st.integers(0, len(frame) - 1))
+            frame[j] ^= 1 << draw(st.integers(0, 7))
+        elif op == "replace" and frame:
+            j = draw(st.integers(0, len(frame) - 1))
+            frame[j] = draw(st.integers(0, 255))
+        elif op == "truncate":
+            del frame[draw(st.integers(0, len(frame))) :]
+        elif op == "extend":
+            frame += draw(st.binary(min_size=1, max_size=40))
+        elif op == "drop":
+            del frames[i]
+        elif op == "duplicate":
+            frames.insert(i, bytearray(frame))
+        elif op == "swap":
+            j = draw(st.integers(0, len(frames) - 1))
+            frames[i], frames[j] = frames[j], frames[i]
+    return [bytes(f) for f in frames]
+
+
+any_message = st.one_of(valid_data(), valid_finish(), valid_hello())
+hostile = st.one_of(frames_st, mutated(any_message), mutated(mutated(any_message)))
+
+# A field declaration parsed from arbitrary text, including non-ASCII digits such as '²' (int() refuses them).
+declaration_text = st.lists(
+    st.tuples(
+        st.sampled_from(["u", "w", "v", "", "u u"]),
+        st.sampled_from(["float32", "float64", "int8", ""]),
+        st.lists(
+            st.one_of(
+                st.sampled_from(["4", "3", "2", "0", "99999999999", "²", "١", "-1", "", "+3"]), st.text(max_size=3)
+            ),
+            max_size=5,
+        ),
+    ).map(lambda line: " ".join([line[0], line[1], *line[2]])),
+    min_size=1,
+    max_size=3,
+).map(lambda lines: "\n".join(lines).encode())
+
+
+def check_accepted_data(frames: list[bytes], received: protocol.Received) -> None:
+    """What validate_message accepted is a message the expectation allows."""
+    assert received.sim_id in KNOWN
+    if received.kind == protocol.FINISH:
+        assert len(frames) == 1 and 0 <= received.time_step <= N_STEPS
+        assert received.field is None and received.array is None
+        return
+    assert received.kind == protocol.DATA and len(frames) == 3
+    assert 0 <= received.time_step < N_STEPS
+    assert protocol.rank_for(received.sim_id, received.time_step, 2) == 1
+    shape, dtype = FIELDS[received.field]
+    assert received.array.shape == shape and received.array.dtype == dtype
+    assert np.isfinite(received.array).all()
+    assert protocol.decode_header(frames[0]).token == TOKEN
+
+
+def check_accepted_hello(frames: list[bytes], header: protocol.Header) -> None:
+    assert header.kind == protocol.HELLO and header.token == TOKEN
+    assert header.sim_id in KNOWN or header.sim_id == protocol.ANY_SIMULATION
+    assert len(frames) in (1, 2)
+    if len(frames) == 2:
+        declared = protocol.decode_declaration(frames[1])
+        assert {name: (tuple(shape), np.dtype(dtype)) for name, (shape, dtype) in declared.items()} == FIELDS
+
+
+def decode(frames: list[bytes]) -> tuple[str | None, str | None]:
+    """(reason of validate_message or None, reason of validate_hello or None), checking what is accepted."""
+    reasons: list[str | None] = []
+    for validate, check in (
+        (protocol.validate_message, check_accepted_data),
+        (protocol.validate_hello, check_accepted_hello),
+    ):
+        try:
+            result = validate(frames, EXPECTATION)
+        except protocol.ProtocolError as error:
+            assert error.reason in REASONS, error
+            reasons.append(error.reason)
+        else:
+            check(frames, result)
+            reasons.append(None)
+    return reasons[0], reasons[1]
+
+
+@FUZZ
+@given(frames_st)
+def test_arbitrary_frames_are_rejected_with_a_known_reason(frames):
+    decode(frames)
+
+
+@FUZZ
+@given(mutated(any_message))
+def test_mutated_messages_are_rejected_or_consistent(frames):
+    decode(frames)
+
+
+@FUZZ
+@given(mutated(mutated(any_message)))
+def test_heavily_mutated_messages_are_rejected_or_consistent(frames):
+    decode(frames)
+
+
+@FUZZ
+@given(any_message)
+def test_valid_messages_are_accepted_by_their_socket(frames):
+    data_reason, hello_reason = decode(frames)
+    kind = protocol.decode_header(frames[0]).kind
+    assert (data_reason is None) == (kind in (protocol.DATA, protocol.FINISH))
+    assert (hello_reason is None) == (kind == protocol.HELLO)
+
+
+@FUZZ
+@given(declaration_text, st.sampled_from(sorted(KNOWN)))
+def test_a_hello_declaring_any_text_is_accepted_or_rejected_with_a_known_reason(declaration, sim_id):
+    frames = protocol.encode_hello(TOKEN, sim_id, 7, declaration)
+    decode(frames)
+
+
+def test_a_declaration_with_non_ascii_digits_is_malformed():
+    with pytest.raises(protocol.ProtocolError) as error:
+        protocol.decode_declaration("u float32 4 ²".encode())
+    assert error.value.reason == "malformed"
+
+
+# -- through a real receiver ---------------------------------------------------------------------------
+
+R_SHAPE, R_STEPS = (5, 5), 4
+
+
+def test_a_receiver_stores_none_of_hundreds_of_hostile_messages_and_counts_each():
+    table = SimulationTable(np.arange(6, dtype=float).reshape(3, 2))
+    for record in list(table)[:2]:
+        record.attempts, record.state = 1, SimState.SUBMITTED
+    sink = ValidationSink(3, R_STEPS, int(np.prod(R_SHAPE)))
+    receiver = Receiver(
+        table=table,
+        sink=sink,
+        token=TOKEN,
+        fields={"u": R_SHAPE},
+        wire_dtype="float32",
+        n_steps=R_STEPS,
+        host="127.0.0.1",
+    )
+    expectation = receiver.expectation
+    context = zmq.Context.instance()
+    push = context.socket(zmq.PUSH)
+    dealer = context.socket(zmq.DEALER)
+    receiver.start()
+    try:
+        push.connect(receiver.data_address)
+        dealer.connect(receiver.control_address)
+        dealer.setsockopt(zmq.RCVTIMEO, 10_000)
+        expected_data: collections.Counter[str] = collections.Counter()
+        expected_control: collections.Counter[str] = collections.Counter()
+
+        def reason(validate, frames):
+            try:
+                validate(frames, expectation)
+            except protocol.ProtocolError as error:
+                return error.reason
+            return None  # valid: not hostile, not sent
+
+        r_fields = {"u": (R_SHAPE, np.dtype("<f4"))}
+
+        @st.composite
+        def r_data(draw):
+            token = draw(st.sampled_from([TOKEN, OTHER_TOKEN]))
+            sim_id, step = draw(st.integers(0, 3)), draw(st.integers(0, R_STEPS))
+            value = draw(st.sampled_from([0.5, np.nan, np.inf]))
+            array = np.full(
+                draw(st.sampled_from([R_SHAPE, (25,), (5, 6)])), value, dtype=draw(st.sampled_from(["<f4", "<f8"]))
+            )
+            name = draw(st.sampled_from([b"u", b"v", b"u" * 65]))
+            header, field, payload = protocol.encode_data(token, sim_id, step, 1, name, array)
+            return [header, field, payload.tobytes()]
+
+        @st.composite
+        def r_control(draw):
+            token = draw(st.sampled_from([TOKEN, OTHER_TOKEN]))
+            declaration = draw(st.sampled_from([None, protocol.encode_declaration(r_fields), b"u float64 5 5", b"x"]))
+            return protocol.encode_hello(token, draw(st.integers(0, 3)), 1, declaration)
+
+        r_messages = st.one_of(
+            frames_st.filter(bool),
+            r_data(),
+            mutated(r_data()),
+            mutated(st.one_of(r_control(), valid_finish(OTHER_TOKEN))),
+        )
+
+        @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(r_messages, st.booleans())
+        def send_hostile(frames, to_control):
+            if to_control:
+                why = reason(protocol.validate_hello, frames)
+                if why is None:
+                    return
+                dealer.send_multipart(frames)
+                reply = protocol.decode_reply(dealer.recv_multipart())
+                assert isinstance(reply, protocol.Rejection) and reply.reason == why
+                expected_control[why] += 1
+            else:
+                why = reason(protocol.validate_message, frames)
+                if why is None or not frames:
+                    return
+                push.send_multipart(frames)
+                expected_data[why] += 1
+
+        send_hostile()
+        expected = expected_data + expected_control
+        n_sent = sum(expected.values())
+        wait_until(lambda: sum(receiver.counters().rejected.values()) >= n_sent, 30, f"{n_sent} rejections")
+        counters = receiver.counters()
+        print(
+            f"\nhostile messages: {n_sent}; data socket: {dict(expected_data)}; control socket: {dict(expected_control)}"
+        )
+        assert counters.rejected == dict(expected)
+        assert set(counters.rejected) <= REASONS
+        assert n_sent >= 200, n_sent
+        assert counters.unique_received == counters.duplicates == counters.bytes_received == 0
+        assert not receiver.stored.any() and not sink.samples.any()
+        assert receiver.error is None and receiver._thread.is_alive()
+        # ... and it still takes a valid step afterwards.
+        good = protocol.encode_data(TOKEN, 0, 0, 1, b"u", np.ones(R_SHAPE, np.float32))
+        push.send_multipart(good)
+        wait_until(lambda: receiver.counters().unique_received == 1, 10, "the valid step")
+        assert receiver.error is None
+    finally:
+        push.close(linger=0)
+        dealer.close(linger=0)
+        receiver.stop()
