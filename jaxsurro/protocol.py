@@ -453,7 +453,8 @@ def encode_hello(token: bytes, sim_id: int, client_id: int, declaration: bytes |
 
 
 MAX_DECLARATION_BYTES = 4096
-# Slack added to the largest valid frame when capping inbound frames (ZMQ_MAXMSGSIZE, docs/protocol.md 6.1).
+# Slack added to the largest valid frame when capping inbound frames with ZMQ_MAXMSGSIZE
+# (docs/protocol.md, "Frame size limit").
 FRAME_LIMIT_MARGIN = 4096
 
 
