@@ -352,12 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     solver_cli.add_count_argument(parser, "--points", "N", DEFAULT_POINTS, "grid points", MIN_POINTS)
     solver_cli.add_time_arguments(parser, DEFAULT_STEPS, DEFAULT_DT, steps="output steps", dt="output time step")
-    parser.add_argument(
-        "--cfl",
-        type=solver_cli.parse_positive,
-        default=DEFAULT_CFL,
-        help=f"sub-step bound h |A| / dx <= CFL for the ETDRK4 sub-steps, > 0 (default {DEFAULT_CFL})",
-    )
+    solver_cli.add_positive_argument(parser, "--cfl", DEFAULT_CFL, "sub-step bound h |A| / dx")
     solver_cli.add_output_arguments(
         parser,
         trajectory="(T, 2, N) float64 trajectory ([:, 0] = u, [:, 1] = dudx, after output steps 1..T)",

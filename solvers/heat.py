@@ -546,12 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     solver_cli.add_count_argument(parser, "--grid-size", "M", DEFAULT_GRID_SIZE, "interior grid points per axis")
     solver_cli.add_time_arguments(parser, DEFAULT_STEPS, DEFAULT_DT, steps="time steps", dt="time step")
-    parser.add_argument(
-        "--alpha",
-        type=solver_cli.parse_positive,
-        default=DEFAULT_ALPHA,
-        help=f"thermal diffusivity, > 0 (default {DEFAULT_ALPHA})",
-    )
+    solver_cli.add_positive_argument(parser, "--alpha", DEFAULT_ALPHA, "thermal diffusivity")
     solver_cli.add_output_arguments(
         parser,
         trajectory="(T, M, M) float64 trajectory (field after steps 1..T)",

@@ -126,12 +126,17 @@ def add_count_argument(
     )
 
 
+def add_positive_argument(parser: argparse.ArgumentParser, flag: str, default: float, what: str) -> None:
+    """An option taking a finite number > 0; ``what`` starts its help."""
+    parser.add_argument(flag, type=parse_positive, default=default, help=f"{what}, > 0 (default {default})")
+
+
 def add_time_arguments(
     parser: argparse.ArgumentParser, default_steps: int, default_dt: float, steps: str, dt: str
 ) -> None:
     """``--steps T`` and ``--dt``; ``steps`` and ``dt`` name them in the help ("time steps", "time step")."""
     add_count_argument(parser, "--steps", "T", default_steps, f"number of {steps}")
-    parser.add_argument("--dt", type=parse_positive, default=default_dt, help=f"{dt}, > 0 (default {default_dt})")
+    add_positive_argument(parser, "--dt", default_dt, dt)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, trajectory: str, parameters: str, sent: str) -> None:

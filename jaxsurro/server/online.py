@@ -76,8 +76,7 @@ class TrainingStopped(Exception):
 
     def __init__(self, trainer: Trainer, steps: int):
         super().__init__(f"training stopped after {steps} batches")
-        self.trainer = trainer
-        self.steps = steps
+        self.trainer, self.steps = trainer, steps
 
 
 class PeerFailed(RuntimeError):

@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import zmq
@@ -163,18 +163,12 @@ class Receiver:
 
     @classmethod
     def from_config(
-        cls,
-        config: Config,
-        table: SimulationTable,
-        sink: Sink,
-        token: bytes,
-        *,
-        rank: int = 0,
-        n_ranks: int = 1,
-        context: zmq.Context | None = None,
-        known_simulations: Callable[[int], bool] | None = None,
+        cls, config: Config, table: SimulationTable, sink: Sink, token: bytes, **placement: Any
     ) -> Receiver:
-        """A receiver for the experiment's solver (fields, dtype, steps) on ``server.host``."""
+        """A receiver for the experiment's solver (fields, dtype, steps) on ``server.host``.
+
+        ``placement``: the constructor's ``rank``, ``n_ranks``, ``context`` and ``known_simulations``.
+        """
         solver = config.solver
         return cls(
             table=table,
@@ -184,11 +178,8 @@ class Receiver:
             wire_dtype=solver.wire_dtype,
             n_steps=solver.n_steps,
             host=config.server.host,
-            rank=rank,
-            n_ranks=n_ranks,
-            context=context,
-            known_simulations=known_simulations,
             assembly_slots=max(DEFAULT_ASSEMBLY_SLOTS, 4 * config.launcher.max_concurrent),
+            **placement,
         )
 
     # -- lifecycle ---------------------------------------------------------
