@@ -398,13 +398,10 @@ def test_client_mode_fails_inside_the_connection_on_wrong_parameters(monkeypatch
 
 
 def test_client_call_fits_the_real_connect_signature() -> None:
-    """jaxsurro.client.connect accepts fields=... (skipped until the extended client API lands)."""
+    """jaxsurro.client.connect accepts the fields= declaration the solver passes."""
     from jaxsurro import client
 
-    signature = inspect.signature(client.connect)
-    if "fields" not in signature.parameters:
-        pytest.skip("jaxsurro.client.connect has no fields= parameter yet")
-    signature.bind(fields={"u": (N_POINTS,), "dudx": (N_POINTS,)})
+    inspect.signature(client.connect).bind(fields={"u": (N_POINTS,), "dudx": (N_POINTS,)})
 
 
 # ----------------------------------------------------------------------------- command line

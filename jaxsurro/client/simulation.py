@@ -9,6 +9,7 @@ system: docs/architecture.md, sections "Data path" and "Wire protocol".
 
 from __future__ import annotations
 
+import abc
 import hmac
 import os
 import time
@@ -112,7 +113,7 @@ def _sim_text(sim_id: int) -> str:
     return "ANY" if sim_id == ANY_SIMULATION else str(sim_id)
 
 
-class SimulationContext:
+class SimulationContext(abc.ABC):
     """What Simulation and ParallelSimulation share: the `with` protocol and the count of steps sent.
 
     A subclass keeps the distinct time steps it sent in `_steps_sent` and defines finish() and abort().
@@ -125,13 +126,13 @@ class SimulationContext:
         """Number of distinct time steps sent so far (what FINISH reports; the same on every MPI rank)."""
         return len(self._steps_sent)
 
+    @abc.abstractmethod
     def finish(self) -> None:
         """Send FINISH and close (defined by each kind of simulation)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def abort(self) -> None:
         """Close without FINISH (defined by each kind of simulation)."""
-        raise NotImplementedError
 
     def __enter__(self) -> Self:
         """Use as a context manager: finish on success, abort on an exception."""
