@@ -451,6 +451,10 @@ class ServerConfig:
     startup_timeout: float = 3600.0  # seconds the other ranks wait for rank 0 to prepare (validation set)
     client_timeout: float = 60.0  # seconds a client waits for the server before failing
     receive_timeout: float = 600.0  # seconds without any message before the server reports a stall
+    # Rejected messages of any one reason as a share of all messages: above the first, a warning at every
+    # metrics record; above the second (once 100 messages arrived), the run stops rather than train on garbage.
+    alarm_rejection_fraction: float = 0.01
+    stop_rejection_fraction: float = 0.25
 
     def check(self, errors: list[str]) -> None:
         problem = host_problem(self.host)
@@ -458,6 +462,14 @@ class ServerConfig:
             errors.append(f"server.host ({self.host!r}) {problem}")
         for name in ("client_timeout", "startup_timeout", "receive_timeout"):
             _seconds(errors, f"server.{name}", getattr(self, name))
+        for name in ("alarm_rejection_fraction", "stop_rejection_fraction"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                errors.append(f"server.{name} ({getattr(self, name)}) must be a fraction in (0, 1]")
+        if self.alarm_rejection_fraction > self.stop_rejection_fraction:
+            errors.append(
+                f"server.alarm_rejection_fraction ({self.alarm_rejection_fraction}) must not exceed "
+                f"server.stop_rejection_fraction ({self.stop_rejection_fraction})"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,6 +71,7 @@ REJECTION_REASONS: tuple[str, ...] = (
     "bad_size",
     "non_finite",
     "field_mismatch",
+    "out_of_bounds",
 )
 # REJECT reason code for a HELLO asking for ANY_SIMULATION when none is left to hand out.
 NO_SIMULATION_LEFT = "no_simulation_left"
@@ -270,6 +271,7 @@ class _FieldSpec(NamedTuple):
     dtype: np.dtype
     dtype_code: int
     nbytes: int
+    bounds: tuple[float, float] | None  # the field's valid physical range, when declared
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +284,7 @@ class Expectation:
     rank: int
     n_ranks: int
     known_simulations: Callable[[int], bool] | Collection[int]  # predicate or container of sim ids
+    bounds: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # name -> valid [low, high]
     _specs: dict[bytes, _FieldSpec] = dataclasses.field(init=False, repr=False, compare=False)
     _is_known: Callable[[int], bool] = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -304,7 +307,9 @@ class Expectation:
             shape = tuple(int(d) for d in shape)
             if len(shape) > MAX_NDIM or any(not 0 <= d <= MAX_U32 for d in shape):
                 raise ValueError(f"field {name!r}: shape must have <= {MAX_NDIM} u32 dims, got {shape}")
-            specs[encoded] = _FieldSpec(name, shape, dtype, DTYPE_TO_CODE[dtype], math.prod(shape) * dtype.itemsize)
+            specs[encoded] = _FieldSpec(
+                name, shape, dtype, DTYPE_TO_CODE[dtype], math.prod(shape) * dtype.itemsize, self.bounds.get(name)
+            )
         if not specs:
             raise ValueError("an Expectation needs at least one field")
         known = self.known_simulations
@@ -391,6 +396,14 @@ def _validate_data(
             "non_finite",
             f"field {spec.name!r} of simulation {header.sim_id} step {time_step} contains NaN or inf",
         )
+    if spec.bounds is not None and view.size:
+        low, high = float(view.min()), float(view.max())
+        if low < spec.bounds[0] or high > spec.bounds[1]:
+            raise ProtocolError(
+                "out_of_bounds",
+                f"field {spec.name!r} of simulation {header.sim_id} step {time_step} spans [{low:.6g}, {high:.6g}], "
+                f"outside its declared bounds {list(spec.bounds)} ([[solver.fields]] bounds)",
+            )
     return spec, view
 
 

@@ -216,3 +216,27 @@ def test_a_solver_sending_an_undeclared_field_stops_the_run_naming_it(tmp_path, 
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "bogus" in result.stderr and "[[solver.fields]]" in result.stderr, result.stderr
+
+
+def test_a_run_whose_values_break_the_declared_bounds_stops_instead_of_training_on_them(tmp_path):
+    """Temperatures span [100, 500]; bounds of [100, 200] reject most steps as out_of_bounds: the run stops early."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxsurro.run",
+            "experiments/heat.toml",
+            "--no-progress",
+            "--set=solver.fields=[{name='temperature', shape=['{grid_size}', '{grid_size}'], bounds=[100.0, 200.0]}]",
+            "--set=study.n_simulations=12",
+            "--set=solver.grid_size=8",
+            "--set=train.n_validation=2",
+            *(f"--set={o}" for o in study_overrides(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "out_of_bounds" in result.stderr and "outside its declared bounds [100.0, 200.0]" in result.stderr

@@ -236,3 +236,14 @@ def test_tensorboard_event_files_hold_the_records_scalars(tmp_path):
     assert (10, "loss/train", 0.5) in scalars and (20, "loss/validation", 0.125) in scalars
     assert (10, "loss/train_u", 0.25) in scalars and (10, "loss/train_v", 0.75) in scalars
     assert not [s for s in scalars if s[0] == 20 and s[1] == "loss/train"]  # undefined values are left out
+
+
+def test_a_high_rejection_rate_warns_then_stops_the_run():
+    line = {"received": 94, "duplicates": 0, "rejected": {"out_of_bounds": 5, "bad_token": 1}}
+    warnings, stop = metrics.rejection_alarm(line, alarm=0.01, stop=0.25, minimum=100)
+    assert stop is None and len(warnings) == 1 and "out_of_bounds" in warnings[0]  # 5 %: alarm; 1 %: not above
+    line = {"received": 60, "duplicates": 0, "rejected": {"out_of_bounds": 40}}
+    _, stop = metrics.rejection_alarm(line, alarm=0.01, stop=0.25, minimum=100)
+    assert stop is not None and "40 of 100 messages (40%) were rejected as out_of_bounds" in stop
+    _, early = metrics.rejection_alarm({**line, "received": 50}, alarm=0.01, stop=0.25, minimum=100)
+    assert early is None  # 90 messages: too few to stop on

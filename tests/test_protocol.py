@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import numpy as np
@@ -177,6 +178,8 @@ def make_bad(reason: str) -> tuple[list, protocol.Expectation]:
     if reason == "non_finite":
         array[2, 3] = np.nan
         return data_frames(array=array), expectation()
+    if reason == "out_of_bounds":
+        return data_frames(), dataclasses.replace(expectation(), bounds={"temperature": (0.0, 1.0)})
     if reason == "field_mismatch":  # a HELLO declaring the field with another shape
         declaration = protocol.encode_declaration({"temperature": ((5, 4), np.float32)})
         return protocol.encode_hello(TOKEN, SIM, 11, declaration), expectation()
@@ -195,11 +198,11 @@ def test_every_rejection_reason_is_triggered(reason):
 
 
 def test_valid_data_passes_and_rejection_reasons_are_complete():
-    """The untouched message validates; REJECTION_REASONS lists exactly the thirteen codes."""
+    """The untouched message validates; REJECTION_REASONS lists exactly the fourteen codes."""
     message = protocol.validate_message(data_frames(), expectation())
     assert message.kind == protocol.DATA and message.field == "temperature" and message.client_id == 11
     np.testing.assert_array_equal(message.array, np.arange(20, dtype=np.float32).reshape(SHAPE))
-    assert len(set(protocol.REJECTION_REASONS)) == len(protocol.REJECTION_REASONS) == 13
+    assert len(set(protocol.REJECTION_REASONS)) == len(protocol.REJECTION_REASONS) == 14
 
 
 def test_a_field_declaration_round_trips_and_a_matching_one_is_accepted():
@@ -388,3 +391,13 @@ def test_token_hex_round_trip():
     for bad in ("", "abc", token.hex() + "00", "g" * 32):
         with pytest.raises(ValueError, match="32 hexadecimal"):
             protocol.token_from_hex(bad)
+
+
+def test_values_outside_a_fields_declared_bounds_are_rejected_as_out_of_bounds():
+    """The payload of data_frames() is 0..19: bounds [0, 19] hold it, [0, 18.5] do not."""
+    inside = dataclasses.replace(expectation(), bounds={"temperature": (0.0, 19.0)})
+    assert protocol.validate_message(data_frames(), inside).field == "temperature"
+    outside = dataclasses.replace(expectation(), bounds={"temperature": (0.0, 18.5)})
+    with pytest.raises(ProtocolError, match=r"spans \[0, 19\], outside its declared bounds \[0.0, 18.5\]") as caught:
+        protocol.validate_message(data_frames(), outside)
+    assert caught.value.reason == "out_of_bounds"

@@ -181,6 +181,27 @@ def _short(value: float) -> str:
     return f"{value:.0f}"
 
 
+def rejection_alarm(entry: Mapping[str, Any], alarm: float, stop: float, minimum: int) -> tuple[list[str], str | None]:
+    """Each rejection reason's share of all messages in a metrics line: warnings above ``alarm``, and the
+    reason to stop the run above ``stop`` (only once ``minimum`` messages arrived), else None."""
+    total = entry["received"] + entry["duplicates"] + sum(entry["rejected"].values())
+    warnings = []
+    for reason, count in sorted(entry["rejected"].items()):
+        share = count / max(total, 1)
+        if share > stop and total >= minimum:
+            return warnings, (
+                f"{count} of {total} messages ({share:.0%}) were rejected as {reason}, above "
+                f"server.stop_rejection_fraction ({stop:.0%}): the run stops rather than train on what is left; "
+                "the first rejection is described in server.log"
+            )
+        if share > alarm:
+            warnings.append(
+                f"{count} of {total} messages ({share:.1%}) rejected as {reason}: above "
+                f"server.alarm_rejection_fraction ({alarm:.1%})"
+            )
+    return warnings, None
+
+
 def strict_json(value: Any) -> Any:
     """``value`` with every non-finite float replaced by None, so that ``json.dumps`` writes strict JSON."""
     if isinstance(value, float):

@@ -103,6 +103,7 @@ class Receiver:
         context: zmq.Context | None = None,
         known_simulations: Callable[[int], bool] | None = None,
         assembly_slots: int = DEFAULT_ASSEMBLY_SLOTS,
+        bounds: Mapping[str, tuple[float, float]] | None = None,
     ):
         self.table = table
         self.sink = sink
@@ -116,6 +117,7 @@ class Receiver:
             rank=rank,
             n_ranks=n_ranks,
             known_simulations=known_simulations or table.is_known,
+            bounds=dict(bounds or {}),
         )
         # A step of one field is stored as it arrives; several fields are assembled first.
         self.assembler = StepAssembler(field_sizes(fields), assembly_slots) if len(fields) > 1 else None
@@ -179,6 +181,7 @@ class Receiver:
             n_steps=solver.n_steps,
             host=config.server.host,
             assembly_slots=max(DEFAULT_ASSEMBLY_SLOTS, 4 * config.launcher.max_concurrent),
+            bounds={field.name: field.bounds for field in solver.fields if field.bounds is not None},
             **placement,
         )
 
