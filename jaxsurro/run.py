@@ -246,7 +246,9 @@ def _run(
     summary = {"status": result.status, **result.summary}
     weights = [field.weight for field in config.solver.fields]
     summary["mean_field_validation_mse"] = validation_cache.mean_field_mse(validation, scaling, weights)
-    summary["per_step_mean_field_validation_mse"] = validation_cache.input_mean_mse(validation, scaling, weights)
+    summary["per_step_mean_field_validation_mse"] = validation_cache.per_step_mean_field_mse(
+        validation, scaling, weights
+    )
     summary["wall_time_s"] = time.monotonic() - started
     summary["run_dir"] = str(run_dir)
     (run_dir / rundir.SUMMARY).write_text(metrics.dumps(summary, indent=2) + "\n")

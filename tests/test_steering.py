@@ -18,7 +18,7 @@ from jaxsurro.run import plan_simulations
 from jaxsurro.server.distributed import World
 from jaxsurro.server.parallel import make_data_mesh
 from jaxsurro.server.steering import MOMENT_FLUSH_STEPS, Steering
-from jaxsurro.server.validation import ValidationSet, input_mean_mse, mean_field_mse
+from jaxsurro.server.validation import ValidationSet, mean_field_mse, per_step_mean_field_mse
 from jaxsurro.table import SimState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,7 +321,7 @@ def test_two_ranks_use_the_global_batch_moments():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_input_mean_mse_is_the_time_resolved_mean_field_baseline():
+def test_per_step_mean_field_mse_is_the_time_resolved_mean_field_baseline():
     rng = np.random.default_rng(0)
     n_sims, n_steps = 4, 3
     # Two fields of 2 and 3 elements; field 0 in [0, 2], field 1 in [-1, 1].
@@ -336,8 +336,10 @@ def test_input_mean_mse_is_the_time_resolved_mean_field_baseline():
     errors = (normalized - prediction) ** 2
     per_field = [errors[..., :2].mean(), errors[..., 2:].mean()]
     expected = (per_field[0] * 1.0 + per_field[1] * 3.0) / 4.0
-    assert input_mean_mse(validation, scaling, weights) == pytest.approx(expected, rel=1e-12)
+    assert per_step_mean_field_mse(validation, scaling, weights) == pytest.approx(expected, rel=1e-12)
     # It never loses to the single mean field, and wins when the field moves in time.
-    assert input_mean_mse(validation, scaling, weights) < mean_field_mse(validation, scaling, weights)
+    assert per_step_mean_field_mse(validation, scaling, weights) < mean_field_mse(validation, scaling, weights)
     constant = ValidationSet(validation.parameters, np.repeat(samples[:, :1], n_steps, axis=1))
-    assert input_mean_mse(constant, scaling, weights) == pytest.approx(mean_field_mse(constant, scaling, weights))
+    assert per_step_mean_field_mse(constant, scaling, weights) == pytest.approx(
+        mean_field_mse(constant, scaling, weights)
+    )

@@ -341,12 +341,7 @@ class OnlineTraining:
 
     def _checkpoint_and_stop(self) -> None:
         """Asked to stop: every rank writes a last checkpoint and waits for it, then the loop ends."""
-        self._writer.wait(self.collective_timeout)  # a checkpoint in flight ends first
-        if self._writing_step is not None:
-            self.world.sum(np.zeros(1, np.int64), self.collective_timeout, "the previous checkpoint")
-            if self.world.is_root:
-                checkpoint.finalize(self.checkpoints, self._writing_step, self.config.checkpoint.keep)
-            self._writing_step = None
+        self._complete_checkpoint_in_flight()  # a checkpoint in flight ends first
         self._copy_for_checkpoint(self.steps)()
         self.world.sum(np.zeros(1, np.int64), self.collective_timeout, "the last checkpoint")
         if self.world.is_root:

@@ -117,7 +117,7 @@ def mean_field_mse(validation: ValidationSet, scaling: Scaling, field_weights: S
     return float(per_field @ weights / weights.sum())
 
 
-def input_mean_mse(validation: ValidationSet, scaling: Scaling, field_weights: Sequence[float]) -> float:
+def per_step_mean_field_mse(validation: ValidationSet, scaling: Scaling, field_weights: Sequence[float]) -> float:
     """A stronger baseline: the MSE of predicting, at each time step, the validation set's mean field at that step.
 
     The "time-resolved mean field" predictor ignores the parameters and knows only the time:
