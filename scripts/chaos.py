@@ -77,14 +77,16 @@ def completed(run_dir: Path, in_checkpoint: bool) -> int:
     return json.loads(lines[-1])["simulations"]["done"] if lines else 0
 
 
-def wait_for(condition, what: str, process: subprocess.Popen | None = None) -> None:
+def wait_for(condition, what: str, process: subprocess.Popen | None = None):
+    """The first true value of ``condition()``, polled until DEADLINE_S; exits when ``process`` ends first."""
     deadline = time.monotonic() + DEADLINE_S
-    while not condition():
+    while not (value := condition()):
         if process is not None and process.poll() is not None:
             raise SystemExit(f"chaos: the run ended (exit {process.returncode}) before {what}")
         if time.monotonic() > deadline:
             raise SystemExit(f"chaos: gave up waiting {DEADLINE_S:.0f} s for {what}")
         time.sleep(0.05)  # polling a condition of another process
+    return value
 
 
 def first_step_after(log: Path, since: float) -> float | None:
@@ -131,10 +133,17 @@ def main() -> int:
                 return []
             return [pid for pid in children(server.pid) if pid not in killed_clients]
 
-        wait_for(alive, f"running client number {kill + 1}", server)
-        victim = alive()[0]
-        os.kill(victim, signal.SIGKILL)
-        killed_clients.append(victim)
+        def killed(k: int = kill) -> int | None:
+            """SIGKILLs one running client; None when each candidate exited before the signal reached it."""
+            for pid in alive(k):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:  # it finished between the listing and the signal
+                    continue
+                return pid
+            return None
+
+        killed_clients.append(wait_for(killed, f"running client number {kill + 1}", server))
     wait_for(lambda: completed(run_dir, True) >= planned // 3, "a checkpoint with a third completed", server)
     os.killpg(server.pid, signal.SIGKILL)
     server.wait(timeout=60)
