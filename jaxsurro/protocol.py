@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 MAGIC = b"JXSR"
-VERSION = 1
+# Version 2: DATA and FINISH carry the attempt's credential (from WELCOME) where version 1 carried the run token.
+VERSION = 2
 
 # Message kinds (header byte 6).
 HELLO = 1
@@ -39,6 +40,8 @@ CODE_TO_DTYPE: dict[int, np.dtype] = {DTYPE_FLOAT32: np.dtype("<f4"), DTYPE_FLOA
 DTYPE_TO_CODE: dict[np.dtype, int] = {dtype: code for code, dtype in CODE_TO_DTYPE.items()}
 
 TOKEN_BYTES = 16
+CREDENTIAL_BYTES = TOKEN_BYTES  # an attempt's credential travels in the header's token field
+SECRET_BYTES = 32  # the server's credential key; it never leaves the server's ranks
 MAX_NDIM = 4
 MAX_FIELD_NAME_BYTES = 64
 MAX_U32 = 2**32 - 1
@@ -62,6 +65,8 @@ REJECTION_REASONS: tuple[str, ...] = (
     "bad_magic",
     "bad_version",
     "bad_token",
+    "bad_credential",
+    "stale_attempt",
     "unknown_simulation",
     "time_step_out_of_range",
     "wrong_rank",
@@ -109,14 +114,15 @@ _ZERO_DIMS = (0, 0, 0, 0)
 
 
 class Welcome(NamedTuple):
-    """A decoded WELCOME: the simulation to run, where to send data, and its parameters."""
+    """A decoded WELCOME: the simulation to run, where to send data, its parameters and the attempt's credential."""
 
     sim_id: int
     client_id: int
-    token: bytes
+    token: bytes  # the run token (the client checks that the server holds it)
     n_steps: int | None  # None when the server did not state it
     addresses: tuple[str, ...]  # data address of each server rank, in rank order
     parameters: np.ndarray  # float64, shape (n_parameters,)
+    credential: bytes  # what this attempt's DATA and FINISH carry in the header's token field
 
 
 class Rejection(NamedTuple):
@@ -157,6 +163,81 @@ def token_from_hex(text: str) -> bytes:
             f"got {text!r} ({len(text)} characters)"
         )
     return token
+
+
+def new_secret() -> bytes:
+    """A fresh random key for :class:`AttemptCredentials` (one per server start, shared by its ranks only)."""
+    return secrets.token_bytes(SECRET_BYTES)
+
+
+_CREDENTIAL_TAG = b"jaxsurro attempt credential"
+_SIM_ATTEMPT = struct.Struct("<QI")
+
+
+def attempt_of(credential: bytes) -> int:
+    """The attempt number a credential claims (its first 4 bytes, little-endian u32; 0 is never issued)."""
+    return int.from_bytes(credential[:4], "little")
+
+
+class AttemptCredentials:
+    """Credentials bound to (simulation, attempt): what DATA and FINISH must carry instead of the run token.
+
+    A credential is the attempt number (u32, little-endian) followed by the first 12 bytes of
+    HMAC-SHA256(secret, tag || sim_id u64 || attempt u32). The secret never leaves the server, so a
+    holder of the run token cannot make one: it gets one only in the WELCOME to an accepted HELLO, and
+    the server welcomes one HELLO per attempt. Any server rank checks a credential with the secret
+    alone. A simulation's current attempt is the latest issued here (rank 0, at WELCOME) or seen valid
+    here (the other ranks, from its first message); a valid credential of an earlier attempt is stale.
+    The hot path is one dictionary lookup and a 16-byte comparison. Not thread-safe: the receiver
+    thread owns it.
+    """
+
+    def __init__(self, secret: bytes):
+        if len(secret) < TOKEN_BYTES:
+            raise ValueError(f"a credential secret has at least {TOKEN_BYTES} bytes, got {len(secret)}")
+        self._secret = bytes(secret)
+        self._current: dict[int, bytes] = {}  # sim_id -> its current attempt's credential
+
+    def make(self, sim_id: int, attempt: int) -> bytes:
+        """The credential of attempt ``attempt`` (>= 1) of simulation ``sim_id``."""
+        if not 1 <= attempt <= MAX_U32:
+            raise ValueError(f"an attempt number is in [1, 2**32), got {attempt}")
+        packed = _SIM_ATTEMPT.pack(sim_id, attempt)
+        digest = hmac.new(self._secret, _CREDENTIAL_TAG + packed, "sha256").digest()
+        return packed[8:] + digest[: CREDENTIAL_BYTES - 4]
+
+    def issue(self, sim_id: int, attempt: int) -> bytes:
+        """Rank 0, on WELCOME: the attempt's credential, which from now on is the simulation's current one."""
+        credential = self.make(sim_id, attempt)
+        current = self._current.get(sim_id)
+        if current is None or attempt_of(current) <= attempt:
+            self._current[sim_id] = credential
+        return credential
+
+    def check(self, sim_id: int, credential: bytes) -> None:
+        """ProtocolError ``bad_credential`` (not made with this server's secret for this simulation) or
+        ``stale_attempt`` (an earlier attempt's); a valid newer attempt becomes the current one."""
+        current = self._current.get(sim_id)
+        if current is not None and hmac.compare_digest(credential, current):
+            return
+        attempt = attempt_of(credential)
+        if attempt == 0 or not hmac.compare_digest(credential, self.make(sim_id, attempt)):
+            raise ProtocolError(
+                "bad_credential",
+                f"simulation {sim_id}: the message does not carry a credential this server issued for it "
+                "(DATA and FINISH carry the credential of the WELCOME, not the run token)",
+            )
+        if current is not None and attempt < attempt_of(current):
+            raise ProtocolError(
+                "stale_attempt",
+                f"simulation {sim_id}: a message of attempt {attempt}, which was given up for attempt "
+                f"{attempt_of(current)} (a leftover process of an earlier attempt)",
+            )
+        self._current[sim_id] = credential
+
+    def current_attempts(self) -> dict[int, int]:
+        """sim_id -> current attempt, as known here."""
+        return {sim_id: attempt_of(credential) for sim_id, credential in self._current.items()}
 
 
 def rank_for(sim_id: int, time_step: int, n_ranks: int) -> int:
@@ -276,7 +357,8 @@ class _FieldSpec(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Expectation:
-    """What one server rank accepts: run token, steps per simulation, fields, its rank, known simulations."""
+    """What one server rank accepts: run token (HELLO), attempt credentials (DATA, FINISH), steps per
+    simulation, fields, its rank, known simulations."""
 
     token: bytes
     n_steps: int
@@ -284,6 +366,7 @@ class Expectation:
     rank: int
     n_ranks: int
     known_simulations: Callable[[int], bool] | Collection[int]  # predicate or container of sim ids
+    credentials: AttemptCredentials  # this rank's view of every simulation's current attempt
     bounds: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # name -> valid [low, high]
     _specs: dict[bytes, _FieldSpec] = dataclasses.field(init=False, repr=False, compare=False)
     _is_known: Callable[[int], bool] = dataclasses.field(init=False, repr=False, compare=False)
@@ -319,13 +402,20 @@ class Expectation:
 
 
 def _check_sender(header: Header, expectation: Expectation, allow_any: bool = False) -> None:
-    """Token first (so nothing is revealed to a stranger), then the simulation id."""
+    """A HELLO's token first (so nothing is revealed to a stranger), then the simulation id."""
     if not hmac.compare_digest(header.token, expectation.token):
         raise ProtocolError("bad_token", "token does not match this run's token (JAXSURRO_TOKEN)")
     if allow_any and header.sim_id == ANY_SIMULATION:
         return
     if not expectation._is_known(header.sim_id):
         raise ProtocolError("unknown_simulation", f"simulation {header.sim_id} is not in this run")
+
+
+def _check_attempt(header: Header, expectation: Expectation) -> None:
+    """DATA and FINISH: the simulation id, then the credential of its current attempt."""
+    if not expectation._is_known(header.sim_id):
+        raise ProtocolError("unknown_simulation", f"simulation {header.sim_id} is not in this run")
+    expectation.credentials.check(header.sim_id, header.token)
 
 
 def _all_finite(view: np.ndarray) -> bool:
@@ -350,7 +440,7 @@ def _validate_data(
     """validate_data, also returning the matched field so callers need not look it up again."""
     if header.kind != DATA:
         raise ProtocolError("malformed", f"DATA expected, got {KIND_NAMES.get(header.kind, header.kind)}")
-    _check_sender(header, expectation)
+    _check_attempt(header, expectation)
     time_step = header.time_step
     if time_step >= expectation.n_steps:
         raise ProtocolError(
@@ -411,7 +501,7 @@ def validate_finish(header: Header, expectation: Expectation) -> int:
     """Check a FINISH message; return the number of time steps the client says it sent."""
     if header.kind != FINISH:
         raise ProtocolError("malformed", f"FINISH expected, got {KIND_NAMES.get(header.kind, header.kind)}")
-    _check_sender(header, expectation)
+    _check_attempt(header, expectation)
     if header.time_step > expectation.n_steps:
         raise ProtocolError(
             "time_step_out_of_range",
@@ -573,16 +663,20 @@ def encode_welcome(
     client_id: int,
     addresses: Sequence[str],
     parameters: np.ndarray,
+    credential: bytes,
     n_steps: int | None = None,
 ) -> list[bytes]:
-    """Frames of a WELCOME: header, newline-separated data addresses in rank order, float64 parameters."""
+    """Frames of a WELCOME: header, newline-separated data addresses in rank order, float64 parameters,
+    the attempt's credential."""
     parameters = np.ascontiguousarray(parameters, dtype="<f8")
     if parameters.ndim != 1:
         raise ValueError(f"parameters must be 1-D, got shape {parameters.shape}")
     if not addresses or any(not a or "\n" in a for a in addresses):
         raise ValueError(f"one non-empty address per rank, without newlines, expected; got {addresses!r}")
+    if len(credential) != CREDENTIAL_BYTES:
+        raise ValueError(f"a credential is {CREDENTIAL_BYTES} bytes, got {len(credential)}")
     header = encode_header(WELCOME, token, sim_id, n_steps or 0, client_id, DTYPE_FLOAT64, parameters.shape)
-    return [header, "\n".join(addresses).encode(), parameters.tobytes()]
+    return [header, "\n".join(addresses).encode(), parameters.tobytes(), bytes(credential)]
 
 
 def encode_reject(sim_id: int, client_id: int, reason: str, message: str) -> list[bytes]:
@@ -594,21 +688,22 @@ def encode_reject(sim_id: int, client_id: int, reason: str, message: str) -> lis
 
 
 def encode_data(
-    token: bytes, sim_id: int, time_step: int, client_id: int, field: bytes, array: np.ndarray
+    credential: bytes, sim_id: int, time_step: int, client_id: int, field: bytes, array: np.ndarray
 ) -> list[Any]:
-    """Frames of a DATA message; `array` must be C-contiguous float32/float64 and is not copied."""
+    """Frames of a DATA message carrying the attempt's ``credential``; `array` must be C-contiguous
+    float32/float64 and is not copied."""
     code = DTYPE_TO_CODE.get(array.dtype)
     if code is None or not array.flags.c_contiguous:
         raise ValueError(
             f"payload must be a C-contiguous little-endian float32/float64 array, got {array.dtype} "
             f"(C-contiguous: {array.flags.c_contiguous})"
         )
-    return [encode_header(DATA, token, sim_id, time_step, client_id, code, array.shape), field, array]
+    return [encode_header(DATA, credential, sim_id, time_step, client_id, code, array.shape), field, array]
 
 
-def encode_finish(token: bytes, sim_id: int, client_id: int, n_steps_sent: int) -> list[bytes]:
+def encode_finish(credential: bytes, sim_id: int, client_id: int, n_steps_sent: int) -> list[bytes]:
     """Frames of a FINISH: the client is done with `sim_id` and sent `n_steps_sent` distinct steps."""
-    return [encode_header(FINISH, token, sim_id, n_steps_sent, client_id)]
+    return [encode_header(FINISH, credential, sim_id, n_steps_sent, client_id)]
 
 
 def decode_reply(frames: Sequence[Any]) -> Welcome | Rejection:
@@ -624,8 +719,8 @@ def decode_reply(frames: Sequence[Any]) -> Welcome | Rejection:
         return Rejection(header.sim_id, header.client_id, reason if separator else "rejected", text)
     if header.kind != WELCOME:
         raise ProtocolError("malformed", f"WELCOME or REJECT expected, got {KIND_NAMES[header.kind]}")
-    if len(frames) != 3:
-        raise ProtocolError("malformed", f"WELCOME has 3 frames, got {len(frames)}")
+    if len(frames) != 4:
+        raise ProtocolError("malformed", f"WELCOME has 4 frames, got {len(frames)}")
     if header.dtype_code != DTYPE_FLOAT64 or header.ndim != 1:
         raise ProtocolError(
             "malformed",
@@ -641,4 +736,9 @@ def decode_reply(frames: Sequence[Any]) -> Welcome | Rejection:
     if not all(addresses):
         raise ProtocolError("malformed", f"WELCOME has an empty data address: {addresses!r}")
     parameters = np.frombuffer(raw, dtype="<f8").astype(np.float64)  # owned, native-order copy
-    return Welcome(header.sim_id, header.client_id, header.token, header.time_step or None, addresses, parameters)
+    credential = bytes(_buffer(frames[3]))
+    if len(credential) != CREDENTIAL_BYTES:
+        raise ProtocolError("malformed", f"a WELCOME's credential is {CREDENTIAL_BYTES} bytes, got {len(credential)}")
+    return Welcome(
+        header.sim_id, header.client_id, header.token, header.time_step or None, addresses, parameters, credential
+    )

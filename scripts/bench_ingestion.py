@@ -1,8 +1,8 @@
 """Server ingestion (decode, validate, dedupe, buffer insert) against raw pyzmq PUSH/PULL of the same frames.
 
 What is measured (docs/architecture.md, "Performance"): a separate sender process pushes N pre-encoded
-DATA messages (``protocol.encode_data``, distinct (sim_id, time_step) pairs, the run's token) over TCP
-loopback, with the client's send high-water mark, to
+DATA messages (``protocol.encode_data``, distinct (sim_id, time_step) pairs, each with its attempt
+credential) over TCP loopback, with the client's send high-water mark, to
 
 * the limit: a plain PULL socket with the receiver's receive high-water mark that only receives
   them, with the receiver's receive call (``recv_multipart(copy=False)``);
@@ -12,7 +12,7 @@ loopback, with the client's send high-water mark, to
 * ours: the library's receive path, a ``jaxsurro.server.receiver.Receiver`` built by
   ``Receiver.from_config`` (experiments/heat.toml with the field size of each run) whose sink is a
   ``BufferSink`` over a FIFO buffer that holds all N samples, so the sink never blocks. Every message
-  is decoded, validated (token, simulation, step, rank, field, dtype, shape, size, finite values),
+  is decoded, validated (credential, simulation, step, rank, field, dtype, shape, size, finite values),
   checked against the deduplication record and copied into the buffer.
 
 Rates are (N - 1) / (time of the last message - time of the first): for ours the receiver's own
@@ -107,17 +107,24 @@ class Sender(NamedTuple):
 
 def send_messages(
     address: str,
-    token: bytes,
+    secret: bytes,
     field: str,
     field_shape: tuple[int, ...],
     n_messages: int,
     report: multiprocessing.connection.Connection,
 ) -> None:
-    """Sender process: encode N DATA messages up front, push them as fast as the peer takes them, report CPU."""
+    """Sender process: encode N DATA messages up front, push them as fast as the peer takes them, report CPU.
+
+    Each simulation's messages carry attempt 1's credential, made with the server's ``secret`` (what the
+    WELCOME would have handed each client)."""
     rng = np.random.default_rng(1)
     payloads = [rng.random(field_shape, dtype=np.float32) for _ in range(DISTINCT_PAYLOADS)]
+    credentials = protocol.AttemptCredentials(secret)
+    issued = [credentials.make(sim_id, 1) for sim_id in range(math.ceil(n_messages / N_STEPS))]
     messages = [
-        protocol.encode_data(token, i // N_STEPS, i % N_STEPS, 7, field.encode(), payloads[i % DISTINCT_PAYLOADS])
+        protocol.encode_data(
+            issued[i // N_STEPS], i // N_STEPS, i % N_STEPS, 7, field.encode(), payloads[i % DISTINCT_PAYLOADS]
+        )
         for i in range(n_messages)
     ]
     cpu_start = time.process_time()
@@ -134,12 +141,12 @@ def send_messages(
     report.send(time.process_time() - cpu_start)  # all threads of this process, I/O thread included
 
 
-def start_sender(address: str, token: bytes, field: str, field_shape: tuple[int, ...], n_messages: int) -> Sender:
+def start_sender(address: str, secret: bytes, field: str, field_shape: tuple[int, ...], n_messages: int) -> Sender:
     """The sender as a fresh (spawned) process, so it shares no interpreter or GIL with the receiver."""
     context = multiprocessing.get_context("spawn")
     report, child_end = context.Pipe(duplex=False)
     process = context.Process(
-        target=send_messages, args=(address, token, field, field_shape, n_messages, child_end), daemon=True
+        target=send_messages, args=(address, secret, field, field_shape, n_messages, child_end), daemon=True
     )
     process.start()
     child_end.close()
@@ -197,7 +204,7 @@ def run_raw(config: Config, n_messages: int, copy_into_rows: bool) -> Rate:
     rows = np.full((n_messages if copy_into_rows else 1, math.prod(field_shape)), 0.0, dtype=np.float32)
     pull, address = plain_pull()
     sender = start_sender(
-        address, protocol.new_token(), next(iter(config.solver.field_shapes)), field_shape, n_messages
+        address, protocol.new_secret(), next(iter(config.solver.field_shapes)), field_shape, n_messages
     )
     deadline = time.monotonic() + DEADLINE_S
     cpu_start = time.process_time()
@@ -243,27 +250,32 @@ def submitted_table(config: Config, n_messages: int, rng: np.random.Generator) -
 
 
 def make_receiver(
-    config: Config, n_messages: int, token: bytes, rng: np.random.Generator
+    config: Config, n_messages: int, secret: bytes, rng: np.random.Generator
 ) -> tuple[Receiver, FIFOBuffer]:
-    """The library's receiver into a BufferSink over a FIFO that holds every message (the sink never blocks)."""
+    """The library's receiver into a BufferSink over a FIFO that holds every message (the sink never blocks).
+
+    Every simulation's attempt 1 is issued its credential, as rank 0 does when it welcomes the client."""
     solver = config.solver
     table = submitted_table(config, n_messages, rng)
     buffer = FIFOBuffer(
         capacity=n_messages, watermark=0, input_dim=len(solver.parameters) + 1, field_size=solver.sample_size, seed=0
     )
     sink = BufferSink(buffer, table, solver.n_steps, solver.dt)
-    return Receiver.from_config(config, table, sink, token), buffer
+    receiver = Receiver.from_config(config, table, sink, protocol.new_token(), secret)
+    for record in table:
+        receiver.credentials.issue(record.sim_id, 1)
+    return receiver, buffer
 
 
 def run_ours(config: Config, n_messages: int, rng: np.random.Generator) -> Rate:
     """The server's receive path: Receiver thread -> validate -> dedupe -> BufferSink -> FIFO buffer."""
-    token = protocol.new_token()
-    receiver, buffer = make_receiver(config, n_messages, token, rng)
+    secret = protocol.new_secret()
+    receiver, buffer = make_receiver(config, n_messages, secret, rng)
     receiver.start()
     try:
         sender = start_sender(
             receiver.data_address,
-            token,
+            secret,
             next(iter(config.solver.field_shapes)),
             next(iter(config.solver.field_shapes.values())),
             n_messages,
@@ -303,13 +315,13 @@ def breakdown(config: Config, rng: np.random.Generator) -> dict[str, float]:
     """Microseconds per message of each step of the library's receive path, on hot frames in this process."""
     field_shape = next(iter(config.solver.field_shapes.values()))
     n_messages = BREAKDOWN_MESSAGES[field_shape]
-    token = protocol.new_token()
-    receiver, _ = make_receiver(config, n_messages, token, rng)  # never started: its checks and sink, called here
+    secret = protocol.new_secret()
+    receiver, _ = make_receiver(config, n_messages, secret, rng)  # never started: its checks and sink, called here
     receiver.stop()  # closes its sockets
     expectation, sink = receiver.expectation, receiver.sink
     pool = 8  # a few distinct received messages, reused so that the timing sees hot caches
     pull, address = plain_pull()
-    sender = start_sender(address, token, next(iter(config.solver.field_shapes)), field_shape, pool)
+    sender = start_sender(address, secret, next(iter(config.solver.field_shapes)), field_shape, pool)
     deadline = time.monotonic() + DEADLINE_S
     received = [receive(pull, sender, deadline) for _ in range(pool)]
     pull.close()

@@ -437,7 +437,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     for core in sorted(ingest_cores or ()):
         context.set(zmq.THREAD_AFFINITY_CPU_ADD, core)  # the I/O thread is started with the first socket
     receiver = Receiver.from_config(
-        config, table, BufferSink(buffer, table, solver.n_steps, solver.dt), protocol.new_token(), context=context
+        config,
+        table,
+        BufferSink(buffer, table, solver.n_steps, solver.dt),
+        protocol.new_token(),
+        protocol.new_secret(),
+        context=context,
     )
     names = ["limit (device-resident batches)"]
     if idle_buffer is not None:

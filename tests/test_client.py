@@ -57,8 +57,13 @@ class FakeServer:
             self.addresses.append(f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}")
             self.pulls.append(pull)
         fields = {"temperature": (shape, dtype)}
+        # One credential check per rank, as every server rank holds the same secret.
+        secret = protocol.new_secret()
         self.expectations = [
-            protocol.Expectation(self.token, n_steps, fields, rank, n_ranks, set(sim_ids)) for rank in range(n_ranks)
+            protocol.Expectation(
+                self.token, n_steps, fields, rank, n_ranks, set(sim_ids), protocol.AttemptCredentials(secret)
+            )
+            for rank in range(n_ranks)
         ]
         self.unassigned = list(sim_ids)
         self.received: list[list[protocol.Received]] = [[] for _ in range(n_ranks)]
@@ -120,8 +125,9 @@ class FakeServer:
             else:
                 if sim_id in self.unassigned:
                     self.unassigned.remove(sim_id)
+                credential = self.expectations[0].credentials.issue(sim_id, 1)
                 reply = protocol.encode_welcome(
-                    self.token, sim_id, header.client_id, self.addresses, self.parameters, self.n_steps
+                    self.token, sim_id, header.client_id, self.addresses, self.parameters, credential, self.n_steps
                 )
         self.router.send_multipart([routing_id, *reply])
         with self.condition:

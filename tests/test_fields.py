@@ -50,7 +50,9 @@ def test_a_step_of_a_1d_float64_a_3d_and_a_scalar_field_is_stored_whole_and_trai
     assert config.solver.sample_size == 7 + 24 + 1
     table = submitted_table(2)
     buffer = FIFOBuffer(capacity=8, watermark=0, input_dim=3, field_size=config.solver.sample_size, seed=0)
-    receiver = Receiver.from_config(config, table, BufferSink(buffer, table, 3, config.solver.dt), protocol.new_token())
+    receiver = Receiver.from_config(
+        config, table, BufferSink(buffer, table, 3, config.solver.dt), protocol.new_token(), protocol.new_secret()
+    )
     receiver.start()
     rng = np.random.default_rng(0)
     sent = {t: {name: rng.normal(size=shape) for name, shape in MIXED.items()} for t in range(3)}
@@ -89,6 +91,7 @@ def test_a_declaration_that_differs_from_the_experiment_is_refused_at_hello_nami
         table=table,
         sink=BufferSink(FIFOBuffer(4, 0, 3, 8, 0), table, 2, 0.1),
         token=protocol.new_token(),
+        secret=protocol.new_secret(),
         fields={"u": (4,), "dudx": (4,)},
         wire_dtype="float64",
         n_steps=2,
@@ -122,6 +125,7 @@ def test_the_client_refuses_to_send_a_field_or_shape_it_did_not_declare():
         table=table,
         sink=BufferSink(FIFOBuffer(4, 0, 3, 4, 0), table, 2, 0.1),
         token=protocol.new_token(),
+        secret=protocol.new_secret(),
         fields={"u": (4,)},
         wire_dtype="float32",
         n_steps=2,

@@ -231,6 +231,7 @@ def test_client_mode_streams_every_step_to_a_real_server() -> None:
         table=table,
         sink=sink,
         token=protocol.new_token(),
+        secret=protocol.new_secret(),
         fields={"temperature": (grid, grid)},
         wire_dtype="float64",
         n_steps=steps,

@@ -110,6 +110,7 @@ def test_oversized_frames_from_peers_without_the_token_do_not_grow_the_servers_m
         table=table,
         sink=sink,
         token=protocol.new_token(),
+        secret=protocol.new_secret(),
         fields={"u": SHAPE},
         wire_dtype="float32",
         n_steps=N_STEPS,

@@ -92,11 +92,13 @@ class Server:
         self.sink = ValidationSink(1, n_steps, int(np.prod(field_shape)))
         self.sink.samples = np.zeros((1, n_steps, int(np.prod(field_shape))))  # float64, to compare to 1e-10
         self.token = protocol.new_token()
+        secret = protocol.new_secret()  # one per server, every rank's
         self.receivers = [
             Receiver(
                 table=self.table,
                 sink=self.sink,
                 token=self.token,
+                secret=secret,
                 fields={"temperature": field_shape},
                 wire_dtype="float64",
                 n_steps=n_steps,

@@ -13,6 +13,7 @@ from jaxsurro import protocol
 from jaxsurro.protocol import ProtocolError
 
 TOKEN = bytes(range(16))
+SECRET = bytes(range(100, 132))
 SIM = 7
 N_RANKS = 3
 SHAPE = (4, 5)
@@ -21,7 +22,13 @@ N_STEPS = 10
 
 def expectation(rank: int = 0, dtype: str = "float32", known=frozenset({SIM, 8, 9})) -> protocol.Expectation:
     """Rank `rank` of N_RANKS expecting one 'temperature' field of SHAPE."""
-    return protocol.Expectation(TOKEN, N_STEPS, {"temperature": (SHAPE, dtype)}, rank, N_RANKS, known)
+    credentials = protocol.AttemptCredentials(SECRET)
+    return protocol.Expectation(TOKEN, N_STEPS, {"temperature": (SHAPE, dtype)}, rank, N_RANKS, known, credentials)
+
+
+def credential(sim_id: int = SIM, attempt: int = 1) -> bytes:
+    """What the server's WELCOME gives attempt ``attempt`` of ``sim_id``."""
+    return protocol.AttemptCredentials(SECRET).make(sim_id, attempt)
 
 
 def step_for_rank(rank: int, sim_id: int = SIM) -> int:
@@ -37,7 +44,7 @@ def data_frames(time_step: int | None = None, array: np.ndarray | None = None, *
         array = np.arange(20, dtype=np.float32).reshape(SHAPE)
     fields = dict(
         kind=protocol.DATA,
-        token=TOKEN,
+        token=credential(header_changes.get("sim_id", SIM)),
         sim_id=SIM,
         time_step=time_step,
         client_id=11,
@@ -66,11 +73,11 @@ def test_header_round_trip_and_byte_layout(kind, sim_id, time_step, client_id, d
     frame = protocol.encode_header(kind, TOKEN, sim_id, time_step, client_id, dtype_code, shape)
     assert len(frame) == 64
     header = protocol.decode_header(frame)
-    assert header == protocol.Header(kind, dtype_code, TOKEN, sim_id, time_step, client_id, shape, 1)
+    assert header == protocol.Header(kind, dtype_code, TOKEN, sim_id, time_step, client_id, shape, 2)
     assert header.ndim == len(shape)
     # The documented byte table, read independently of HEADER_FORMAT.
     assert frame[0:4] == b"JXSR"
-    assert struct.unpack_from("<H", frame, 4)[0] == 1
+    assert struct.unpack_from("<H", frame, 4)[0] == 2
     assert frame[6] == kind and frame[7] == dtype_code
     assert frame[8:24] == TOKEN
     assert struct.unpack_from("<Q", frame, 24)[0] == sim_id
@@ -128,7 +135,7 @@ def corrupt(offset: int, value: bytes) -> bytes:
         (bytes(63), "malformed"),
         (protocol.encode_header(protocol.DATA, TOKEN, 1) + b"\0", "malformed"),
         (corrupt(0, b"JXSX"), "bad_magic"),
-        (corrupt(4, struct.pack("<H", 2)), "bad_version"),
+        (corrupt(4, struct.pack("<H", 1)), "bad_version"),
         (corrupt(6, b"\x09"), "malformed"),  # unknown kind
         (corrupt(40, b"\x05"), "malformed"),  # ndim > 4
         (corrupt(42, b"\x01"), "malformed"),  # reserved byte
@@ -156,7 +163,13 @@ def make_bad(reason: str) -> tuple[list, protocol.Expectation]:
         frames = data_frames()
         return [frames[0][:4] + struct.pack("<H", 99) + frames[0][6:], *frames[1:]], expectation()
     if reason == "bad_token":
-        return data_frames(token=bytes(16)), expectation()
+        return protocol.encode_hello(bytes(16), SIM, 11), expectation()
+    if reason == "bad_credential":
+        return data_frames(token=TOKEN), expectation()  # the run token is no credential
+    if reason == "stale_attempt":
+        current = expectation()
+        current.credentials.issue(SIM, 2)
+        return data_frames(token=credential(SIM, 1)), current
     if reason == "unknown_simulation":
         sim = 1000
         return data_frames(time_step=step_for_rank(0, sim), sim_id=sim), expectation()
@@ -190,7 +203,7 @@ def make_bad(reason: str) -> tuple[list, protocol.Expectation]:
 def test_every_rejection_reason_is_triggered(reason):
     """Each crafted bad message is rejected with its own reason, and the valid one passes."""
     frames, expected = make_bad(reason)
-    validate = protocol.validate_hello if reason == "field_mismatch" else protocol.validate_message
+    validate = protocol.validate_hello if reason in ("field_mismatch", "bad_token") else protocol.validate_message
     with pytest.raises(ProtocolError) as caught:
         validate(frames, expected)
     assert caught.value.reason == reason, caught.value
@@ -198,11 +211,11 @@ def test_every_rejection_reason_is_triggered(reason):
 
 
 def test_valid_data_passes_and_rejection_reasons_are_complete():
-    """The untouched message validates; REJECTION_REASONS lists exactly the fourteen codes."""
+    """The untouched message validates; REJECTION_REASONS lists exactly the sixteen codes."""
     message = protocol.validate_message(data_frames(), expectation())
     assert message.kind == protocol.DATA and message.field == "temperature" and message.client_id == 11
     np.testing.assert_array_equal(message.array, np.arange(20, dtype=np.float32).reshape(SHAPE))
-    assert len(set(protocol.REJECTION_REASONS)) == len(protocol.REJECTION_REASONS) == 14
+    assert len(set(protocol.REJECTION_REASONS)) == len(protocol.REJECTION_REASONS) == 16
 
 
 def test_a_field_declaration_round_trips_and_a_matching_one_is_accepted():
@@ -298,19 +311,22 @@ def test_zero_copy_through_real_zmq_frames():
 
 def test_finish_message():
     """FINISH reports the client's step count; a count above n_steps is out of range; extra frames are malformed."""
-    finish = protocol.encode_finish(TOKEN, SIM, 4, N_STEPS)
+    finish = protocol.encode_finish(credential(), SIM, 4, N_STEPS)
     message = protocol.validate_message(finish, expectation(rank=2))
     assert (message.kind, message.sim_id, message.time_step, message.client_id) == (protocol.FINISH, SIM, N_STEPS, 4)
     assert message.field is None and message.array is None
     with pytest.raises(ProtocolError) as caught:
-        protocol.validate_message(protocol.encode_finish(TOKEN, SIM, 4, N_STEPS + 1), expectation())
+        protocol.validate_message(protocol.encode_finish(credential(), SIM, 4, N_STEPS + 1), expectation())
     assert caught.value.reason == "time_step_out_of_range"
     with pytest.raises(ProtocolError) as caught:
         protocol.validate_message([*finish, b"extra"], expectation())
     assert caught.value.reason == "malformed"
     with pytest.raises(ProtocolError) as caught:
-        protocol.validate_message(protocol.encode_finish(bytes(16), SIM, 4, 1), expectation())
-    assert caught.value.reason == "bad_token"
+        protocol.validate_message(protocol.encode_finish(TOKEN, SIM, 4, 1), expectation())
+    assert caught.value.reason == "bad_credential"
+    with pytest.raises(ProtocolError) as caught:  # a credential of another simulation
+        protocol.validate_message(protocol.encode_finish(credential(8), SIM, 4, 1), expectation())
+    assert caught.value.reason == "bad_credential"
 
 
 def test_control_messages_on_the_data_socket_are_malformed():
@@ -330,13 +346,19 @@ def test_hello_welcome_reject_round_trip():
 
     addresses = ("tcp://node1:6000", "tcp://node2:6001")
     parameters = np.array([0.5, 2.0, -1.0])
-    welcome = protocol.decode_reply(protocol.encode_welcome(TOKEN, SIM, 5, addresses, parameters, N_STEPS))
+    welcome = protocol.decode_reply(
+        protocol.encode_welcome(TOKEN, SIM, 5, addresses, parameters, credential(), N_STEPS)
+    )
     assert isinstance(welcome, protocol.Welcome)
     assert (welcome.sim_id, welcome.client_id, welcome.token, welcome.n_steps) == (SIM, 5, TOKEN, N_STEPS)
+    assert welcome.credential == credential()
     assert welcome.addresses == addresses
     np.testing.assert_array_equal(welcome.parameters, parameters)
     assert welcome.parameters.dtype == np.float64 and welcome.parameters.flags.writeable
-    assert protocol.decode_reply(protocol.encode_welcome(TOKEN, SIM, 5, addresses, parameters)).n_steps is None
+    assert (
+        protocol.decode_reply(protocol.encode_welcome(TOKEN, SIM, 5, addresses, parameters, credential())).n_steps
+        is None
+    )
 
     reject = protocol.encode_reject(SIM, 5, "bad_token", "token does not match")
     assert reject[0][8:24] == bytes(16)
@@ -345,9 +367,9 @@ def test_hello_welcome_reject_round_trip():
 
 def test_welcome_with_wrong_parameter_size_is_rejected():
     """A WELCOME whose parameter frame disagrees with its header is not trusted."""
-    frames = protocol.encode_welcome(TOKEN, SIM, 5, ["tcp://a:1"], np.zeros(3))
+    frames = protocol.encode_welcome(TOKEN, SIM, 5, ["tcp://a:1"], np.zeros(3), credential())
     with pytest.raises(ProtocolError) as caught:
-        protocol.decode_reply([frames[0], frames[1], frames[2][:-8]])
+        protocol.decode_reply([frames[0], frames[1], frames[2][:-8], frames[3]])
     assert caught.value.reason == "bad_size"
 
 
@@ -373,14 +395,20 @@ def test_expectation_checks_its_settings():
     """Bad expectations fail at construction, with the offending value."""
     fields = {"temperature": (SHAPE, "float32")}
     with pytest.raises(ValueError, match="token"):
-        protocol.Expectation(b"short", N_STEPS, fields, 0, 1, {1})
+        protocol.Expectation(b"short", N_STEPS, fields, 0, 1, {1}, protocol.AttemptCredentials(SECRET))
     with pytest.raises(ValueError, match="rank"):
-        protocol.Expectation(TOKEN, N_STEPS, fields, 2, 2, {1})
+        protocol.Expectation(TOKEN, N_STEPS, fields, 2, 2, {1}, protocol.AttemptCredentials(SECRET))
     with pytest.raises(ValueError, match="float32 or float64"):
-        protocol.Expectation(TOKEN, N_STEPS, {"temperature": (SHAPE, "int32")}, 0, 1, {1})
+        protocol.Expectation(
+            TOKEN, N_STEPS, {"temperature": (SHAPE, "int32")}, 0, 1, {1}, protocol.AttemptCredentials(SECRET)
+        )
     with pytest.raises(ValueError, match="field name"):
-        protocol.Expectation(TOKEN, N_STEPS, {"x" * 65: (SHAPE, "float32")}, 0, 1, {1})
-    predicate = protocol.Expectation(TOKEN, N_STEPS, fields, 0, 1, lambda sim: sim < 3)
+        protocol.Expectation(
+            TOKEN, N_STEPS, {"x" * 65: (SHAPE, "float32")}, 0, 1, {1}, protocol.AttemptCredentials(SECRET)
+        )
+    predicate = protocol.Expectation(
+        TOKEN, N_STEPS, fields, 0, 1, lambda sim: sim < 3, protocol.AttemptCredentials(SECRET)
+    )
     assert predicate._is_known(2) and not predicate._is_known(3)
 
 
@@ -401,3 +429,26 @@ def test_values_outside_a_fields_declared_bounds_are_rejected_as_out_of_bounds()
     with pytest.raises(ProtocolError, match=r"spans \[0, 19\], outside its declared bounds \[0.0, 18.5\]") as caught:
         protocol.validate_message(data_frames(), outside)
     assert caught.value.reason == "out_of_bounds"
+
+
+def test_attempt_credentials_bind_simulation_and_attempt_and_the_latest_attempt_wins():
+    """A credential is valid for its simulation only, made with the server's secret only; once a later
+    attempt is issued (rank 0) or seen (another rank), the earlier attempt's credential is stale."""
+    issuer, other_rank = protocol.AttemptCredentials(SECRET), protocol.AttemptCredentials(SECRET)
+    first = issuer.issue(SIM, 1)
+    assert protocol.attempt_of(first) == 1 and len(first) == protocol.CREDENTIAL_BYTES
+    other_rank.check(SIM, first)  # any rank verifies it with the secret alone
+    for forged in (TOKEN, protocol.AttemptCredentials(bytes(32)).make(SIM, 1), issuer.make(8, 1), bytes(16)):
+        with pytest.raises(ProtocolError) as caught:
+            issuer.check(SIM, forged)
+        assert caught.value.reason == "bad_credential"
+    second = issuer.issue(SIM, 2)
+    with pytest.raises(ProtocolError) as caught:
+        issuer.check(SIM, first)
+    assert caught.value.reason == "stale_attempt"
+    other_rank.check(SIM, first)  # this rank has not heard of attempt 2 yet ...
+    other_rank.check(SIM, second)  # ... and now it has
+    with pytest.raises(ProtocolError) as caught:
+        other_rank.check(SIM, first)
+    assert caught.value.reason == "stale_attempt"
+    assert issuer.current_attempts() == other_rank.current_attempts() == {SIM: 2}

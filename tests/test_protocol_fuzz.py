@@ -32,9 +32,11 @@ OTHER_TOKEN = bytes(b ^ 0xFF for b in TOKEN)  # differs from TOKEN in every byte
 N_STEPS = 5
 KNOWN = frozenset({0, 1, 2})
 FIELDS = {"u": ((4, 3), np.dtype("<f4")), "w": ((2,), np.dtype("<f8"))}
+CREDENTIALS = protocol.AttemptCredentials(bytes(range(50, 82)))
 EXPECTATION = protocol.Expectation(
-    token=TOKEN, n_steps=N_STEPS, fields=FIELDS, rank=1, n_ranks=2, known_simulations=KNOWN
+    token=TOKEN, n_steps=N_STEPS, fields=FIELDS, rank=1, n_ranks=2, known_simulations=KNOWN, credentials=CREDENTIALS
 )
+ISSUED = {sim_id: CREDENTIALS.issue(sim_id, 1) for sim_id in KNOWN}  # each known simulation's attempt 1
 REASONS = set(protocol.REJECTION_REASONS) | {"malformed"}
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -42,8 +44,8 @@ frames_st = st.lists(st.binary(max_size=300), max_size=5)
 
 
 @st.composite
-def valid_data(draw, token=TOKEN) -> list[bytes]:
-    """A DATA message that validates at rank 1 of 2 (with TOKEN)."""
+def valid_data(draw, forged: bytes | None = None) -> list[bytes]:
+    """A DATA message that validates at rank 1 of 2 (with its simulation's credential, unless ``forged``)."""
     name = draw(st.sampled_from(sorted(FIELDS)))
     shape, dtype = FIELDS[name]
     sim_id = draw(st.sampled_from(sorted(KNOWN)))
@@ -51,15 +53,17 @@ def valid_data(draw, token=TOKEN) -> list[bytes]:
     values = draw(st.lists(st.floats(-1e6, 1e6), min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
     array = np.asarray(values, dtype=dtype).reshape(shape)
     header, field, payload = protocol.encode_data(
-        token, sim_id, step, draw(st.integers(0, 2**32 - 1)), name.encode(), array
+        forged or ISSUED[sim_id], sim_id, step, draw(st.integers(0, 2**32 - 1)), name.encode(), array
     )
     return [header, field, payload.tobytes()]
 
 
 @st.composite
-def valid_finish(draw, token=TOKEN) -> list[bytes]:
+def valid_finish(draw, forged: bytes | None = None) -> list[bytes]:
     sim_id = draw(st.sampled_from(sorted(KNOWN)))
-    return protocol.encode_finish(token, sim_id, draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, N_STEPS)))
+    return protocol.encode_finish(
+        forged or ISSUED[sim_id], sim_id, draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, N_STEPS))
+    )
 
 
 @st.composite
@@ -132,6 +136,7 @@ def check_accepted_data(frames: list[bytes], received: protocol.Received) -> Non
     if received.kind == protocol.FINISH:
         assert len(frames) == 1 and 0 <= received.time_step <= N_STEPS
         assert received.field is None and received.array is None
+        assert protocol.decode_header(frames[0]).token == ISSUED[received.sim_id]
         return
     assert received.kind == protocol.DATA and len(frames) == 3
     assert 0 <= received.time_step < N_STEPS
@@ -139,7 +144,7 @@ def check_accepted_data(frames: list[bytes], received: protocol.Received) -> Non
     shape, dtype = FIELDS[received.field]
     assert received.array.shape == shape and received.array.dtype == dtype
     assert np.isfinite(received.array).all()
-    assert protocol.decode_header(frames[0]).token == TOKEN
+    assert protocol.decode_header(frames[0]).token == ISSUED[received.sim_id]
 
 
 def check_accepted_hello(frames: list[bytes], header: protocol.Header) -> None:
@@ -225,12 +230,15 @@ def test_a_receiver_stores_none_of_hundreds_of_hostile_messages_and_counts_each(
         table=table,
         sink=sink,
         token=TOKEN,
+        secret=protocol.new_secret(),
         fields={"u": R_SHAPE},
         wire_dtype="float32",
         n_steps=R_STEPS,
         host="127.0.0.1",
     )
     expectation = receiver.expectation
+    stale = {sim_id: receiver.credentials.issue(sim_id, 1) for sim_id in (0, 1)}
+    issued = {sim_id: receiver.credentials.issue(sim_id, 2) for sim_id in (0, 1)}
     context = zmq.Context.instance()
     push = context.socket(zmq.PUSH)
     dealer = context.socket(zmq.DEALER)
@@ -253,8 +261,9 @@ def test_a_receiver_stores_none_of_hundreds_of_hostile_messages_and_counts_each(
 
         @st.composite
         def r_data(draw):
-            token = draw(st.sampled_from([TOKEN, OTHER_TOKEN]))
             sim_id, step = draw(st.integers(0, 3)), draw(st.integers(0, R_STEPS))
+            # The attempt's credential, the run token (no credential), another run's token, a stale attempt.
+            token = draw(st.sampled_from([issued.get(sim_id, TOKEN), TOKEN, OTHER_TOKEN, stale.get(sim_id, TOKEN)]))
             value = draw(st.sampled_from([0.5, np.nan, np.inf]))
             array = np.full(
                 draw(st.sampled_from([R_SHAPE, (25,), (5, 6)])), value, dtype=draw(st.sampled_from(["<f4", "<f8"]))
@@ -275,6 +284,7 @@ def test_a_receiver_stores_none_of_hundreds_of_hostile_messages_and_counts_each(
             st.tuples(r_data(), st.just(False)),
             st.tuples(mutated(r_data()), st.just(False)),
             st.tuples(mutated(valid_finish(OTHER_TOKEN)), st.just(False)),
+            st.tuples(valid_finish(TOKEN), st.just(False)),
             st.tuples(r_control(), st.just(True)),
             st.tuples(mutated(r_control()), st.just(True)),
         ]
@@ -316,7 +326,7 @@ def test_a_receiver_stores_none_of_hundreds_of_hostile_messages_and_counts_each(
         assert not receiver.stored.any() and not sink.samples.any()
         assert receiver.error is None and receiver._thread.is_alive()
         # ... and it still takes a valid step afterwards.
-        good = protocol.encode_data(TOKEN, 0, 0, 1, b"u", np.ones(R_SHAPE, np.float32))
+        good = protocol.encode_data(issued[0], 0, 0, 1, b"u", np.ones(R_SHAPE, np.float32))
         push.send_multipart(good)
         wait_until(lambda: receiver.counters().unique_received == 1, 10, "the valid step")
         assert receiver.error is None

@@ -32,6 +32,7 @@ def receiver(table):
         table=table,
         sink=sink,
         token=protocol.new_token(),
+        secret=protocol.new_secret(),
         fields={"u": SHAPE},
         wire_dtype="float32",
         n_steps=N_STEPS,
@@ -56,10 +57,15 @@ def field(value: float, shape=SHAPE, dtype=np.float32) -> np.ndarray:
     return np.full(shape, value, dtype=dtype)
 
 
+def issued(receiver: Receiver, sim_id: int, attempt: int = 1) -> bytes:
+    """The credential a WELCOME would give attempt ``attempt`` of ``sim_id``."""
+    return receiver.credentials.issue(sim_id, attempt)
+
+
 def test_bad_messages_are_counted_by_reason_and_the_receiver_keeps_going(receiver, push):
-    token = receiver.token
+    token = issued(receiver, 0)
     bad = {
-        "bad_token": protocol.encode_data(protocol.new_token(), 0, 0, 1, b"u", field(1.0)),
+        "bad_credential": protocol.encode_data(receiver.token, 0, 0, 1, b"u", field(1.0)),  # the run token is none
         "unknown_simulation": protocol.encode_data(token, 2, 0, 1, b"u", field(1.0)),  # never submitted
         "time_step_out_of_range": protocol.encode_data(token, 0, N_STEPS, 1, b"u", field(1.0)),
         "unknown_field": protocol.encode_data(token, 0, 0, 1, b"v", field(1.0)),
@@ -84,8 +90,8 @@ def test_bad_messages_are_counted_by_reason_and_the_receiver_keeps_going(receive
 
 def test_a_time_step_sent_twice_is_stored_once(receiver, push):
     for value in (1.0, 2.0):  # a restarted client resends step 0 (here with other bits, to tell them apart)
-        push.send_multipart(protocol.encode_data(receiver.token, 1, 0, 1, b"u", field(value)))
-    push.send_multipart(protocol.encode_finish(receiver.token, 1, 1, 1))
+        push.send_multipart(protocol.encode_data(issued(receiver, 1), 1, 0, 1, b"u", field(value)))
+    push.send_multipart(protocol.encode_finish(issued(receiver, 1), 1, 1, 1))
     wait_until(lambda: receiver.counters().finishes == 1, 10, "the FINISH")
     counters = receiver.counters()
     assert (counters.unique_received, counters.duplicates) == (1, 1)
@@ -117,6 +123,7 @@ def test_a_full_buffer_blocks_the_client_without_losing_data(table):
         table=table,
         sink=BufferSink(buffer, table, N_STEPS, 0.1),
         token=protocol.new_token(),
+        secret=protocol.new_secret(),
         fields={"u": SHAPE},
         wire_dtype="float32",
         n_steps=N_STEPS,
@@ -148,6 +155,7 @@ def test_a_time_step_arriving_after_reception_ended_is_counted_not_stored(table)
         table=table,
         sink=BufferSink(buffer, table, N_STEPS, 0.1),
         token=protocol.new_token(),
+        secret=protocol.new_secret(),
         fields={"u": SHAPE},
         wire_dtype="float32",
         n_steps=N_STEPS,
@@ -157,7 +165,7 @@ def test_a_time_step_arriving_after_reception_ended_is_counted_not_stored(table)
     try:
         socket = zmq.Context.instance().socket(zmq.PUSH)
         socket.connect(receiver.data_address)
-        socket.send_multipart(protocol.encode_data(receiver.token, 0, 0, 1, b"u", field(1.0)))
+        socket.send_multipart(protocol.encode_data(issued(receiver, 0), 0, 0, 1, b"u", field(1.0)))
         wait_until(lambda: receiver.counters().rejected.get(LATE) == 1, 10, "the late message to be counted")
         socket.close(linger=0)
         assert receiver.counters().unique_received == 0
@@ -171,23 +179,75 @@ def test_counters_are_a_consistent_snapshot_the_caller_owns(receiver, push):
     assert before.unique_received == before.duplicates == before.finishes == before.bytes_received == 0
     assert before.first_data_at is None and before.last_data_at is None and before.rejected == {}
     for step in (0, 1, 1):  # two steps stored, one duplicate
-        push.send_multipart(protocol.encode_data(receiver.token, 0, step, 1, b"u", field(float(step))))
-    push.send_multipart(protocol.encode_data(protocol.new_token(), 0, 2, 1, b"u", field(2.0)))  # bad token
-    wait_until(lambda: receiver.counters().rejected.get("bad_token") == 1, 10, "the four messages")
+        push.send_multipart(protocol.encode_data(issued(receiver, 0), 0, step, 1, b"u", field(float(step))))
+    push.send_multipart(protocol.encode_data(protocol.new_token(), 0, 2, 1, b"u", field(2.0)))  # no credential
+    wait_until(lambda: receiver.counters().rejected.get("bad_credential") == 1, 10, "the four messages")
     after = receiver.counters()
     assert (after.unique_received, after.duplicates) == (2, 1)
     assert after.bytes_received == 2 * field(0.0).nbytes
     assert before.last_message_at <= after.first_data_at <= after.last_data_at <= after.last_message_at
-    after.rejected["bad_token"] = 99  # a copy: the receiver's counts do not change
-    assert receiver.counters().rejected == {"bad_token": 1}
+    after.rejected["bad_credential"] = 99  # a copy: the receiver's counts do not change
+    assert receiver.counters().rejected == {"bad_credential": 1}
 
 
 def test_the_first_rejection_of_each_reason_is_a_warning_naming_simulation_step_and_field(receiver, push, caplog):
     caplog.set_level(logging.DEBUG, logger="jaxsurro")
     for t in (0, 1):
-        push.send_multipart(protocol.encode_data(receiver.token, 0, t, 1, b"u", field(np.nan)))
+        push.send_multipart(protocol.encode_data(issued(receiver, 0), 0, t, 1, b"u", field(np.nan)))
     wait_until(lambda: receiver.counters().rejected.get("non_finite") == 2, 10, "both rejections")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "non_finite" in warnings[0] and "'u' of simulation 0 step 0" in warnings[0]
     receiver.check()  # bad values are noise to count, not a reason to stop
+
+
+def test_a_token_holder_cannot_forge_a_running_simulations_steps_or_finish(receiver, push, table):
+    """A second sender holding the run token forges steps and a FINISH for simulation 1 while its real
+    client runs: nothing forged is stored, every real step is, and each forgery is counted by reason."""
+    real = client.connect(server=receiver.control_address, token=receiver.token, sim_id=1, timeout=5)
+    forged = field(1e30)
+    guessed = [
+        receiver.token,  # the run token in place of a credential
+        (1).to_bytes(4, "little") + bytes(12),  # attempt 1 with a guessed MAC
+        protocol.AttemptCredentials(protocol.new_secret()).make(1, 1),  # made with another secret
+    ]
+    for credential in guessed:
+        for t in range(N_STEPS):
+            push.send_multipart(protocol.encode_data(credential, 1, t, 1, b"u", forged))
+        push.send_multipart(protocol.encode_finish(credential, 1, 1, 1))
+    # Asking for the running attempt's credential with a HELLO of its own is refused.
+    with pytest.raises(client.SimulationRejected, match="stale_attempt"):
+        client.connect(server=receiver.control_address, token=receiver.token, sim_id=1, timeout=5)
+    with real:
+        for t in range(N_STEPS):
+            real.send("u", t, field(float(t)))
+    n_forged = len(guessed) * (N_STEPS + 1)
+    wait_until(lambda: receiver.counters().finishes == 1, 10, "the real FINISH")
+    wait_until(lambda: sum(receiver.counters().rejected.values()) == n_forged + 1, 10, "every forgery counted")
+    counters = receiver.counters()
+    assert counters.rejected == {"bad_credential": n_forged, "stale_attempt": 1}
+    assert (counters.unique_received, counters.duplicates) == (N_STEPS, 0)
+    np.testing.assert_array_equal(receiver.sink.samples[1, :, 0], np.arange(N_STEPS))  # the real values only
+    assert not np.isin(receiver.sink.samples, forged).any()
+    assert table[1].steps_finished == N_STEPS
+
+
+def test_a_stale_attempts_messages_are_refused_once_the_next_attempt_is_welcomed(receiver, table):
+    """Attempt 1 of simulation 0 hangs after one step; the launcher starts attempt 2. What the leftover
+    process of attempt 1 sends is refused (stale_attempt); attempt 2's steps are all stored, none lost."""
+    first = client.connect(server=receiver.control_address, token=receiver.token, sim_id=0, timeout=5)
+    first.send("u", 0, field(-1.0))
+    wait_until(lambda: receiver.counters().unique_received == 1, 10, "attempt 1's step")
+    with table.lock:  # what the launcher does when it retries (jaxsurro.launcher.supervisor)
+        table[0].attempts, table[0].attempt_clients = 2, set()
+    with client.connect(server=receiver.control_address, token=receiver.token, sim_id=0, timeout=5) as second:
+        first.send("u", 1, field(-1.0))  # the leftover process goes on
+        first.finish()
+        for t in range(N_STEPS):
+            second.send("u", t, field(float(t)))
+    wait_until(lambda: receiver.counters().finishes == 1, 10, "attempt 2's FINISH")
+    wait_until(lambda: receiver.counters().rejected.get("stale_attempt") == 2, 10, "attempt 1's step and FINISH")
+    counters = receiver.counters()
+    assert (counters.unique_received, counters.duplicates) == (N_STEPS, 1)  # attempt 2's step 0 was stored already
+    np.testing.assert_array_equal(receiver.sink.samples[0, 1:, 0], np.arange(1, N_STEPS))
+    assert table[0].steps_finished == N_STEPS

@@ -287,6 +287,7 @@ def rank_receiver(table: SimulationTable, rank: int, n_ranks: int, n_steps: int)
         table=table,
         sink=sink,
         token=protocol.new_token(),
+        secret=protocol.new_secret(),
         fields={"u": (2, 2)},
         wire_dtype="float32",
         n_steps=n_steps,
@@ -302,11 +303,12 @@ def send(receiver: Receiver, sim_id: int, steps, finish: int, client_id: int = 7
     socket.setsockopt(zmq.LINGER, 2000)
     socket.connect(receiver.data_address)
     try:
+        credential = receiver.credentials.make(sim_id, 1)  # attempt 1's, as its WELCOME gave it
         for t in steps:
             socket.send_multipart(
-                protocol.encode_data(receiver.token, sim_id, t, client_id, b"u", np.ones((2, 2), np.float32))
+                protocol.encode_data(credential, sim_id, t, client_id, b"u", np.ones((2, 2), np.float32))
             )
-        socket.send_multipart(protocol.encode_finish(receiver.token, sim_id, client_id, finish))
+        socket.send_multipart(protocol.encode_finish(credential, sim_id, client_id, finish))
     finally:
         socket.close()
 

@@ -158,7 +158,7 @@ class Simulation(SimulationContext):
     def __init__(self, context: zmq.Context, settings: Settings, client_id: int, welcome: protocol.Welcome):
         """Open one PUSH socket per server rank on `context`, which it then owns (use open() or connect())."""
         self._context = context
-        self._token = settings.token
+        self._credential = welcome.credential  # this attempt's: DATA and FINISH carry it
         self._wire_code = protocol.DTYPE_TO_CODE[settings.wire_dtype]
         self.timeout = settings.timeout  # seconds
         self.wire_dtype = settings.wire_dtype  # little-endian float32 or float64
@@ -275,7 +275,7 @@ class Simulation(SimulationContext):
         """Route and send one checked wire array; count it."""
         rank = protocol.rank_for(self.sim_id, time_step, self.n_ranks)
         header = protocol.encode_header(
-            protocol.DATA, self._token, self.sim_id, time_step, self.client_id, self._wire_code, wire.shape
+            protocol.DATA, self._credential, self.sim_id, time_step, self.client_id, self._wire_code, wire.shape
         )
         try:
             # An array we converted is ours: hand it to ZeroMQ without copying. One that aliases the
@@ -329,7 +329,7 @@ class Simulation(SimulationContext):
         sockets = self._sockets
         if sockets is None:
             raise RuntimeError(f"simulation {self.sim_id} is already closed")
-        frames = protocol.encode_finish(self._token, self.sim_id, self.client_id, len(self._steps_sent))
+        frames = protocol.encode_finish(self._credential, self.sim_id, self.client_id, len(self._steps_sent))
         for rank, socket in enumerate(sockets):
             try:
                 socket.send_multipart(frames)

@@ -68,12 +68,16 @@ class Ensemble:
         self.world = world or World()
         token = protocol.new_token() if self.world.is_root else None  # one credential per ensemble
         self.token = self.world.broadcast(token, config.server.startup_timeout, "the run token")
+        # The key of the per-attempt credentials: shared by the server's ranks, never sent to a client.
+        secret = protocol.new_secret() if self.world.is_root else None
+        secret = self.world.broadcast(secret, config.server.startup_timeout, "the credential secret")
         n_simulations = len(table)
         self.receiver = Receiver.from_config(
             config,
             table,
             sink,
             self.token,
+            secret,
             rank=self.world.rank,
             n_ranks=self.world.size,
             # Rank 0 knows which simulations were submitted; the others accept any simulation of the study.

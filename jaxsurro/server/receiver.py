@@ -94,6 +94,7 @@ class Receiver:
         table: SimulationTable,
         sink: Sink,
         token: bytes,
+        secret: bytes,
         fields: Mapping[str, Sequence[int]],
         wire_dtype: str,
         n_steps: int,
@@ -110,8 +111,11 @@ class Receiver:
         self.token = token
         self.n_steps = n_steps
         self.rank, self.n_ranks = rank, n_ranks
+        # Per-attempt credentials (DATA, FINISH): every rank of the server holds the same secret.
+        self.credentials = protocol.AttemptCredentials(secret)
         self.expectation = protocol.Expectation(
             token=token,
+            credentials=self.credentials,
             n_steps=n_steps,
             fields={name: (tuple(shape), np.dtype(wire_dtype)) for name, shape in fields.items()},
             rank=rank,
@@ -165,7 +169,7 @@ class Receiver:
 
     @classmethod
     def from_config(
-        cls, config: Config, table: SimulationTable, sink: Sink, token: bytes, **placement: Any
+        cls, config: Config, table: SimulationTable, sink: Sink, token: bytes, secret: bytes, **placement: Any
     ) -> Receiver:
         """A receiver for the experiment's solver (fields, dtype, steps) on ``server.host``.
 
@@ -176,6 +180,7 @@ class Receiver:
             table=table,
             sink=sink,
             token=token,
+            secret=secret,
             fields=solver.field_shapes,
             wire_dtype=solver.wire_dtype,
             n_steps=solver.n_steps,
@@ -432,9 +437,18 @@ class Receiver:
                     "unknown_simulation",
                     f"simulation {header.sim_id} is {record.state.value}, not submitted: nothing to run",
                 )
+            if record.attempt_clients:  # one HELLO per attempt: its credential goes to one process only
+                reason, text = (
+                    "stale_attempt",
+                    f"attempt {record.attempts} of simulation {header.sim_id} already has its client; "
+                    "a second HELLO for it is refused (a leftover process of an earlier attempt, or another sender)",
+                )
+                self._reject(reason, text)
+                return protocol.encode_reject(header.sim_id, header.client_id, reason, text)
             parameters = self.table.welcome(header.sim_id, header.client_id)
+            credential = self.credentials.issue(header.sim_id, record.attempts)
         return protocol.encode_welcome(
-            self.token, header.sim_id, header.client_id, self.addresses, parameters, self.n_steps
+            self.token, header.sim_id, header.client_id, self.addresses, parameters, credential, self.n_steps
         )
 
 
