@@ -97,6 +97,11 @@ class SimulationTable:
         self.last_start = -np.inf
         self.redraws_requested: list[int] = []  # simulations given new parameters, not applied yet
         self.retired: set[tuple[int, int]] = set()  # (sim_id, client_id) of abandoned draws' processes
+        # Persistent clients (launcher.persistent_clients > 0): a simulation starts when a client asking
+        # for any simulation is handed it (hand_out, receiver thread), not as a job of its own; a complete
+        # FINISH then completes it. ``worker_jobs``: the launcher's persistent clients, client id -> job id.
+        self.persistent = False
+        self.worker_jobs: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -119,6 +124,43 @@ class SimulationTable:
     def is_known(self, sim_id: int) -> bool:
         """Whether data for ``sim_id`` may arrive: it exists and was submitted at least once."""
         return 0 <= sim_id < len(self._records) and self._records[sim_id].attempts > 0
+
+    def next_to_run(self) -> list[SimulationRecord]:
+        """Pending simulations in the order they start: retries first (lowest id), then new ones in order.
+
+        A redrawn simulation waits until the receiver has applied its new parameters. Call under the lock.
+        """
+        pending = [r for r in self._records if r.state == SimState.PENDING and r.next_parameters is None]
+        pending.sort(key=lambda r: (r.attempts == 0, r.sim_id))
+        return pending
+
+    @staticmethod
+    def start_attempt(record: SimulationRecord) -> None:
+        """A new attempt of ``record``: submitted, its parameters frozen from here on. Call under the lock."""
+        record.attempts += 1
+        record.draw_attempts += 1
+        record.state = SimState.SUBMITTED
+        record.started_at = record.ended_at = record.exit_code = record.steps_finished = None
+        record.incomplete_finish = ""
+        record.attempt_clients = set()
+
+    def hand_out(self, client_id: int) -> int | None:
+        """Receiver thread, on a HELLO for any simulation: starts the next simulation to run on that client.
+
+        None when none is waiting, or when simulations are not handed out in this run (no persistent
+        clients: each runs as a job of its own). The job of the simulation is the client's, when the
+        launcher started that client.
+        """
+        with self.lock:
+            waiting = self.next_to_run() if self.persistent else []
+            if not waiting:
+                return None
+            record = waiting[0]
+            self.start_attempt(record)
+            record.job_id = self.worker_jobs.get(client_id, f"client-{client_id}")
+            record.submitted_at = time.time()
+            self.changed.notify_all()
+            return record.sim_id
 
     def welcome(self, sim_id: int, client_id: int) -> np.ndarray:
         """Called on a HELLO that is answered with WELCOME: records the client; returns the parameters."""
@@ -176,8 +218,11 @@ class SimulationTable:
             record.incomplete_finish = why
             if not (why and other_ranks):
                 record.steps_finished = steps
-            if not why and record.state == SimState.EXITED:
-                record.state = SimState.COMPLETED
+            # A job of its own completes once it also exited; a persistent client goes on to its next one.
+            if not why and (
+                record.state == SimState.EXITED or (self.persistent and record.state == SimState.SUBMITTED)
+            ):
+                record.state, record.ended_at = SimState.COMPLETED, time.time()
             self.changed.notify_all()
 
     def request_redraw(self, sim_id: int, parameters: np.ndarray, reason: str) -> None:

@@ -429,19 +429,22 @@ def _client_module(needed_for: str = "--client", instead: str = "run without --c
 
 
 def run_client(grid_size: int, n_steps: int, dt: float, alpha: float, comm: Any = None) -> None:
-    """Take parameters from the jaxsurro server and stream every step's field to it (t = 0..T-1).
+    """Take parameters from the jaxsurro server and stream every step's field to it (t = 0..T-1), for each
+    simulation it gives this process (one, or many for a persistent client).
 
     With an MPI communicator every rank sends its own row slab; the client's root assembles the field.
     """
     client = _client_module()
+    # One simulation (the launcher named it), or, as a persistent client (JAXSURRO_SIM_ID=any), each
+    # the server hands out until none is left.
     if comm is None:
-        with client.connect(fields={FIELD_NAME: (grid_size, grid_size)}) as sim:
+        for sim in client.simulations(fields={FIELD_NAME: (grid_size, grid_size)}):
             parameters = np.asarray(sim.parameters, dtype=np.float64)
             for t, field in enumerate(simulate(parameters, grid_size, n_steps, dt, alpha)):
                 sim.send(FIELD_NAME, t, field)
         return
     start = (int(slab_offsets(grid_size, comm.Get_size())[comm.Get_rank()]), 0)
-    with client.connect(comm=comm, fields={FIELD_NAME: (grid_size, grid_size)}) as sim:
+    for sim in client.simulations(comm=comm, fields={FIELD_NAME: (grid_size, grid_size)}):
         parameters = np.asarray(sim.parameters, dtype=np.float64)
         slabs = simulate_distributed(parameters, grid_size, n_steps, comm, dt, alpha)
         for t, rows in enumerate(slabs):

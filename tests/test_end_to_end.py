@@ -233,3 +233,20 @@ def test_breed_steers_pending_simulations_and_accounts_for_every_step(tmp_path):
     for row in bred:  # a bred simulation started after its parent had completed
         assert int(row["parent"]) < int(row["sim_id"]) and int(row["generation"]) >= 1
     assert any(r["score"] for r in rows)
+
+
+def test_two_persistent_clients_run_the_whole_study(tmp_path):
+    """launcher.persistent_clients = 2: two solver processes (JAXSURRO_SIM_ID=any) run every simulation,
+    each handed out once, with exact accounting."""
+    config = load_config(ROOT / "experiments/heat.toml", tiny(tmp_path, "launcher.persistent_clients=2"))
+    run_dir, summary = run(config, show_progress=False)
+
+    assert summary["simulations_finished"] == N_SIMS
+    assert summary["unique_samples_received"] == N_SIMS * N_STEPS
+    assert summary["rejected"] == {} and summary["duplicates"] == 0
+    rows = read_csv(run_dir / "simulations.csv")
+    assert {r["state"] for r in rows} == {"completed"} and {r["attempts"] for r in rows} == {"1"}
+    clients = {r["job_id"] for r in rows}
+    assert 1 <= len(clients) <= 2, clients  # the two client jobs ran all six simulations
+    logs = sorted(path.name for path in run_dir.rglob("sim-client*.log"))
+    assert logs == ["sim-client0001.log", "sim-client0002.log"], logs

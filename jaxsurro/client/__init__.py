@@ -31,6 +31,14 @@ lies in the global field, and the client's root (rank 0 of `comm`) assembles the
 - send() and finish() are collective; leaving the `with` block through an exception is local (the root
   closes without FINISH). mpi4py is never imported here: the communicator's own methods are used.
 
+A persistent client runs simulations one after another as the server hands them out
+(``JAXSURRO_SIM_ID=any``, docs/protocol.md section 9); the same loop runs the one simulation a
+launcher named otherwise, so one solver code serves both::
+
+    for sim in client.simulations(fields={"u": (128,)}):   # until the server has none left
+        for t, u in enumerate(solve(sim.parameters)):
+            sim.send("u", t, u)
+
 Modules: :mod:`jaxsurro.client.settings` (settings, errors, argument checks, MPI detection),
 :mod:`jaxsurro.client.simulation` (the single-process client), :mod:`jaxsurro.client.parallel` (the
 MPI-parallel client, loaded only for a communicator of more than one rank).
@@ -38,13 +46,16 @@ MPI-parallel client, loaded only for a communicator of more than one rank).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from jaxsurro import protocol
 from jaxsurro.client.settings import (
     ANY_SIMULATION,
     DEFAULT_TIMEOUT,
     DEFAULT_WIRE_DTYPE,
     ENV_ATTEMPT,
+    ENV_CLIENT_ID,
     ENV_SERVER,
     ENV_SIM_ID,
     ENV_TIMEOUT,
@@ -57,7 +68,13 @@ from jaxsurro.client.settings import (
     launched_by_mpi,
     resolve_settings,
 )
-from jaxsurro.client.simulation import ABORT_LINGER, SEND_HIGH_WATER_MARK, Simulation, process_client_id
+from jaxsurro.client.simulation import (
+    ABORT_LINGER,
+    SEND_HIGH_WATER_MARK,
+    Simulation,
+    SimulationContext,
+    process_client_id,
+)
 
 if TYPE_CHECKING:
     from jaxsurro.client.parallel import ParallelSimulation
@@ -71,6 +88,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "DEFAULT_WIRE_DTYPE",
     "ENV_ATTEMPT",
+    "ENV_CLIENT_ID",
     "ENV_SERVER",
     "ENV_SIM_ID",
     "ENV_TIMEOUT",
@@ -86,6 +104,7 @@ __all__ = [
     "launched_by_mpi",
     "process_client_id",
     "resolve_settings",
+    "simulations",
     *_PARALLEL_NAMES,
 ]
 
@@ -126,6 +145,39 @@ def connect(
 
             return parallel.connect_parallel(comm, timeout, open_simulation)
     return open_simulation()
+
+
+def simulations(
+    server: str | None = None,
+    token: bytes | str | None = None,
+    sim_id: int | None = None,
+    timeout: float | None = None,
+    wire_dtype: Any = None,
+    comm: Any = None,
+    fields: Any = None,
+) -> Iterator[SimulationContext]:
+    """The simulations this process is to run, each connected, yielded, then finished (FINISH, delivery).
+
+    With the simulation id ANY (``JAXSURRO_SIM_ID=any``: a persistent client) each iteration says HELLO
+    for any simulation and the loop ends when the server answers ``no_simulation_left``; with a
+    concrete id it runs that one simulation. Leaving the loop early (an exception, ``break``) aborts the
+    current simulation without FINISH, so the server runs it again. Arguments as for :func:`connect`;
+    with ``comm`` every rank iterates together (each connect is collective).
+    """
+    settings = resolve_settings(server, token, sim_id, timeout, wire_dtype, fields=fields)
+    if settings.sim_id != ANY_SIMULATION:
+        with connect(server, token, settings.sim_id, timeout, wire_dtype, comm, fields) as simulation:
+            yield simulation
+        return
+    while True:
+        try:
+            simulation = connect(server, token, ANY_SIMULATION, timeout, wire_dtype, comm, fields)
+        except SimulationRejected as rejected:
+            if rejected.reason == protocol.NO_SIMULATION_LEFT:
+                return
+            raise
+        with simulation:
+            yield simulation
 
 
 def __getattr__(name: str) -> Any:

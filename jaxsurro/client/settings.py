@@ -28,6 +28,9 @@ ENV_SIM_ID = "JAXSURRO_SIM_ID"
 ENV_TIMEOUT = "JAXSURRO_TIMEOUT"
 ENV_WIRE_DTYPE = "JAXSURRO_WIRE_DTYPE"
 ENV_ATTEMPT = "JAXSURRO_ATTEMPT"  # 1 for a simulation's first run, 2 for its first restart...
+# The client id of a persistent client the launcher started (u32, decimal): the server maps the
+# simulations it hands out to that job. Unset: each process draws a random id.
+ENV_CLIENT_ID = "JAXSURRO_CLIENT_ID"
 
 DEFAULT_TIMEOUT = 60.0  # seconds
 DEFAULT_WIRE_DTYPE = "float32"

@@ -22,6 +22,7 @@ import zmq
 from jaxsurro import protocol
 from jaxsurro.client.settings import (
     ANY_SIMULATION,
+    ENV_CLIENT_ID,
     ENV_SERVER,
     ENV_TIMEOUT,
     ENV_TOKEN,
@@ -43,11 +44,15 @@ _client_id: tuple[int, int] | None = None  # (pid, id): one random id per proces
 
 
 def process_client_id() -> int:
-    """A random 32-bit id for this process, the same for every simulation it runs (new after fork)."""
+    """This process's 32-bit client id, the same for every simulation it runs: the launcher's
+    (ENV_CLIENT_ID, for a persistent client it started) or a random one (new after fork)."""
     global _client_id
     pid = os.getpid()
     if _client_id is None or _client_id[0] != pid:
-        _client_id = (pid, int.from_bytes(os.urandom(4), "little"))
+        given = os.environ.get(ENV_CLIENT_ID, "").strip()
+        if given and not (given.isdigit() and int(given) <= protocol.MAX_U32):
+            raise ClientConfigurationError(f"{ENV_CLIENT_ID} must be an integer in [0, 2**32), got {given!r}")
+        _client_id = (pid, int(given) if given else int.from_bytes(os.urandom(4), "little"))
     return _client_id[1]
 
 

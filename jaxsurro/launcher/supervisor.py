@@ -18,6 +18,12 @@ server buffer waits that long in its send before it fails on its own), and befor
 simulation's first message ``max(30 s, 10 × p95 of the times from start to first message)``.
 Until enough of either was seen there is no limit: a slow solver is never cancelled before its
 pace is known (the server's ``server.receive_timeout`` still stops a run where nobody talks).
+
+Persistent clients (``launcher.persistent_clients`` = k > 0): instead of a job per simulation the
+launcher keeps min(k, simulations waiting) client jobs alive, each running simulations one after
+another as the receiver hands them out (:meth:`SimulationTable.hand_out`); the simulation a client
+runs has that client's job, so a client that dies or hangs fails that simulation's attempt exactly as
+a job of its own would, and a new client is started while simulations wait.
 """
 
 from __future__ import annotations
@@ -123,12 +129,18 @@ class Launcher:
         silence_fallback: float = math.inf,
         redraw: Callable[[], np.ndarray] | None = None,
         max_redraws: int = 3,
+        persistent_clients: int = 0,
+        client_job: Callable[[int], JobSpec] | None = None,
     ):
         """``silence_timeout``: a fixed silence limit, or None to derive it (:class:`SilenceLimit`, with
         ``finish_grace``, the clients' timeout, as its backpressure allowance and ``silence_fallback``
         as the limit until the pace is known, by default none). ``redraw``: new parameters for a
         simulation whose attempts are exhausted, at most ``max_redraws`` times each; None: it fails.
+        ``persistent_clients`` > 0: that many persistent clients at most, ``client_job(client_id)`` the job
+        of one (module docstring); ``max_concurrent`` then does not apply.
         """
+        if persistent_clients and client_job is None:
+            raise ValueError("persistent clients need client_job, the job of one client")
         self.table = table
         self.scheduler = scheduler
         self._job_for = job_for  # (sim_id, attempt) -> JobSpec
@@ -150,6 +162,13 @@ class Launcher:
         self._submitted: dict[int, float] = {}  # sim_id -> time.monotonic() of its current attempt's submission
         self._watch: dict[int, _Watch] = {}  # the attempts running now, by sim_id
         table.supervised = True  # an incomplete FINISH is now a failed attempt, retried
+        self._n_clients = persistent_clients
+        self._client_job = client_job
+        self._clients: dict[str, int] = {}  # the persistent clients' jobs alive: job id -> client id
+        self._client_logs: dict[str, Path] = {}  # job id -> log of every persistent client started
+        self._next_client_id = 1
+        self._client_failures = 0  # persistent client jobs in a row that could not be submitted
+        table.persistent = persistent_clients > 0
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -167,7 +186,7 @@ class Launcher:
     def cancel_all(self) -> None:
         with self.table.lock:
             active = [r for r in self.table if r.state == SimState.SUBMITTED]
-            job_ids = [r.job_id for r in active]
+            job_ids = list(dict.fromkeys([*(r.job_id for r in active), *self._clients]))
         if job_ids:
             log.info("cancelling %d simulation job(s)", len(job_ids))
             self.scheduler.cancel(job_ids)
@@ -204,37 +223,21 @@ class Launcher:
 
         Called by the launcher's own thread only; it is not meant to run concurrently with itself.
         """
+        active: dict[str, list[int]] = {}  # job id -> its simulations (a persistent client may hold two a moment)
         with self.table.lock:
-            active = {r.job_id: r.sim_id for r in self.table if r.state == SimState.SUBMITTED}
-        statuses = self.scheduler.poll(list(active)) if active else {}
+            for record in self.table:
+                if record.state == SimState.SUBMITTED:
+                    active.setdefault(record.job_id, []).append(record.sim_id)
+        # Persistent clients: their jobs (a simulation handed to a client the launcher did not start has
+        # no job to poll; its FINISH and its silence still count).
+        polled = list(self._clients) if self.table.persistent else list(active)
+        statuses = self.scheduler.poll(polled) if polled else {}
         now, monotonic = time.time(), time.monotonic()
         for job_id, status in statuses.items():
-            sim_id = active[job_id]
-            failure = ""
-            with self.table.lock:
-                record = self.table[sim_id]
-                if record.state != SimState.SUBMITTED or record.job_id != job_id:
-                    continue
-                if status.state == JobState.RUNNING and record.started_at is None:
-                    record.started_at = now
-                    self._watch[sim_id] = _Watch(self._submitted.get(sim_id, monotonic), monotonic)
-                    self.table.last_start = monotonic
-                if not status.state.is_terminal:
-                    continue
-                self._watch.pop(sim_id, None)
-                record.ended_at, record.exit_code = now, status.exit_code
-                if status.state != JobState.COMPLETED:
-                    failure = f"{status.state.value} with exit code {status.exit_code}"
-                    if record.incomplete_finish:
-                        failure += f" ({record.incomplete_finish})"
-                elif record.incomplete_finish:
-                    failure = f"exited with 0 but {record.incomplete_finish}"
-                elif record.steps_finished is not None:
-                    record.state = SimState.COMPLETED
-                else:
-                    record.state, record.exited_at = SimState.EXITED, time.monotonic()
-            if failure:
-                self._attempt_failed(sim_id, failure)
+            if job_id in self._clients and status.state.is_terminal:
+                self._client_ended(job_id, status)
+            for sim_id in active.get(job_id, ()):
+                self._settle(sim_id, job_id, status, now, monotonic)
         self._expire_missing_finish()
         self._cancel_silent(time.monotonic())
         self._submit_pending()
@@ -242,12 +245,61 @@ class Launcher:
             self.table.running = len(self._watch)
             self.table.changed.notify_all()
 
+    def _settle(self, sim_id: int, job_id: str, status, now: float, monotonic: float) -> None:
+        """What the status of its job means for a submitted simulation: started, completed or failed."""
+        failure = ""
+        with self.table.lock:
+            record = self.table[sim_id]
+            if record.state != SimState.SUBMITTED or record.job_id != job_id:
+                return
+            if status.state == JobState.RUNNING and record.started_at is None:
+                record.started_at = now
+                self._watch[sim_id] = _Watch(self._submitted.get(sim_id, monotonic), monotonic)
+                self.table.last_start = monotonic
+            if not status.state.is_terminal:
+                return
+            self._watch.pop(sim_id, None)
+            record.ended_at, record.exit_code = now, status.exit_code
+            if status.state != JobState.COMPLETED:
+                failure = f"{status.state.value} with exit code {status.exit_code}"
+                if record.incomplete_finish:
+                    failure += f" ({record.incomplete_finish})"
+            elif record.incomplete_finish:
+                failure = f"exited with 0 but {record.incomplete_finish}"
+            elif record.steps_finished is not None:
+                record.state = SimState.COMPLETED
+            else:
+                record.state, record.exited_at = SimState.EXITED, time.monotonic()
+        if failure:
+            self._attempt_failed(sim_id, failure)
+
+    def _client_ended(self, job_id: str, status) -> None:
+        """A persistent client's job ended: a new one is started while simulations wait (_start_clients)."""
+        client_id = self._clients.pop(job_id)
+        with self.table.lock:
+            self.table.worker_jobs.pop(client_id, None)
+        if status.state != JobState.COMPLETED:
+            tail = self._tail_of(self._client_logs.get(job_id))
+            log.warning(
+                "persistent client %d (job %s) %s with exit code %s%s",
+                client_id,
+                job_id,
+                status.state.value,
+                status.exit_code,
+                f"\n--- last lines of {self._client_logs.get(job_id)} ---\n{tail}" if tail else "",
+            )
+
     def _expire_missing_finish(self) -> None:
         deadline = time.monotonic() - self._finish_grace
         with self.table.lock:
             exited = [r for r in self.table if r.state == SimState.EXITED]
             incomplete = [(r.sim_id, r.incomplete_finish) for r in exited if r.incomplete_finish]
             late = [r.sim_id for r in exited if not r.incomplete_finish and r.exited_at < deadline]
+            # A persistent client's incomplete FINISH: it has gone on to its next simulation.
+            handed = [r for r in self.table if self.table.persistent and r.state == SimState.SUBMITTED]
+            short = [(r.sim_id, r.incomplete_finish) for r in handed if r.incomplete_finish]
+        for sim_id, why in short:
+            self._attempt_failed(sim_id, f"its persistent client went on, but {why}")
         for sim_id, why in incomplete:
             self._attempt_failed(sim_id, f"exited with 0 but {why}")
         for sim_id in late:
@@ -316,28 +368,46 @@ class Launcher:
             self._max_attempts,
             what,
             outcome,
-            f"\n--- last lines of {self._logs.get(sim_id)} ---\n{tail}" if tail else "",
+            f"\n--- last lines of {self._log_path(sim_id)} ---\n{tail}" if tail else "",
         )
 
+    def _start_clients(self) -> None:
+        """Persistent clients: keeps min(persistent_clients, simulations waiting) client jobs alive."""
+        with self.table.lock:
+            waiting = len(self.table.next_to_run())
+        for _ in range(min(self._n_clients, waiting) - len(self._clients)):
+            client_id, self._next_client_id = self._next_client_id, self._next_client_id + 1
+            job = self._client_job(client_id)
+            try:
+                job_id = self.scheduler.submit(job)
+            except Exception as exc:
+                self._client_failures += 1
+                if self._client_failures >= self._max_attempts:
+                    raise RuntimeError(
+                        f"{self._client_failures} persistent client jobs in a row could not be submitted; "
+                        f"the last: {exc}"
+                    ) from exc
+                log.warning("persistent client %d could not be submitted (%s); trying again", client_id, exc)
+                return
+            self._client_failures = 0
+            self._clients[job_id] = client_id
+            self._client_logs[job_id] = job.log_path
+            with self.table.lock:
+                self.table.worker_jobs[client_id] = job_id
+
     def _submit_pending(self) -> None:
+        if self.table.persistent:
+            self._start_clients()
+            return
         with self.table.lock:
             running = sum(1 for r in self.table if r.state in (SimState.SUBMITTED, SimState.EXITED))
             free = self._max_concurrent - running
             if free <= 0:
                 return
-            # Retries first (lowest id), then new simulations in order. A redrawn simulation waits until
-            # the receiver has switched it to its new parameters.
-            pending = [r for r in self.table if r.state == SimState.PENDING and r.next_parameters is None]
-            pending.sort(key=lambda r: (r.attempts == 0, r.sim_id))
-            chosen = pending[:free]
+            chosen = self.table.next_to_run()[:free]
             submitted = time.monotonic()
             for record in chosen:
-                record.attempts += 1
-                record.draw_attempts += 1
-                record.state = SimState.SUBMITTED  # parameters are frozen from here on
-                record.started_at = record.ended_at = record.exit_code = record.steps_finished = None
-                record.incomplete_finish = ""
-                record.attempt_clients = set()
+                self.table.start_attempt(record)  # parameters are frozen from here on
                 self._submitted[record.sim_id] = submitted
         for record in chosen:
             job = self._job_for(record.sim_id, record.attempts)
@@ -352,8 +422,14 @@ class Launcher:
             with self.table.lock:
                 record.job_id, record.submitted_at = job_id, time.time()
 
+    def _log_path(self, sim_id: int) -> Path | None:
+        """The log of the job that ran ``sim_id``: its own, or its persistent client's."""
+        return self._logs.get(sim_id) or self._client_logs.get(self.table[sim_id].job_id)
+
     def _tail(self, sim_id: int) -> str:
-        path = self._logs.get(sim_id)
+        return self._tail_of(self._log_path(sim_id))
+
+    def _tail_of(self, path: Path | None) -> str:
         if path is None or self._tail_lines == 0 or not path.exists():
             return ""
         with open(path, errors="replace") as handle:

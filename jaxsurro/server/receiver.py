@@ -421,34 +421,37 @@ class Receiver:
             self._reject(exc.reason, exc.message)
             sim_id = _sim_id_or_zero(frames)
             return protocol.encode_reject(sim_id, 0, exc.reason, exc.message)
-        if header.sim_id == protocol.ANY_SIMULATION:
-            return protocol.encode_reject(
-                header.sim_id,
-                header.client_id,
-                protocol.NO_SIMULATION_LEFT,
-                "this server assigns simulations to jobs; persistent clients are not enabled in this run",
-            )
+        sim_id = header.sim_id
+        if sim_id == protocol.ANY_SIMULATION:  # a persistent client asks for its next simulation
+            sim_id = self.table.hand_out(header.client_id)
+            if sim_id is None:
+                why = (
+                    "every simulation has been handed out"
+                    if self.table.persistent
+                    else "this run starts a job per simulation (launcher.persistent_clients = 0)"
+                )
+                return protocol.encode_reject(header.sim_id, header.client_id, protocol.NO_SIMULATION_LEFT, why)
         with self.table.lock:
-            record = self.table[header.sim_id]
+            record = self.table[sim_id]
             if record.state != SimState.SUBMITTED:
                 return protocol.encode_reject(
-                    header.sim_id,
+                    sim_id,
                     header.client_id,
                     "unknown_simulation",
-                    f"simulation {header.sim_id} is {record.state.value}, not submitted: nothing to run",
+                    f"simulation {sim_id} is {record.state.value}, not submitted: nothing to run",
                 )
             if record.attempt_clients:  # one HELLO per attempt: its credential goes to one process only
                 reason, text = (
                     "stale_attempt",
-                    f"attempt {record.attempts} of simulation {header.sim_id} already has its client; "
+                    f"attempt {record.attempts} of simulation {sim_id} already has its client; "
                     "a second HELLO for it is refused (a leftover process of an earlier attempt, or another sender)",
                 )
                 self._reject(reason, text)
-                return protocol.encode_reject(header.sim_id, header.client_id, reason, text)
-            parameters = self.table.welcome(header.sim_id, header.client_id)
-            credential = self.credentials.issue(header.sim_id, record.attempts)
+                return protocol.encode_reject(sim_id, header.client_id, reason, text)
+            parameters = self.table.welcome(sim_id, header.client_id)
+            credential = self.credentials.issue(sim_id, record.attempts)
         return protocol.encode_welcome(
-            self.token, header.sim_id, header.client_id, self.addresses, parameters, credential, self.n_steps
+            self.token, sim_id, header.client_id, self.addresses, parameters, credential, self.n_steps
         )
 
 
