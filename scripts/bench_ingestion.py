@@ -13,7 +13,9 @@ credential) over TCP loopback, with the client's send high-water mark, to
   ``Receiver.from_config`` (experiments/heat.toml with the field size of each run) whose sink is a
   ``BufferSink`` over a FIFO buffer that holds all N samples, so the sink never blocks. Every message
   is decoded, validated (credential, simulation, step, rank, field, dtype, shape, size, finite values),
-  checked against the deduplication record and copied into the buffer.
+  checked against the deduplication record and copied into the buffer;
+* ours, CURVE encrypted: the same with ``server.encryption = "curve"`` (ZeroMQ CURVE on the sender's
+  and the receiver's sockets), the cost of transport security.
 
 Rates are (N - 1) / (time of the last message - time of the first): for ours the receiver's own
 ``first_data_at`` / ``last_data_at`` (first and last sample *stored*, from ``Receiver.counters()``),
@@ -34,7 +36,7 @@ On a 2-core machine the sender process, the two ZeroMQ I/O threads and the recei
 share two cores, so every microsecond the receiving thread adds per message shows in the ratio, and
 the figures move by 10-20 % with other load on the machine. The last lines are, for each size,
 ``ratio ingestion_<size>_ours_over_limit <rate ratio>`` and ``ratio ingestion_<size>_cpu_limit_over_ours
-<CPU ratio>``.
+<CPU ratio>``, and ``ratio ingestion_<size>_curve_over_limit <rate ratio>`` for the encrypted path.
 
 Usage: python scripts/bench_ingestion.py [--small-messages 20000] [--large-messages 200] [--repeats 3]
        [--no-breakdown]
@@ -57,6 +59,7 @@ import numpy as np
 import zmq
 
 from jaxsurro import client, protocol
+from jaxsurro.client.simulation import encrypt
 from jaxsurro.config import Config, load_config
 from jaxsurro.server.buffers import FIFOBuffer
 from jaxsurro.server.receiver import RECEIVE_QUEUE_MESSAGES, BufferSink, Receiver
@@ -112,6 +115,7 @@ def send_messages(
     field_shape: tuple[int, ...],
     n_messages: int,
     report: multiprocessing.connection.Connection,
+    server_key: bytes | None = None,
 ) -> None:
     """Sender process: encode N DATA messages up front, push them as fast as the peer takes them, report CPU.
 
@@ -130,6 +134,7 @@ def send_messages(
     cpu_start = time.process_time()
     context = zmq.Context(io_threads=1)
     push = context.socket(zmq.PUSH)
+    encrypt(push, server_key, zmq.curve_keypair())  # as the client does when the run encrypts
     push.setsockopt(zmq.SNDHWM, client.SEND_HIGH_WATER_MARK)
     push.setsockopt(zmq.SNDTIMEO, int(DEADLINE_S * 1000))
     push.setsockopt(zmq.LINGER, int(DEADLINE_S * 1000))
@@ -141,12 +146,21 @@ def send_messages(
     report.send(time.process_time() - cpu_start)  # all threads of this process, I/O thread included
 
 
-def start_sender(address: str, secret: bytes, field: str, field_shape: tuple[int, ...], n_messages: int) -> Sender:
+def start_sender(
+    address: str,
+    secret: bytes,
+    field: str,
+    field_shape: tuple[int, ...],
+    n_messages: int,
+    server_key: bytes | None = None,
+) -> Sender:
     """The sender as a fresh (spawned) process, so it shares no interpreter or GIL with the receiver."""
     context = multiprocessing.get_context("spawn")
     report, child_end = context.Pipe(duplex=False)
     process = context.Process(
-        target=send_messages, args=(address, secret, field, field_shape, n_messages, child_end), daemon=True
+        target=send_messages,
+        args=(address, secret, field, field_shape, n_messages, child_end, server_key),
+        daemon=True,
     )
     process.start()
     child_end.close()
@@ -250,7 +264,7 @@ def submitted_table(config: Config, n_messages: int, rng: np.random.Generator) -
 
 
 def make_receiver(
-    config: Config, n_messages: int, secret: bytes, rng: np.random.Generator
+    config: Config, n_messages: int, secret: bytes, rng: np.random.Generator, curve_secret_key: bytes | None = None
 ) -> tuple[Receiver, FIFOBuffer]:
     """The library's receiver into a BufferSink over a FIFO that holds every message (the sink never blocks).
 
@@ -261,16 +275,21 @@ def make_receiver(
         capacity=n_messages, watermark=0, input_dim=len(solver.parameters) + 1, field_size=solver.sample_size, seed=0
     )
     sink = BufferSink(buffer, table, solver.n_steps, solver.dt)
-    receiver = Receiver.from_config(config, table, sink, protocol.new_token(), secret)
+    receiver = Receiver.from_config(
+        config, table, sink, protocol.new_token(), secret, curve_secret_key=curve_secret_key
+    )
     for record in table:
         receiver.credentials.issue(record.sim_id, 1)
     return receiver, buffer
 
 
-def run_ours(config: Config, n_messages: int, rng: np.random.Generator) -> Rate:
-    """The server's receive path: Receiver thread -> validate -> dedupe -> BufferSink -> FIFO buffer."""
+def run_ours(config: Config, n_messages: int, rng: np.random.Generator, encrypted: bool = False) -> Rate:
+    """The server's receive path: Receiver thread -> validate -> dedupe -> BufferSink -> FIFO buffer.
+
+    ``encrypted``: with ZeroMQ CURVE on both ends (server.encryption = "curve")."""
     secret = protocol.new_secret()
-    receiver, buffer = make_receiver(config, n_messages, secret, rng)
+    public_key, secret_key = zmq.curve_keypair() if encrypted else (None, None)
+    receiver, buffer = make_receiver(config, n_messages, secret, rng, secret_key)
     receiver.start()
     try:
         sender = start_sender(
@@ -279,6 +298,7 @@ def run_ours(config: Config, n_messages: int, rng: np.random.Generator) -> Rate:
             next(iter(config.solver.field_shapes)),
             next(iter(config.solver.field_shapes.values())),
             n_messages,
+            public_key,
         )
         deadline = time.monotonic() + DEADLINE_S
         cpu_start = time.process_time()
@@ -349,13 +369,15 @@ def breakdown(config: Config, rng: np.random.Generator) -> dict[str, float]:
 
 def bench_size(
     label: str, field_shape: tuple[int, ...], n_messages: int, args: argparse.Namespace, rng: np.random.Generator
-) -> tuple[float, float]:
-    """Run every variant ``repeats`` times in turn, print medians, MB/s and ratios; return ours' two ratios."""
+) -> tuple[float, float, float]:
+    """Run every variant ``repeats`` times in turn, print medians, MB/s and ratios; return ours' two ratios
+    and the encrypted one's rate ratio."""
     config = sized_config(field_shape)
     variants: dict[str, Callable[[], Rate]] = {
         "raw pyzmq PULL (limit)": lambda: run_raw(config, n_messages, copy_into_rows=False),
         "raw PULL + copy to rows": lambda: run_raw(config, n_messages, copy_into_rows=True),
         "jaxsurro Receiver (ours)": lambda: run_ours(config, n_messages, rng),
+        "ours, CURVE encrypted": lambda: run_ours(config, n_messages, rng, encrypted=True),
     }
     runs: dict[str, list[Rate]] = {name: [] for name in variants}
     for _ in range(args.repeats):
@@ -395,7 +417,7 @@ def bench_size(
         )
         for name, microseconds in breakdown(config, rng).items():
             print(f"    {name:<34} {microseconds:>8.1f}")
-    return ours, cpu_ratios["jaxsurro Receiver (ours)"]
+    return ours, cpu_ratios["jaxsurro Receiver (ours)"], ratios["ours, CURVE encrypted"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -429,9 +451,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for label, shape, count in (("16KB", (64, 64), args.small_messages), ("4MB", (1024, 1024), args.large_messages)):
         ratios[label] = bench_size(label, shape, count, args, rng)
     print(f"\ntotal {time.perf_counter() - start:.1f} s")
-    for label, (rate_ratio, cpu_ratio) in ratios.items():
+    for label, (rate_ratio, cpu_ratio, curve_ratio) in ratios.items():
         print(f"ratio ingestion_{label}_ours_over_limit {rate_ratio:.3f}")
         print(f"ratio ingestion_{label}_cpu_limit_over_ours {cpu_ratio:.3f}")
+        print(f"ratio ingestion_{label}_curve_over_limit {curve_ratio:.3f}")
 
 
 if __name__ == "__main__":

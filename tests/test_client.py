@@ -16,6 +16,9 @@ import time
 import numpy as np
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from zmq.utils import z85
 
 from jaxsurro import client, protocol
 
@@ -603,3 +606,29 @@ print(json.dumps({"heavy": heavy, "parameters": sim.parameters.tolist()}))
         assert report["parameters"] == server.parameters.tolist()
         server.wait_for(lambda: server.finished_ranks() == 2, "FINISH from the subprocess")
         assert sorted(m.time_step for m in server.data()) == [0, 1, 2]
+
+
+z85_alphabet = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=60), st.text(alphabet=z85_alphabet, min_size=38, max_size=42)))
+def test_a_server_key_from_the_environment_is_a_curve_key_or_refused_by_name(text):
+    """JAXSURRO_SERVER_KEY: any text is either a Z85 CURVE key (40 characters, 32 bytes) or refused with a
+    ClientConfigurationError naming the variable, never another exception."""
+    environ = {client.ENV_SERVER: "tcp://a:1", client.ENV_TOKEN: protocol.new_token().hex(), client.ENV_SIM_ID: "1"}
+    try:
+        settings_ = client.resolve_settings(environ={**environ, client.ENV_SERVER_KEY: text})
+    except client.ClientConfigurationError as error:
+        assert client.ENV_SERVER_KEY in str(error)
+        return
+    if not text.strip():
+        assert settings_.server_key is None
+    else:
+        assert len(settings_.server_key) == 40 and len(z85.decode(settings_.server_key)) == 32
+
+
+def test_a_generated_server_key_is_accepted():
+    public, _ = zmq.curve_keypair()
+    environ = {client.ENV_SERVER: "tcp://a:1", client.ENV_TOKEN: protocol.new_token().hex(), client.ENV_SIM_ID: "1"}
+    assert client.resolve_settings(environ={**environ, client.ENV_SERVER_KEY: public.decode()}).server_key == public

@@ -250,3 +250,11 @@ def test_two_persistent_clients_run_the_whole_study(tmp_path):
     assert 1 <= len(clients) <= 2, clients  # the two client jobs ran all six simulations
     logs = sorted(path.name for path in run_dir.rglob("sim-client*.log"))
     assert logs == ["sim-client0001.log", "sim-client0002.log"], logs
+
+
+def test_an_encrypted_study_runs_to_the_end(tmp_path):
+    """server.encryption = "curve": the clients get the server's public key from the launcher."""
+    config = load_config(ROOT / "experiments/heat.toml", tiny(tmp_path, "server.encryption='curve'"))
+    run_dir, summary = run(config, show_progress=False)
+    assert summary["simulations_finished"] == N_SIMS
+    assert summary["unique_samples_received"] == N_SIMS * N_STEPS and summary["rejected"] == {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -20,6 +21,7 @@ from jaxsurro.launcher import JobSpec, JobStatus, Launcher, LocalScheduler
 from jaxsurro.launcher.commands import write_job_script
 from jaxsurro.launcher.oar import OarScheduler
 from jaxsurro.launcher.slurm import SlurmScheduler
+from jaxsurro.server.ensemble import ClientAccess
 from jaxsurro.table import SimState, SimulationTable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,6 +250,56 @@ def _descendants_running(tmp_path: Path) -> list[int]:
     return pids
 
 
+# A server-like process: it submits one job through the local scheduler, writes the job's pid to argv[2] and waits to
+# be killed. The job starts a child of its own (as mpirun starts a solver's ranks), which prints its pid to the log.
+SERVER_LIKE = """
+import os, sys
+from pathlib import Path
+from jaxsurro.launcher import JobSpec, LocalScheduler
+
+child = "import os, time; print(os.getpid(), flush=True); time.sleep(600)"
+job = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+job_id = LocalScheduler().submit(JobSpec("solver", (sys.executable, "-c", job), {}, Path(sys.argv[1]), Path.cwd()))
+Path(sys.argv[2] + ".tmp").write_text(job_id.rsplit("-", 1)[1])
+os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="jobs are told apart by their start time in /proc")
+def test_local_jobs_die_with_their_server_even_when_it_is_killed(tmp_path):
+    job_pid, log = tmp_path / "job-pid", tmp_path / "job.log"
+    with subprocess.Popen([sys.executable, "-c", SERVER_LIKE, str(log), str(job_pid)], stdin=subprocess.PIPE) as server:
+        try:
+            wait_until(lambda: job_pid.exists() and log.read_text().strip(), 30, "the job and its child to start")
+            job, child = int(job_pid.read_text()), int(log.read_text())
+            assert _alive(job) and _alive(child)
+            server.kill()  # SIGKILL: no clean-up of the server's runs
+            server.wait(timeout=10)
+            wait_until(lambda: not _alive(job) and not _alive(child), 10, "the job's processes to die with the server")
+        finally:
+            server.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def test_every_job_waits_for_its_server_at_most_the_client_timeout(tmp_path):
+    # A client whose server stops answering gives up after this (client.ENV_TIMEOUT): a job of a dead server that
+    # the launcher could not cancel (a cluster job, or a server killed with SIGKILL) ends on its own.
+    from jaxsurro import client
+    from jaxsurro.config import load_config
+    from jaxsurro.run import job_factory
+
+    config = load_config(ROOT / "experiments" / "heat.toml", ["server.client_timeout=7.5"])
+    job = job_factory(config, ClientAccess("tcp://127.0.0.1:5555", bytes(16)), tmp_path, "sim")(3, 1)
+    assert float(job.env[client.ENV_TIMEOUT]) == 7.5
+
+
 def test_unknown_scheduler_lists_the_available_ones():
     from jaxsurro.launcher import make_scheduler
 
@@ -346,3 +398,26 @@ def test_job_scripts_of_every_backend_are_readable_by_their_owner_only(fake_sche
     submit_job(fake_schedulers)
     assert path.read_text().startswith("#!/bin/bash\n")
     assert owner_only(path), f"{backend}: {path} has mode {stat.S_IMODE(path.stat().st_mode):o}"
+
+
+def test_submit_resume_needs_a_checkpointed_run_and_submits_a_server_that_resumes_it(fake_schedulers, capsys):
+    from jaxsurro import rundir
+    from jaxsurro.server import checkpoint
+
+    assert submit.CHECKPOINT_GLOB == f"checkpoints/{checkpoint.PREFIX}*"  # how the server names them
+    assert submit.main([str(fake_schedulers / "nowhere"), "--resume"]) == 2
+    assert "--resume needs a run directory" in capsys.readouterr().err
+    for scheduler in ("slurm", "oar"):
+        run_dir = submit_server(fake_schedulers / scheduler, scheduler)
+        assert submit.main([str(run_dir), "--resume"]) == 2
+        assert "holds no complete checkpoint to resume from" in capsys.readouterr().err
+        (run_dir / rundir.CHECKPOINTS / f".{checkpoint.PREFIX}000000004.partial").mkdir(parents=True)
+        assert submit.main([str(run_dir), "--resume"]) == 2  # a partial checkpoint is none
+        checkpoint.directory_for(run_dir / rundir.CHECKPOINTS, 3).mkdir()
+        assert submit.main(["--resume", str(run_dir)]) == 0
+        assert "to resume the run" in capsys.readouterr().out
+        assert (run_dir / rundir.SERVER_JOB_ID).read_text().split()[0] == scheduler
+    # Slurm: the script finds the checkpoint itself (a requeued job does too); OAR: the command says --resume.
+    assert "--signal=B:USR1@300" in (fake_schedulers / "slurm" / "run" / "server.sbatch").read_text()
+    oar_script = (fake_schedulers / "oar" / "run" / "server-job.oar.sh").read_text()
+    assert f"jaxsurro.run {fake_schedulers / 'oar' / 'run'} --resume --no-progress" in oar_script

@@ -251,3 +251,35 @@ def test_a_stale_attempts_messages_are_refused_once_the_next_attempt_is_welcomed
     assert (counters.unique_received, counters.duplicates) == (N_STEPS, 1)  # attempt 2's step 0 was stored already
     np.testing.assert_array_equal(receiver.sink.samples[0, 1:, 0], np.arange(1, N_STEPS))
     assert table[0].steps_finished == N_STEPS
+
+
+def test_with_curve_only_clients_given_the_servers_public_key_get_through(table, monkeypatch):
+    """server.encryption = "curve": every socket is a CURVE server; a client without the server's public
+    key gets no answer, one given it (JAXSURRO_SERVER_KEY) streams as usual."""
+    public, secret = zmq.curve_keypair()
+    receiver = Receiver(
+        table=table,
+        sink=ValidationSink(N_SIMS, N_STEPS, int(np.prod(SHAPE))),
+        token=protocol.new_token(),
+        secret=protocol.new_secret(),
+        fields={"u": SHAPE},
+        wire_dtype="float32",
+        n_steps=N_STEPS,
+        host="127.0.0.1",
+        curve_secret_key=secret,
+    )
+    receiver.start()
+    try:
+        assert receiver.data.curve_server and receiver.control.curve_server
+        monkeypatch.delenv(client.ENV_SERVER_KEY, raising=False)
+        with pytest.raises(client.ServerUnreachable, match=client.ENV_SERVER_KEY):
+            client.connect(server=receiver.control_address, token=receiver.token, sim_id=0, timeout=1)
+        monkeypatch.setenv(client.ENV_SERVER_KEY, public.decode())
+        with client.connect(server=receiver.control_address, token=receiver.token, sim_id=0, timeout=5) as sim:
+            for t in range(N_STEPS):
+                sim.send("u", t, field(float(t)))
+        wait_until(lambda: receiver.counters().finishes == 1, 10, "the FINISH")
+        assert receiver.counters().unique_received == N_STEPS
+        np.testing.assert_array_equal(receiver.sink.samples[0, :, 0], np.arange(N_STEPS))
+    finally:
+        receiver.stop()

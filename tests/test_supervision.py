@@ -8,6 +8,7 @@ time step each simulation delivered; the last one runs a whole study with every 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import math
@@ -208,11 +209,11 @@ class QueuedScheduler(LocalScheduler):
 
 
 def queued_launch(config, tmp_path: Path, queued: float):
-    def launch(table, token, control_address, label):
+    def launch(table, access, label):
         return Launcher(
             table,
             QueuedScheduler(queued),
-            job_factory(config, token, control_address, tmp_path / "logs", label),
+            job_factory(config, access, tmp_path / "logs", label),
             max_concurrent=2,
             max_attempts=1,
             poll_interval=0.05,
@@ -239,6 +240,47 @@ def test_a_running_simulation_that_sends_nothing_is_a_stall_counted_from_its_sta
     with pytest.raises(StallError, match="while simulations run"):
         run_ensemble(config, tmp_path, queued_launch(config, tmp_path, queued=1.5))
     assert time.monotonic() - started >= 1.5 + 1.0  # counted from the start, not from the server's
+
+
+class SilentQueuedScheduler(QueuedScheduler):
+    """A queued backend whose jobs never send anything once started; it notes when each one started."""
+
+    def __init__(self, queued: float):
+        super().__init__(queued)
+        self.started_at: list[float] = []
+
+    def submit(self, job) -> str:
+        return super().submit(dataclasses.replace(job, argv=(sys.executable, "-c", "import time; time.sleep(60)")))
+
+    def poll(self, job_ids):
+        before = len(self._started)
+        statuses = super().poll(job_ids)
+        self.started_at += [time.monotonic()] * (len(self._started) - before)
+        return statuses
+
+
+def test_no_batch_for_the_batch_timeout_is_a_stall_only_once_a_simulation_runs(tmp_path, monkeypatch):
+    # Rank 0 decides for every rank, from the latest simulation start: queued clients are not a stall.
+    config = config_for(tmp_path, 1, "train.batch_timeout=1.0", "launcher.silence_timeout=100.0")
+    scheduler = SilentQueuedScheduler(queued=2.0)
+    real_factory = launch_factory
+
+    def queued_simulations(config, log_dir):
+        validation = real_factory(config, log_dir)  # the validation set comes from the real solver
+
+        def launch(table, access, label):
+            if label != "sim":
+                return validation(table, access, label)
+            job_for = job_factory(config, access, log_dir, label)
+            return Launcher(table, scheduler, job_for, max_concurrent=1, max_attempts=1, poll_interval=0.05)
+
+        return launch
+
+    monkeypatch.setattr("jaxsurro.run.launch_factory", queued_simulations)
+    with pytest.raises(StallError, match=r"no rank had a batch for 1 s while simulations run \(train.batch_timeout\)"):
+        run(config, show_progress=False)
+    assert scheduler.started_at, "a stall was reported while the simulation was queued"
+    assert time.monotonic() - scheduler.started_at[0] >= 1.0  # counted from its start
 
 
 # -- the derived silence limit ----------------------------------------------------------------------------

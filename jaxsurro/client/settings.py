@@ -15,6 +15,7 @@ import math
 import operator
 import os
 import re
+import struct
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -31,6 +32,9 @@ ENV_ATTEMPT = "JAXSURRO_ATTEMPT"  # 1 for a simulation's first run, 2 for its fi
 # The client id of a persistent client the launcher started (u32, decimal): the server maps the
 # simulations it hands out to that job. Unset: each process draws a random id.
 ENV_CLIENT_ID = "JAXSURRO_CLIENT_ID"
+# The server's CURVE public key (Z85, 40 characters) when the run encrypts its traffic (server.encryption).
+ENV_SERVER_KEY = "JAXSURRO_SERVER_KEY"
+CURVE_KEY_CHARACTERS = 40
 
 DEFAULT_TIMEOUT = 60.0  # seconds
 DEFAULT_WIRE_DTYPE = "float32"
@@ -67,6 +71,7 @@ class Settings(NamedTuple):
     timeout: float  # seconds, > 0
     wire_dtype: np.dtype  # little-endian float32 or float64
     fields: dict[str, tuple[int, ...]] | None = None  # declared at HELLO: every field of a step and its shape
+    server_key: bytes | None = None  # the server's CURVE public key (Z85): encrypt every socket; None: clear text
 
 
 def _missing(name: str, expected: str) -> ClientConfigurationError:
@@ -161,7 +166,30 @@ def resolve_settings(
     if dtype not in protocol.DTYPE_TO_CODE:
         raise _invalid(dtype_source, dtype_form, wire_dtype)
 
-    return Settings(server, raw_token, int(sim_id), float(timeout), dtype, check_declared_fields(fields))
+    server_key = env.get(ENV_SERVER_KEY, "").strip() or None
+    if server_key is not None and not _is_curve_key(server_key):
+        raise _invalid(
+            ENV_SERVER_KEY, f"the server's CURVE public key, {CURVE_KEY_CHARACTERS} Z85 characters", server_key
+        )
+    return Settings(
+        server,
+        raw_token,
+        int(sim_id),
+        float(timeout),
+        dtype,
+        check_declared_fields(fields),
+        None if server_key is None else server_key.encode(),
+    )
+
+
+def _is_curve_key(text: str) -> bool:
+    """Whether ``text`` is a Z85-encoded 32-byte CURVE key."""
+    from zmq.utils import z85
+
+    try:
+        return len(text) == CURVE_KEY_CHARACTERS and len(z85.decode(text)) == 32
+    except (ValueError, KeyError, IndexError, TypeError, struct.error):  # z85 raises each for some text
+        return False
 
 
 def check_declared_fields(fields: Mapping[str, Any] | None) -> dict[str, tuple[int, ...]] | None:

@@ -24,6 +24,7 @@ from jaxsurro.client.settings import (
     ANY_SIMULATION,
     ENV_CLIENT_ID,
     ENV_SERVER,
+    ENV_SERVER_KEY,
     ENV_TIMEOUT,
     ENV_TOKEN,
     ClientConfigurationError,
@@ -56,6 +57,14 @@ def process_client_id() -> int:
     return _client_id[1]
 
 
+def encrypt(socket: zmq.Socket, server_key: bytes | None, keys: tuple[bytes, bytes]) -> None:
+    """Makes ``socket`` a CURVE client of the server whose public key is ``server_key``, with this
+    client's key pair ``keys`` (before it connects); None leaves it in clear text."""
+    if server_key is not None:
+        socket.curve_serverkey = server_key
+        socket.curve_publickey, socket.curve_secretkey = keys
+
+
 def _handshake(context: zmq.Context, settings: Settings, client_id: int) -> protocol.Welcome:
     """HELLO on a DEALER to the control socket, wait for WELCOME or REJECT within the timeout."""
     timeout_ms = max(1, round(settings.timeout * 1000))
@@ -63,10 +72,12 @@ def _handshake(context: zmq.Context, settings: Settings, client_id: int) -> prot
         f"no answer from the jaxsurro server at {settings.server} within {settings.timeout:g} s "
         f"(HELLO for simulation {_sim_text(settings.sim_id)} sent, no WELCOME). Check that the server "
         f"is running, that {ENV_SERVER} (or server=) is its control address, that this host can reach "
-        f"it (network, firewall), or raise {ENV_TIMEOUT} (or timeout=) if it is only slow to start."
+        f"it (network, firewall), that {ENV_SERVER_KEY} holds the server's public key if the run encrypts "
+        f'(server.encryption = "curve"), or raise {ENV_TIMEOUT} (or timeout=) if it is only slow to start.'
     )
     dealer = context.socket(zmq.DEALER)
     try:
+        encrypt(dealer, settings.server_key, _curve_keys(settings))
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.SNDTIMEO, timeout_ms)
         try:
@@ -111,6 +122,19 @@ def _handshake(context: zmq.Context, settings: Settings, client_id: int) -> prot
     if reply.sim_id == ANY_SIMULATION:
         raise protocol.ProtocolError("malformed", "WELCOME must name a concrete simulation id")
     return reply
+
+
+_keys: tuple[int, tuple[bytes, bytes]] | None = None  # (pid, CURVE key pair): one per process
+
+
+def _curve_keys(settings: Settings) -> tuple[bytes, bytes]:
+    """This process's CURVE key pair when the run encrypts (drawn once), else empty keys."""
+    global _keys
+    if settings.server_key is None:
+        return b"", b""
+    if _keys is None or _keys[0] != os.getpid():
+        _keys = (os.getpid(), zmq.curve_keypair())
+    return _keys[1]
 
 
 def _sim_text(sim_id: int) -> str:
@@ -179,10 +203,12 @@ class Simulation(SimulationContext):
         self.messages_sent = [0] * self.n_ranks  # DATA messages accepted per rank
         timeout_ms = max(1, round(self.timeout * 1000))
         sockets = []
+        keys = _curve_keys(settings)
         try:
             for address in self.addresses:
                 socket = context.socket(zmq.PUSH)
                 sockets.append(socket)
+                encrypt(socket, settings.server_key, keys)
                 socket.setsockopt(zmq.SNDHWM, SEND_HIGH_WATER_MARK)
                 socket.setsockopt(zmq.SNDTIMEO, timeout_ms)
                 socket.setsockopt(zmq.LINGER, timeout_ms)

@@ -12,7 +12,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
+
+import zmq
 
 from jaxsurro import protocol
 from jaxsurro.config import Config
@@ -43,9 +45,18 @@ class Launching(Protocol):
     def check(self) -> None: ...
 
 
-# (table, token, control address, label) -> a launcher for that table's simulations, whose clients
-# reach the server at the control address with the token. Built by the entry point.
-LaunchFactory = Callable[[SimulationTable, bytes, str, str], Launching]
+class ClientAccess(NamedTuple):
+    """What a client needs to reach this ensemble's server: where, the run token, and with
+    ``server.encryption = "curve"`` the server's public key (Z85, 40 characters)."""
+
+    control_address: str
+    token: bytes
+    server_key: bytes | None = None
+
+
+# (table, access, label) -> a launcher for that table's simulations, whose clients reach the server
+# with ``access``. Built by the entry point.
+LaunchFactory = Callable[[SimulationTable, ClientAccess, str], Launching]
 
 
 class Ensemble:
@@ -71,6 +82,16 @@ class Ensemble:
         # The key of the per-attempt credentials: shared by the server's ranks, never sent to a client.
         secret = protocol.new_secret() if self.world.is_root else None
         secret = self.world.broadcast(secret, config.server.startup_timeout, "the credential secret")
+        # server.encryption = "curve": one key pair per ensemble, the secret half on the server's ranks only.
+        keys = None
+        if config.server.encryption == "curve":
+            if not zmq.has("curve"):
+                raise RuntimeError(
+                    'server.encryption = "curve" needs a libzmq built with CURVE (libsodium); this pyzmq\'s '
+                    f'libzmq {zmq.zmq_version()} has none. Install pyzmq\'s wheel, or set server.encryption = "none"'
+                )
+            keys = zmq.curve_keypair() if self.world.is_root else None
+            keys = self.world.broadcast(keys, config.server.startup_timeout, "the CURVE key pair")
         n_simulations = len(table)
         self.receiver = Receiver.from_config(
             config,
@@ -78,6 +99,7 @@ class Ensemble:
             sink,
             self.token,
             secret,
+            curve_secret_key=None if keys is None else keys[1],
             rank=self.world.rank,
             n_ranks=self.world.size,
             # Rank 0 knows which simulations were submitted; the others accept any simulation of the study.
@@ -88,7 +110,8 @@ class Ensemble:
         )
         self.launcher = None
         if self.world.is_root:
-            self.launcher = launch(table, self.token, self.receiver.control_address, label)
+            access = ClientAccess(self.receiver.control_address, self.token, None if keys is None else keys[0])
+            self.launcher = launch(table, access, label)
 
     def __enter__(self) -> Ensemble:
         self.receiver.start()

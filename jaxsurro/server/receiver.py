@@ -105,7 +105,10 @@ class Receiver:
         known_simulations: Callable[[int], bool] | None = None,
         assembly_slots: int = DEFAULT_ASSEMBLY_SLOTS,
         bounds: Mapping[str, tuple[float, float]] | None = None,
+        curve_secret_key: bytes | None = None,
     ):
+        """``curve_secret_key``: the server's CURVE secret key (Z85): every socket then encrypts and
+        authenticates with ZeroMQ CURVE, and only clients given the public key can talk to it."""
         self.table = table
         self.sink = sink
         self.token = token
@@ -127,6 +130,7 @@ class Receiver:
         self.assembler = StepAssembler(field_sizes(fields), assembly_slots) if len(fields) > 1 else None
         self._context = context or zmq.Context.instance()
         self.data = self._context.socket(zmq.PULL)
+        _serve_encrypted(self.data, curve_secret_key)
         self.data.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE_MESSAGES)
         # Before any token is checked, a peer may announce a frame of any size: cap each frame at the
         # largest valid one, so a larger frame disconnects its sender instead of being buffered.
@@ -139,6 +143,7 @@ class Receiver:
         self.control_address = ""
         if rank == 0:
             self.control = self._context.socket(zmq.ROUTER)
+            _serve_encrypted(self.control, curve_secret_key)
             self.control.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE_MESSAGES)
             self.control.setsockopt(zmq.MAXMSGSIZE, protocol.max_control_frame_bytes())
             self.control.setsockopt(zmq.LINGER, 0)
@@ -453,6 +458,13 @@ class Receiver:
         return protocol.encode_welcome(
             self.token, sim_id, header.client_id, self.addresses, parameters, credential, self.n_steps
         )
+
+
+def _serve_encrypted(socket: zmq.Socket, secret_key: bytes | None) -> None:
+    """Makes ``socket`` a CURVE server with ``secret_key`` (before it binds); None leaves it in clear text."""
+    if secret_key is not None:
+        socket.curve_server = True
+        socket.curve_secretkey = secret_key
 
 
 def _hosts(host: str) -> tuple[str, str]:
