@@ -90,9 +90,14 @@ class StudyConfig:
     n_simulations: int = 64  # the simulation budget S (>= 1)
     output_dir: str = "runs"  # a run directory <output_dir>/<name>-<timestamp> is made here
     cache_dir: str = ".cache/jaxsurro"  # validation sets are cached here, keyed by what determines them
+    # "online": train while the ensemble streams (a buffer); "offline" (the SC23 paper's baseline): the
+    # ensemble's time steps go to files under <run_dir>/dataset/, then training reads them in epochs.
+    mode: Literal["online", "offline"] = "online"
+    epochs: int = 1  # offline mode: passes over the dataset, each sample once per pass (>= 1)
 
     def check(self, errors: list[str]) -> None:
         _in_range(errors, "study.seed", self.seed, 0, MAX_SEED, "seeds are uint32: core.sampling.derive_seed")
+        _in_range(errors, "study.epochs", self.epochs, 1, MAX_OPTIMIZER_STEPS, "optax counts steps in int32")
         _in_range(
             errors,
             "study.n_simulations",
@@ -388,9 +393,22 @@ class TrainConfig:
     validation_every: int = 100  # batches between validations
     n_validation: int = 16  # validation simulations (Halton parameters), run once and cached
     batch_timeout: float = 300.0  # seconds the trainer waits for a batch before reporting a stall
+    # Online mode, once reception ends: "drain" the buffers (the SC23 paper: training ends when they are
+    # empty), or an integer N: drain them, then train N more batches drawn uniformly, with replacement,
+    # from what the buffers held when reception ended.
+    after_reception: Literal["drain"] | int = "drain"
 
     def check(self, errors: list[str]) -> None:
         _at_least(errors, "train.batch_size", self.batch_size, 1)
+        if isinstance(self.after_reception, int):
+            _in_range(
+                errors,
+                "train.after_reception",
+                self.after_reception,
+                0,
+                MAX_OPTIMIZER_STEPS,
+                "optax counts steps in int32",
+            )
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             errors.append(f"train.learning_rate ({self.learning_rate}) must be a positive number")
         _at_least(errors, "train.halve_every_samples", self.halve_every_samples, 1)
@@ -406,12 +424,18 @@ class LauncherConfig:
     scheduler: Literal["local", "slurm", "oar"] = "local"
     slurm_mode: Literal["jobs", "steps"] = "jobs"  # sbatch job per client, or srun steps in the server's allocation
     max_concurrent: int = 2  # m: simulations running at the same time
+    # > 0: this many persistent clients, each running simulations one after another as the server hands
+    # them out (the solver loops over jaxsurro.client.simulations()); 0: a job per simulation.
+    persistent_clients: int = 0
     max_attempts: int = 2  # tries per simulation before it is reported failed
     poll_interval: float = 0.2  # seconds between scheduler polls (a backend may ask for more)
     output_tail_lines: int = 20  # lines of a failed simulation's output shown in its report
     client_options: tuple[str, ...] = ()  # scheduler options of each client job, e.g. ["--time=00:10:00"]
     server_options: tuple[str, ...] = ()  # scheduler options of the server job (python -m jaxsurro.submit)
     server_ranks: int = 1  # R: server ranks started by python -m jaxsurro.submit
+    # Slurm: seconds before the server job's time limit at which it writes a checkpoint, stops and requeues
+    # itself to resume (#SBATCH --signal=B:USR1@N; Slurm may warn up to a minute early); 0: no warning.
+    warning_seconds: int = 300
     # Seconds a running simulation may send nothing before it is cancelled as hung and retried; not given:
     # derived from the solver's observed pace (jaxsurro.launcher.supervisor.SilenceLimit).
     silence_timeout: float | None = None
@@ -429,12 +453,14 @@ class LauncherConfig:
                     )
         _at_least(errors, "launcher.server_ranks", self.server_ranks, 1)
         _at_least(errors, "launcher.max_concurrent", self.max_concurrent, 1)
+        _in_range(errors, "launcher.persistent_clients", self.persistent_clients, 0, 65535, "clients run as jobs")
         _at_least(errors, "launcher.max_attempts", self.max_attempts, 1)
         _seconds(errors, "launcher.poll_interval", self.poll_interval, MAX_POLL_INTERVAL_S)
         _at_least(errors, "launcher.output_tail_lines", self.output_tail_lines, 0)
         if self.silence_timeout is not None:
             _seconds(errors, "launcher.silence_timeout", self.silence_timeout)
         _at_least(errors, "launcher.max_redraws", self.max_redraws, 1)
+        _in_range(errors, "launcher.warning_seconds", self.warning_seconds, 0, 65535, "Slurm's --signal limit")
         if self.on_exhausted == "redraw" and self.server_ranks > 1:
             errors.append(
                 f'launcher.on_exhausted = "redraw" needs a single server rank, not launcher.server_ranks = '
@@ -455,6 +481,9 @@ class ServerConfig:
     # metrics record; above the second (once 100 messages arrived), the run stops rather than train on garbage.
     alarm_rejection_fraction: float = 0.01
     stop_rejection_fraction: float = 0.25
+    # "curve": every socket is encrypted and authenticated with ZeroMQ CURVE; the server draws a key pair
+    # per run and clients get its public key in JAXSURRO_SERVER_KEY. "none": clear text (a trusted network).
+    encryption: Literal["none", "curve"] = "none"
 
     def check(self, errors: list[str]) -> None:
         problem = host_problem(self.host)
@@ -552,12 +581,46 @@ class Config:
                 f"study.n_simulations ({self.study.n_simulations}) × solver.n_steps ({self.solver.n_steps}) "
                 f"must be at most 2**63: sample ids sim_id · n_steps + t are int64"
             )
+        self._check_mode(errors)
         transitions = self.train.halve_every_samples // max(self.train.batch_size, 1)
         if transitions > MAX_OPTIMIZER_STEPS:
             errors.append(
                 f"train.halve_every_samples ({self.train.halve_every_samples}) must be at most 2**31 - 1 "
                 f"batches of train.batch_size ({self.train.batch_size}), i.e. "
                 f"{MAX_OPTIMIZER_STEPS * max(self.train.batch_size, 1)} samples: the schedule counts steps in int32"
+            )
+
+    def _check_mode(self, errors: list[str]) -> None:
+        """The keys that belong to one of study.mode's two modes, and what offline mode cannot do."""
+        study = self.study
+        if study.mode == "online":
+            if study.epochs > 1:
+                errors.append(
+                    f'study.epochs ({study.epochs}) applies to study.mode = "offline"; an online run trains '
+                    "as the data arrive (see train.after_reception to train longer)"
+                )
+            return
+        if self.train.after_reception != "drain":
+            errors.append(
+                f'train.after_reception ({self.train.after_reception!r}) applies to study.mode = "online"; '
+                "an offline run trains study.epochs passes over its dataset"
+            )
+        if self.sampler.kind == "breed":
+            errors.append(
+                'sampler.kind = "breed" needs study.mode = "online": Breed steers the ensemble by the '
+                "losses of training while it runs, and an offline run trains after it ends"
+            )
+        if self.launcher.server_ranks > 1:
+            errors.append(
+                f'study.mode = "offline" runs on one server rank, not launcher.server_ranks = '
+                f"{self.launcher.server_ranks}: its dataset is written and read by a single process"
+            )
+        batches = study.epochs * -(-study.n_simulations * self.solver.n_steps // max(self.train.batch_size, 1))
+        if batches > MAX_OPTIMIZER_STEPS:
+            errors.append(
+                f"study.epochs ({study.epochs}) × the batches of one pass over study.n_simulations "
+                f"({study.n_simulations}) × solver.n_steps ({self.solver.n_steps}) samples must be at most "
+                f"2**31 - 1 steps (train.batch_size {self.train.batch_size}): optax counts steps in int32"
             )
 
 
@@ -861,6 +924,7 @@ def machine_problems(config: Config, *, server_here: bool = True, cwd: Path | No
       The look-up runs in a thread for at most :data:`HOST_LOOKUP_TIMEOUT_S`; one that has not
       answered by then is let through, and the receiver's bind reports a bad name when it starts.
     - memory: :func:`memory_estimate` for one server rank must fit in this machine's physical memory.
+    - disk, in offline mode: :func:`dataset_bytes` must fit in the free space under ``study.output_dir``.
     """
     cwd = Path.cwd() if cwd is None else cwd
     problems = solver_problems(config.solver, cwd)
@@ -873,6 +937,9 @@ def machine_problems(config: Config, *, server_here: bool = True, cwd: Path | No
         if problem:
             problems.append(f"server.host ({config.server.host!r}) {problem}")
         problem = memory_problem(config)
+        if problem:
+            problems.append(problem)
+        problem = disk_problem(config, cwd)
         if problem:
             problems.append(problem)
     return problems
@@ -1014,7 +1081,8 @@ def physical_memory() -> int | None:
 def memory_estimate(config: Config) -> list[tuple[str, int]]:
     """The big arrays one server rank holds, as (formula with its keys and values, bytes), largest first.
 
-    Float32 throughout: the buffer (per rank), the validation set (rank 0), the model's parameters
+    Float32 throughout: the buffer (per rank; none in offline mode, whose dataset is on disk), its
+    copy with ``train.after_reception = N``, the validation set (rank 0), the model's parameters
     with Adam's two moments (the whole MLP; for other models its output layer, H × sample size),
     a training batch on the host, on the device and as predictions, and the simulation table with
     the receiver's record of stored steps.
@@ -1033,11 +1101,11 @@ def memory_estimate(config: Config) -> list[tuple[str, int]]:
         model = f"model's output layer (model.hidden {hidden} × sample size {size})"
     capacity, batch, n_val, n_steps = config.buffer.capacity, train.batch_size, train.n_validation, solver.n_steps
     n_sims = config.study.n_simulations
+    buffer = (
+        f"buffer.capacity × (sample size + inputs) × 4 B = {capacity} × ({size} + {inputs}) × 4 B",
+        capacity * (size + inputs) * 4,
+    )
     parts = [
-        (
-            f"buffer.capacity × (sample size + inputs) × 4 B = {capacity} × ({size} + {inputs}) × 4 B",
-            capacity * (size + inputs) * 4,
-        ),
         (
             f"train.n_validation × solver.n_steps × sample size × 4 B = {n_val} × {n_steps} × {size} × 4 B",
             n_val * n_steps * size * 4,
@@ -1053,6 +1121,10 @@ def memory_estimate(config: Config) -> list[tuple[str, int]]:
             n_sims * (SIMULATION_RECORD_BYTES + n_steps),
         ),
     ]
+    if config.study.mode == "online":
+        parts.append(buffer)
+    if isinstance(train.after_reception, int) and train.after_reception > 0:
+        parts.append((f"train.after_reception's copy of the final buffer: {buffer[0]}", buffer[1]))
     return sorted(parts, key=lambda part: -part[1])
 
 
@@ -1072,6 +1144,36 @@ def memory_problem(config: Config, available: int | None = None) -> str | None:
         f"the run needs about {_bytes(total)} of memory per server rank, more than this machine's "
         f"{_bytes(available)} of physical memory: {terms} (sample size {config.solver.sample_size}: {layout}); "
         "lower the values named"
+    )
+
+
+def dataset_bytes(config: Config) -> int:
+    """What an offline run writes under ``<run_dir>/dataset/``: every time step, float32 (file headers aside)."""
+    return config.study.n_simulations * config.solver.n_steps * config.solver.sample_size * 4
+
+
+def disk_problem(config: Config, cwd: Path, available: int | None = None) -> str | None:
+    """Offline mode: whether :func:`dataset_bytes` exceeds ``available`` bytes (default: the free space
+    of the file system that holds, or will hold, ``study.output_dir``)."""
+    if config.study.mode != "offline":
+        return None
+    path = Path(cwd, config.study.output_dir)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if available is None:
+        try:
+            available = shutil.disk_usage(path).free
+        except OSError:
+            return None  # the directory rules report what is wrong with the path
+    needed = dataset_bytes(config)
+    if needed <= available:
+        return None
+    solver = config.solver
+    return (
+        f'study.mode = "offline" writes its dataset to study.output_dir ({config.study.output_dir!r}): '
+        f"study.n_simulations × solver.n_steps × sample size × 4 B = {config.study.n_simulations} × "
+        f"{solver.n_steps} × {solver.sample_size} × 4 B = {_bytes(needed)}, more than the {_bytes(available)} "
+        f"free on {path}; lower the values named or choose another study.output_dir"
     )
 
 

@@ -25,7 +25,7 @@ from jaxsurro.config import Config, add_config_arguments, config_from_args, dump
 if TYPE_CHECKING:
     from jaxsurro.launcher import JobSpec, Launcher
     from jaxsurro.server.distributed import World
-    from jaxsurro.server.ensemble import LaunchFactory
+    from jaxsurro.server.ensemble import ClientAccess, LaunchFactory
     from jaxsurro.server.online import Requests
     from jaxsurro.server.trainer import Trainer
     from jaxsurro.server.validation import ValidationSet
@@ -78,20 +78,28 @@ def plan_simulations(config: Config) -> SimulationTable:
     )
 
 
-def job_factory(
-    config: Config, token: bytes, control_address: str, log_dir: Path, label: str
-) -> Callable[[int, int], JobSpec]:
+def client_environment(config: Config, access: ClientAccess) -> dict[str, str]:
+    """The client settings every solver job gets (jaxsurro.client.ENV_*), but which simulation to run."""
+    from jaxsurro import client
+
+    environment = {
+        client.ENV_SERVER: access.control_address,
+        client.ENV_TOKEN: access.token.hex(),
+        client.ENV_TIMEOUT: repr(config.server.client_timeout),
+        client.ENV_WIRE_DTYPE: config.solver.wire_dtype,
+    }
+    if access.server_key is not None:
+        environment[client.ENV_SERVER_KEY] = access.server_key.decode()
+    return environment
+
+
+def job_factory(config: Config, access: ClientAccess, log_dir: Path, label: str) -> Callable[[int, int], JobSpec]:
     """Builds the job of one simulation attempt: the solver command with the client's settings."""
     from jaxsurro import client
     from jaxsurro.launcher import JobSpec
 
     argv = tuple(config.solver.argv())
-    base_env = {
-        client.ENV_SERVER: control_address,
-        client.ENV_TOKEN: token.hex(),
-        client.ENV_TIMEOUT: repr(config.server.client_timeout),
-        client.ENV_WIRE_DTYPE: config.solver.wire_dtype,
-    }
+    base_env = client_environment(config, access)
 
     def job_for(sim_id: int, attempt: int) -> JobSpec:
         return JobSpec(
@@ -103,6 +111,27 @@ def job_factory(
         )
 
     return job_for
+
+
+def client_job_factory(config: Config, access: ClientAccess, log_dir: Path, label: str) -> Callable[[int], JobSpec]:
+    """Builds the job of one persistent client: the solver command asking for any simulation, under
+    the client id the launcher gave it (launcher.persistent_clients)."""
+    from jaxsurro import client
+    from jaxsurro.launcher import JobSpec
+
+    argv = tuple(config.solver.argv())
+    base_env = client_environment(config, access)
+
+    def client_job(client_id: int) -> JobSpec:
+        return JobSpec(
+            name=f"{config.study.name}-{label}-client{client_id}",
+            argv=argv,
+            env={**base_env, client.ENV_SIM_ID: "any", client.ENV_CLIENT_ID: str(client_id)},
+            log_path=log_dir / f"{label}-client{client_id:04d}.log",
+            cwd=Path.cwd(),
+        )
+
+    return client_job
 
 
 def launch_factory(config: Config, log_dir: Path) -> LaunchFactory:
@@ -118,7 +147,7 @@ def launch_factory(config: Config, log_dir: Path) -> LaunchFactory:
             "simulation's time steps with their own copy of its parameters, which a redraw on rank 0 does not reach"
         )
 
-    def launch(table: SimulationTable, token: bytes, control_address: str, label: str) -> Launcher:
+    def launch(table: SimulationTable, access: ClientAccess, label: str) -> Launcher:
         scheduler = make_scheduler(launcher.scheduler, launcher.client_options, launcher.slurm_mode)
         redraw = None
         if launcher.on_exhausted == "redraw" and label == "sim":  # the validation set stays as it is
@@ -134,7 +163,7 @@ def launch_factory(config: Config, log_dir: Path) -> LaunchFactory:
         return Launcher(
             table,
             scheduler,
-            job_factory(config, token, control_address, log_dir, label),
+            job_factory(config, access, log_dir, label),
             max_concurrent=launcher.max_concurrent,
             max_attempts=launcher.max_attempts,
             poll_interval=launcher.poll_interval,
@@ -143,6 +172,8 @@ def launch_factory(config: Config, log_dir: Path) -> LaunchFactory:
             silence_timeout=launcher.silence_timeout,
             redraw=redraw,
             max_redraws=launcher.max_redraws,
+            persistent_clients=launcher.persistent_clients,
+            client_job=client_job_factory(config, access, log_dir, label),
         )
 
     return launch
@@ -165,6 +196,15 @@ def run(
     from jaxsurro.server.distributed import World
 
     world = world or World.detect()
+    if config.study.mode == "offline":  # refused by every rank at once, before anything is made
+        from jaxsurro.server.offline import check_single_rank
+
+        check_single_rank(world)
+        if resume:
+            raise RuntimeError(
+                '--resume continues online runs; an offline run (study.mode = "offline") writes no checkpoints: '
+                "start it again"
+            )
     if world.is_root:
         run_dir = rundir.create(config, run_dir)
     run_dir = world.broadcast(run_dir, config.server.startup_timeout, "the run directory")
@@ -191,6 +231,7 @@ def _run(
 
     started = time.monotonic()
     log.info("run directory %s, server rank %d of %d", run_dir, world.rank, world.size)
+    offline = config.study.mode == "offline"
     launch = launch_factory(config, run_dir / rundir.LOGS)
     validation = None
     if world.is_root:
@@ -211,18 +252,23 @@ def _run(
         table = SimulationTable.from_records(world.broadcast(records, config.server.startup_timeout, "the table"))
     progress = Progress(config.study.n_simulations * config.solver.n_steps, enabled=show_progress)
     try:
-        result = train_online(
-            config,
-            table,
-            validation,
-            scaling,
-            run_dir,
-            progress,
-            launch,
-            world,
-            requests=requests,
-            resume_from=resume_from,
-        )
+        if offline:  # the ensemble to disk, then epochs over it
+            from jaxsurro.server.offline import train_offline
+
+            result = train_offline(config, table, validation, scaling, run_dir, progress, launch, world)
+        else:
+            result = train_online(
+                config,
+                table,
+                validation,
+                scaling,
+                run_dir,
+                progress,
+                launch,
+                world,
+                requests=requests,
+                resume_from=resume_from,
+            )
     except TrainingStopped as stopped:
         if world.is_root:  # the latest parameters and why the run ended, whatever ended it
             _write_model(config, run_dir, stopped.trainer)

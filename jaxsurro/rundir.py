@@ -24,7 +24,9 @@ MODEL = "model.json"  # the surrogate's architecture, fields and scaling (jaxsur
 SERVER_LOG = "server.log"  # rank 0's log; rank r > 0 writes server-rank<r>.log
 LOGS = "logs"  # each simulation's output
 CHECKPOINTS = "checkpoints"  # step-<N>/: everything a resumed run needs (jaxsurro.server.checkpoint)
+CHECKPOINT_PREFIX = "step-"  # checkpoints/step-<N>/ is complete; .step-<N>.partial/ is being written
 TENSORBOARD = "tensorboard"  # TensorBoard event files, with [log] tensorboard = true
+DATASET = "dataset"  # offline mode: one file per simulation (jaxsurro.server.dataset)
 SERVER_JOB_ID = "server-job-id"  # "<scheduler> <job id>" of a submitted server
 
 

@@ -285,7 +285,7 @@ def draw(runs_dir: Path, out_dir: Path) -> tuple[DeviationStats, dict[str, RunRe
     return deviation_stats(runs["random"].simulations, runs["breed"].simulations), runs, paths
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
+def exit_on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM unwinds like Ctrl-C, so the run's clean-up cancels every simulation job."""
     raise SystemExit(128 + signum)
 
@@ -303,7 +303,7 @@ def run_both(config_path: Path, overrides: Sequence[str], runs_dir: Path) -> Non
             "--runs-dir, or redraw their figures with --from-runs"
         )
     console_logging()
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     for name, config in configs.items():
         print(
             f"[compare_breed] {name}: sampler.kind = {config.sampler.kind}, "

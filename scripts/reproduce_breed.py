@@ -47,8 +47,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from compare_breed import (  # noqa: E402  (scripts/compare_breed.py: reading runs, Figure 4)
     CompareInputError,
     Simulations,
-    _exit_on_sigterm,
     deviation_figure,
+    exit_on_sigterm,
     parameter_deviation,
     read_simulations,
 )
@@ -152,7 +152,7 @@ def run_seeds(config_path: Path, overrides: Sequence[str], seeds: Sequence[int],
     if taken:
         raise CompareInputError(f"{taken[0]} already exists; remove it, pass another --runs-dir, or use --from-runs")
     console_logging()
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # unwinds like Ctrl-C: every simulation job is cancelled
+    signal.signal(signal.SIGTERM, exit_on_sigterm)  # unwinds like Ctrl-C: every simulation job is cancelled
     for seed in seeds:
         for name, kind in RUN_KINDS.items():
             config = load_config(config_path, [*overrides, f"sampler.kind={kind}", f"study.seed={seed}"])

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from compare_breed import _exit_on_sigterm  # noqa: E402
+from compare_breed import exit_on_sigterm  # noqa: E402
 
 from jaxsurro import plot  # noqa: E402
 from jaxsurro.config import ConfigError, load_config  # noqa: E402
@@ -103,7 +103,7 @@ def run_all(args: argparse.Namespace) -> None:
     from jaxsurro.rundir import console_logging
 
     console_logging()
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # unwinds like Ctrl-C: every simulation job is cancelled
+    signal.signal(signal.SIGTERM, exit_on_sigterm)  # unwinds like Ctrl-C: every simulation job is cancelled
 
     def one(seed: int, name: str, overrides: list[str]) -> dict:
         target = args.runs_dir / f"seed{seed}" / name

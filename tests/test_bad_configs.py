@@ -152,6 +152,47 @@ CASES = [
         fragment="breed.window (200) must not exceed study.n_simulations (20)",
     ),
     case("malformed-override", "batch_size=3", fragment="override 'batch_size=3' must look like section.key=value"),
+    # Offline mode and training after reception.
+    case("mode-unknown", "study.mode=batch", fragment="study.mode ('batch') must be one of 'online', 'offline'"),
+    case("epochs-zero", "study.mode=offline", "study.epochs=0", fragment="study.epochs (0) must be at least 1"),
+    case("epochs-online", "study.epochs=3", fragment='study.epochs (3) applies to study.mode = "offline"'),
+    case("epochs-float", "study.mode=offline", "study.epochs=2.5", fragment="study.epochs (2.5) must be an integer"),
+    case(
+        "after-reception-negative",
+        "train.after_reception=-1",
+        fragment="train.after_reception (-1) must be at least 0",
+    ),
+    case(
+        "after-reception-word",
+        "train.after_reception=forever",
+        fragment="train.after_reception ('forever') must be one of 'drain' or an integer",
+    ),
+    case(
+        "after-reception-offline",
+        "study.mode=offline",
+        "train.after_reception=10",
+        fragment='train.after_reception (10) applies to study.mode = "online"',
+    ),
+    case(
+        "offline-breed",
+        "study.mode=offline",
+        "sampler.kind=breed",
+        "study.n_simulations=300",
+        fragment='sampler.kind = "breed" needs study.mode = "online"',
+    ),
+    case(
+        "offline-ranks",
+        "study.mode=offline",
+        "launcher.server_ranks=2",
+        fragment='study.mode = "offline" runs on one server rank, not launcher.server_ranks = 2',
+    ),
+    case(
+        "offline-disk",
+        "study.mode=offline",
+        "study.n_simulations=100000",
+        "solver.n_steps=1000000",
+        fragment='study.mode = "offline" writes its dataset to study.output_dir',
+    ),
     # Bad files.
     case("bad-toml", fragment="not valid TOML", toml="[study\nname = 1\n"),
     case("section-not-a-table", fragment="solver must be a table", toml="solver = 3\n"),

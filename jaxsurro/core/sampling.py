@@ -22,7 +22,15 @@ SamplerKind = Literal["uniform", "halton", "lhs"]
 SAMPLER_KINDS: tuple[str, ...] = ("uniform", "halton", "lhs")
 
 # The random streams of a run, each seeded from study.seed by its name (see derive_seed).
-SEED_STREAMS: tuple[str, ...] = ("sampler", "model", "buffer", "breed", "breed-uniform")
+SEED_STREAMS: tuple[str, ...] = (
+    "sampler",
+    "model",
+    "buffer",
+    "breed",
+    "breed-uniform",
+    "epoch",  # offline mode: the order of each pass over the dataset (index: the epoch)
+    "after-reception",  # train.after_reception = N: the draws from the final buffer (index: the rank)
+)
 # The validation set's Halton scramble is fixed on purpose, not derived from study.seed: every
 # seed of a study is then measured on the same validation simulations, and the set is cached once.
 VALIDATION_SEED = 20231112

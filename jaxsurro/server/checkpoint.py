@@ -5,8 +5,8 @@ A checkpoint is a directory ``<run_dir>/checkpoints/step-<N>/``:
 - ``train_state/``: the train state (parameters, optimizer state, step) as an orbax checkpoint,
   written by rank 0 (every rank holds the same bits);
 - ``rank-<r>.npz`` and ``rank-<r>.json``: each rank's host buffer (samples, use counts, counters,
-  the draws' generator state), its receiver's deduplication record and counters, and its share of
-  the Breed statistics;
+  the draws' generator state), its receiver's deduplication record and counters, its share of
+  the Breed statistics and, while ``train.after_reception`` batches run, its copy of the final buffer;
 - ``meta.json`` (rank 0): the loop's position (steps, validation history, wall time, metrics lines),
   the simulation table and Breed's resampling state.
 
@@ -30,6 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxsurro.server.after_reception import FinalBufferState
 from jaxsurro.server.buffers import BufferSnapshot, SampleBatch
 
 PREFIX = "step-"
@@ -46,6 +47,7 @@ class RankState(NamedTuple):
     receiver: dict[str, Any]  # its counters (JSON-ready)
     samples_trained: int
     breed: dict[str, np.ndarray] | None  # its Breed loss statistics, as NumPy arrays
+    final_buffer: FinalBufferState | None = None  # train.after_reception = N: its copy, once the extra batches began
 
 
 def with_pending(snapshot: BufferSnapshot, pending: list[SampleBatch]) -> BufferSnapshot:
@@ -88,6 +90,12 @@ def write_rank(directory: Path, rank: int, state: RankState) -> None:
     arrays["stored"] = state.stored
     for name, value in (state.breed or {}).items():
         arrays[f"breed_{name}"] = value
+    final = None
+    if state.final_buffer is not None:
+        final = {"steps": state.final_buffer.steps, "rng_state": state.final_buffer.rng_state}
+        for name, value in state.final_buffer._asdict().items():
+            if isinstance(value, np.ndarray):
+                arrays[f"final_{name}"] = value
     np.savez(directory / f"rank-{rank}.npz", **arrays)
     (directory / f"rank-{rank}.json").write_text(
         json.dumps(
@@ -97,6 +105,7 @@ def write_rank(directory: Path, rank: int, state: RankState) -> None:
                 "receiver": state.receiver,
                 "samples_trained": state.samples_trained,
                 "breed_keys": sorted(state.breed) if state.breed is not None else None,
+                "final_buffer": final,
             }
         )
     )
@@ -113,7 +122,14 @@ def read_rank(directory: Path, rank: int) -> RankState:
         **{name: arrays[f"buffer_{name}"] for name in BufferSnapshot._fields if f"buffer_{name}" in arrays},
     )
     breed = None if info["breed_keys"] is None else {name: arrays[f"breed_{name}"] for name in info["breed_keys"]}
-    return RankState(buffer, arrays["stored"], info["receiver"], int(info["samples_trained"]), breed)
+    final = None
+    if info.get("final_buffer") is not None:
+        final = FinalBufferState(
+            steps=int(info["final_buffer"]["steps"]),
+            rng_state=info["final_buffer"]["rng_state"],
+            **{name: arrays[f"final_{name}"] for name in FinalBufferState._fields if f"final_{name}" in arrays},
+        )
+    return RankState(buffer, arrays["stored"], info["receiver"], int(info["samples_trained"]), breed, final)
 
 
 def write_train_state(directory: Path, host_state: Any) -> None:

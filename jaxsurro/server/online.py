@@ -6,8 +6,9 @@ rank 0's decisions (log now, every simulation ended). If any rank has data they 
 run the jitted step, whose gradient sums are reduced across ranks weighted by each
 rank's sample count, so an empty rank contributes nothing and nobody waits for it.
 Training ends when every rank's buffer is drained after reception is over, which all
-ranks learn in the same iteration. With one rank the same loop runs without MPI
-(docs/architecture.md, "MPI lockstep").
+ranks learn in the same iteration; with ``train.after_reception = N`` they then train N more
+batches drawn from copies of their final buffers (:mod:`jaxsurro.server.after_reception`). With
+one rank the same loop runs without MPI (docs/architecture.md, "MPI lockstep").
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from jaxsurro.config import Config
 from jaxsurro.core.model import Scaling
 from jaxsurro.core.sampling import derive_seed
 from jaxsurro.server import checkpoint, metrics
-from jaxsurro.server.buffers import SampleBatch, make_buffer
+from jaxsurro.server.after_reception import FinalBuffer, repetition_histogram
+from jaxsurro.server.buffers import BufferSnapshot, SampleBatch, make_buffer
 from jaxsurro.server.distributed import World, gradient_allreduce
 from jaxsurro.server.ensemble import Ensemble, LaunchFactory, StallError
 from jaxsurro.server.metrics import MetricsLog, RankCounters
@@ -60,6 +62,10 @@ class _Control(enum.IntEnum):
     CHECKPOINT = 5  # set by rank 0: every rank copies its state and starts writing a checkpoint
     WRITING = 6  # ranks still writing their part of the last checkpoint
     STOP = 7  # set by rank 0: a stop was asked for (SIGTERM, SIGINT): checkpoint, then end the loop
+    STALLED = 8  # set by rank 0: no rank had a batch for train.batch_timeout (see OnlineTraining._stalled)
+
+
+CONTROL_SIZE = len(_Control)  # int64 slots of the control vector (World.sum over the ranks every iteration)
 
 
 class Requests:
@@ -188,10 +194,19 @@ class OnlineTraining:
             seed=derive_seed(config.study.seed, "buffer", world.rank),
         )
         self.trainer = Trainer.from_config(config, scaling, reduce_fn=gradient_allreduce(world))
+        self.steering = None
+        if config.sampler.kind == "breed":  # its statistics are the trainer's, updated inside the train step
+            self.steering = Steering(config, world, table, self.trainer.mesh, self.trainer)
         # Compiled now, before any client is launched, so that training starts as soon as the watermark is met.
         self.compile_seconds = self.trainer.compile(n_inputs, n_field, evaluate=world.is_root)
-        log.info("train step%s compiled in %.2f s", " and evaluation" if world.is_root else "", self.compile_seconds)
-        self.steering = Steering(config, world, table, self.trainer.mesh) if config.sampler.kind == "breed" else None
+        breed_seconds = self.steering.compile() if self.steering is not None else 0.0
+        log.info(
+            "train step%s compiled in %.2f s%s",
+            " and evaluation" if world.is_root else "",
+            self.compile_seconds,
+            f"; Breed's resampling in {breed_seconds:.2f} s" if breed_seconds else "",
+        )
+        self.compile_seconds += breed_seconds
         self.batch_wait = MULTI_RANK_WAIT if world.distributed else SINGLE_RANK_WAIT
         self.collective_timeout = config.train.batch_timeout + 60.0
         empty = SampleBatch(
@@ -214,6 +229,11 @@ class OnlineTraining:
         self._awaiting: list[int] | None = None  # completed simulations whose FINISH this rank must see
         self._awaiting_deadline = 0.0
         self._reception_ended = False
+        # train.after_reception = N: the final buffer's copy, taken when reception ends; drawn from once drained.
+        after = config.train.after_reception
+        self.extra_batches = after if isinstance(after, int) else 0
+        self._final_copy: BufferSnapshot | None = None
+        self.final_buffer: FinalBuffer | None = None
         self._start = time.monotonic()
         self._since = metrics.RatePoint(self._start, 0, 0)  # rank 0: the last metrics line, for the rates
         self.requests = requests
@@ -246,14 +266,17 @@ class OnlineTraining:
     def _loop(self, prefetcher: Prefetcher) -> None:
         last_progress = time.monotonic()
         while True:
-            control = np.zeros(len(_Control), dtype=np.int64)
+            control = np.zeros(CONTROL_SIZE, dtype=np.int64)
             failure: BaseException | None = None
             batch = None
             try:
                 self.ensemble.poll()
                 self._writer.check()
                 self._end_reception_when_finished()
-                batch = prefetcher.get(timeout=self.batch_wait)
+                if self.final_buffer is not None:  # the extra batches: this rank's draw, or None if its copy is empty
+                    batch = self._draw_from_final_buffer()
+                else:
+                    batch = prefetcher.get(timeout=self.batch_wait)
                 control[_Control.DRAINED] = batch is None
                 if batch is not None and self.first_batch_at is None:
                     self.first_batch_at = batch.drawn_at
@@ -268,6 +291,7 @@ class OnlineTraining:
                 control[_Control.LOG_NOW] = now - self._since.time >= self.log_interval
                 control[_Control.ALL_ENDED] = self.ensemble.done
                 control[_Control.STOP] = self.requests.stop.is_set()
+                control[_Control.STALLED] = self._stalled(now, last_progress)
                 control[_Control.CHECKPOINT] = (
                     self.requests.checkpoint.is_set()
                     or now - self._last_checkpoint >= self.config.checkpoint.every_seconds
@@ -287,21 +311,34 @@ class OnlineTraining:
             if totals[_Control.HAVE_BATCH]:
                 self._train(batch if batch is not None else self._empty)
                 last_progress = time.monotonic()
+                if self.final_buffer is not None:
+                    self.final_buffer.steps += 1
+                    if self.final_buffer.steps >= self.extra_batches:
+                        return
             elif totals[_Control.DRAINED] == self.world.size:
-                return
-            elif time.monotonic() - last_progress > self.config.train.batch_timeout:
+                if not self._start_extra_batches():
+                    return
+            elif totals[_Control.STALLED]:
                 raise StallError(
-                    f"no rank had a batch for {self.config.train.batch_timeout:.0f} s "
+                    f"no rank had a batch for {self.config.train.batch_timeout:.0f} s while simulations run "
                     f"(train.batch_timeout); this rank's buffer: {self.buffer.stats()}; "
                     f"simulations: {self.table.counts()}"
                 )
             if totals[_Control.LOG_NOW]:
                 self._record("train")
 
+    def _stalled(self, now: float, last_progress: float) -> bool:
+        """Rank 0, for every rank: no batch anywhere for ``train.batch_timeout`` since the later of the last step and
+        the latest simulation start, counted only while a simulation runs or once all ended (clients queued for long
+        on a busy cluster are not a stall). Rank 0 alone knows the starts; the control vector tells the others."""
+        if not (self.table.running or self.ensemble.done):
+            return False
+        return now - max(last_progress, self.table.last_start) > self.config.train.batch_timeout
+
     def _train(self, batch: Ready) -> None:
         if len(self._pending_metrics) >= STEPS_IN_FLIGHT:
             jax.block_until_ready(self._pending_metrics[-STEPS_IN_FLIGHT])
-        step_metrics, per_sample_loss = self.trainer.step_on_device(self.trainer.put(batch.prepared))
+        step_metrics, _ = self.trainer.step_on_device(self.trainer.put(batch.prepared))  # Breed's statistics too
         if self.first_step_delay is None and self.first_batch_at is not None:
             jax.block_until_ready(step_metrics)  # once: when the first step really ended
             self.first_step_delay = time.monotonic() - self.first_batch_at
@@ -309,14 +346,34 @@ class OnlineTraining:
         self._pending_metrics.append(step_metrics)
         self.steps += 1
         self.samples_trained += len(batch.host.sample_ids)
-        if self.steering is not None:
-            self.steering.observe(per_sample_loss, batch.host.sample_ids)
-            if self.steering.due(self.steps):
-                self.steering.resample()
+        if self.steering is not None and self.steering.due(self.steps):
+            self.steering.resample()
         if self.steps % self.config.train.validation_every == 0:
             if self.world.is_root:
                 self._validate()
             self._record("validation")
+
+    def _start_extra_batches(self) -> bool:
+        """Every rank is drained: whether N extra batches from the final buffers begin now (every rank alike)."""
+        if self.final_buffer is not None or self.extra_batches == 0 or self._final_copy is None:
+            return False
+        seed = derive_seed(self.config.study.seed, "after-reception", self.world.rank)
+        self.final_buffer = FinalBuffer.from_snapshot(self._final_copy, seed)
+        self._final_copy = None
+        log.info(
+            "buffers drained after %d batches; %d more from the final buffer (%d samples on this rank)",
+            self.steps,
+            self.extra_batches,
+            len(self.final_buffer),
+        )
+        self._record("train")  # a collective: every rank starts in the same iteration
+        return True
+
+    def _draw_from_final_buffer(self) -> Ready | None:
+        host = self.final_buffer.draw(self.config.train.batch_size)
+        if host is None:
+            return None
+        return Ready(host, self.trainer.prepare(host), time.monotonic())
 
     def _validate(self) -> None:
         """Rank 0: the validation MSE now, overall and per field, and the lowest so far."""
@@ -374,6 +431,7 @@ class OnlineTraining:
             receiver=counters,
             samples_trained=self.samples_trained,
             breed=self.steering.local_state() if self.steering is not None else None,
+            final_buffer=self.final_buffer.state() if self.final_buffer is not None else None,
         )
         train_state = meta = None
         if self.world.is_root:
@@ -408,6 +466,8 @@ class OnlineTraining:
             )
         part = checkpoint.read_rank(directory, self.world.rank)
         self.buffer.restore(part.buffer)
+        if part.final_buffer is not None:  # the extra batches after reception had begun
+            self.final_buffer = FinalBuffer(part.final_buffer)
         self.ensemble.receiver.restore(part.stored, part.receiver)
         self.trainer.load_state(checkpoint.read_train_state(directory, self.trainer.host_state()))
         if self.steering is not None:
@@ -434,7 +494,13 @@ class OnlineTraining:
             return
         missing = [sim_id for sim_id in self._awaiting if self.table[sim_id].steps_finished is None]
         if not missing:
-            self.buffer.end_reception()
+            if self.extra_batches and self.final_buffer is None:
+                with self.prefetcher.paused():  # the copy holds what the drain will train on, nothing else
+                    self.buffer.end_reception()
+                    pending = [ready.host for ready in self.prefetcher.pending()]
+                    self._final_copy = checkpoint.with_pending(self.buffer.snapshot(), pending)
+            else:
+                self.buffer.end_reception()
             self._reception_ended = True
             return
         if time.monotonic() > self._awaiting_deadline:
@@ -460,7 +526,7 @@ class OnlineTraining:
             self.ensemble.receiver.counters(),
             self.buffer.stats(),
             self.samples_trained,
-            repetition_histogram=self.buffer.repetition_histogram().tolist() if final else None,
+            repetition_histogram=self._repetition_histogram().tolist() if final else None,
             parameter_digest=metrics.parameter_digest(self.trainer.host_params()) if final else None,
         )
         ranks = self.world.gather(local, self.collective_timeout, "a metrics record")
@@ -491,6 +557,13 @@ class OnlineTraining:
             force=final,
         )
         return ranks
+
+    def _repetition_histogram(self) -> np.ndarray:
+        """This rank's samples by number of uses: the buffer's, with the extra batches' draws."""
+        histogram = self.buffer.repetition_histogram()
+        if self.final_buffer is None:
+            return histogram
+        return repetition_histogram(histogram, self.final_buffer.drained_uses, self.final_buffer.extra_uses)
 
     def _check_rejection_rate(self, entry: dict[str, Any]) -> None:
         """Rank 0: warns when a reason's share of all messages passes the alarm; stops the run past the limit."""
@@ -527,4 +600,7 @@ class OnlineTraining:
             "final_validation_field_mse": self.val_field_mse,
             "compile_s": self.compile_seconds,
             "first_step_delay_s": self.first_step_delay,
+            "mode": "online",
+            "after_reception": self.config.train.after_reception,
+            "after_reception_batches": self.final_buffer.steps if self.final_buffer is not None else 0,
         }

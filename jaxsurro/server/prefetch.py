@@ -7,7 +7,8 @@ and puts them on the devices itself (``Trainer.put``, an asynchronous transfer),
 share of a step (the buffer's lock and gather, the padding) overlaps the device's work. The
 transfer stays in the trainer's thread: XLA's CPU collectives across several local devices wait
 for every device's part of a step, and a transfer issued from another thread in the middle of a
-step was seen to stall that rendezvous (docs/architecture.md, "Training").
+step was seen to stall that rendezvous (docs/architecture.md, "Training"). Offline mode runs the
+same thread over the epochs of its dataset on disk: any :class:`BatchSource` will do.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
 from jaxsurro.core.train import Batch
-from jaxsurro.server.buffers import Buffer, BufferClosed, SampleBatch
+from jaxsurro.server.buffers import BufferClosed, SampleBatch
 
 POLL_SECONDS = 0.01  # the longest the thread holds its lock waiting for the buffer, or sleeps before rechecking
 
@@ -37,6 +38,13 @@ class Prepare(Protocol):
     def __call__(self, batch: SampleBatch) -> Batch: ...
 
 
+class BatchSource(Protocol):
+    """Where batches come from: a host buffer (online), or the epochs over a dataset on disk (offline)."""
+
+    def get_batch(self, batch_size: int, timeout: float | None = None) -> SampleBatch | None:
+        """A batch; None once there will be none; TimeoutError when none came within ``timeout``."""
+
+
 class Prefetcher:
     """A thread keeping up to ``depth`` batches drawn and prepared; use as a context manager.
 
@@ -44,7 +52,7 @@ class Prefetcher:
     drawn batch either in the buffer or among :meth:`pending`, never in between (checkpoints).
     """
 
-    def __init__(self, buffer: Buffer, prepare: Prepare, batch_size: int, depth: int = 2):
+    def __init__(self, buffer: BatchSource, prepare: Prepare, batch_size: int, depth: int = 2):
         self._buffer = buffer
         self._prepare = prepare
         self._batch_size = batch_size
