@@ -157,6 +157,12 @@ CASES = [
     case("epochs-zero", "study.mode=offline", "study.epochs=0", fragment="study.epochs (0) must be at least 1"),
     case("epochs-online", "study.epochs=3", fragment='study.epochs (3) applies to study.mode = "offline"'),
     case("epochs-float", "study.mode=offline", "study.epochs=2.5", fragment="study.epochs (2.5) must be an integer"),
+    case("encryption-unknown", "server.encryption=tls", fragment="server.encryption ('tls') must be one of"),
+    case(
+        "persistent-clients-negative",
+        "launcher.persistent_clients=-1",
+        fragment="launcher.persistent_clients (-1) must be at least 0",
+    ),
     case(
         "after-reception-negative",
         "train.after_reception=-1",
