@@ -4,8 +4,10 @@ The server job (``launcher.server_ranks`` MPI ranks, ``launcher.server_options``
 launches its clients through the same scheduler (``launcher.client_options``): as one
 batch job each, or, with Slurm's ``launcher.slurm_mode = "steps"``, as ``srun`` steps
 inside the server's own allocation. This command prints the job id and the run
-directory and exits; the run directory fills as the job runs. See docs/architecture.md,
-sections "Launcher" and "Run directory".
+directory and exits; the run directory fills as the job runs. ``--resume RUN_DIR`` submits a
+server job that continues that run from its latest checkpoint. On Slurm the server job also
+resumes itself: ``launcher.warning_seconds`` before its time limit it writes a checkpoint, stops
+and requeues itself. See docs/architecture.md, sections "Launcher" and "Run directory".
 """
 
 from __future__ import annotations
@@ -29,13 +31,27 @@ def prepare_run_dir(config: Config, run_dir: Path | None) -> Path:
     return rundir.create(config, run_dir).absolute()
 
 
-def server_argv(run_dir: Path, python: str) -> list[str]:
-    """One server rank's command line: the run command on the resolved configuration."""
+# A complete checkpoint of a run directory, as a pattern relative to it (jaxsurro.server.checkpoint names them).
+CHECKPOINT_GLOB = f"{rundir.CHECKPOINTS}/{rundir.CHECKPOINT_PREFIX}*"
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether the run directory holds a complete checkpoint to resume from."""
+    return any(path.is_dir() for path in run_dir.glob(CHECKPOINT_GLOB))
+
+
+def server_argv(run_dir: Path, python: str, resume: bool = False) -> list[str]:
+    """One server rank's command line: the run command on the resolved configuration, or resuming the run."""
+    if resume:
+        return [python, "-m", "jaxsurro.run", str(run_dir), "--resume", "--no-progress"]
     return [python, "-m", "jaxsurro.run", str(run_dir / rundir.CONFIG), "--no-progress", "--run-dir", str(run_dir)]
 
 
 def submit_slurm(config: Config, run_dir: Path, python: str, workdir: Path) -> str:
-    """Writes ``server.sbatch`` (readable by its owner only) and submits it; returns the job id."""
+    """Writes ``server.sbatch`` (readable by its owner only) and submits it; returns the job id.
+
+    The script resumes the run by itself when the run directory holds a checkpoint.
+    """
     from jaxsurro.launcher import slurm
     from jaxsurro.launcher.commands import write_job_script
 
@@ -47,17 +63,19 @@ def submit_slurm(config: Config, run_dir: Path, python: str, workdir: Path) -> s
         python,
         workdir,
         run_dir,
+        checkpoint_glob=CHECKPOINT_GLOB,
+        warning_seconds=config.launcher.warning_seconds,
         job_name=f"{config.study.name}-server",
     )
     path = write_job_script(run_dir / "server.sbatch", script, executable=False)
     return slurm.SlurmScheduler(command_timeout=SUBMIT_TIMEOUT).submit_script(path, "the server job")
 
 
-def submit_oar(config: Config, run_dir: Path, python: str, workdir: Path) -> str:
+def submit_oar(config: Config, run_dir: Path, python: str, workdir: Path, resume: bool = False) -> str:
     """Submits the server through the OAR backend (mpirun over OAR's node file for several ranks)."""
     from jaxsurro.launcher import JobSpec, oar
 
-    argv = server_argv(run_dir, python)
+    argv = server_argv(run_dir, python, resume)
     ranks = config.launcher.server_ranks
     if ranks > 1:
         # The node file is only known inside the job: bash expands it; every other value stays an argument.
@@ -76,9 +94,29 @@ def submit_oar(config: Config, run_dir: Path, python: str, workdir: Path) -> str
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxsurro.submit", description=__doc__.splitlines()[0])
-    add_config_arguments(parser, 'experiment TOML file with launcher.scheduler = "slurm" or "oar"')
+    add_config_arguments(
+        parser, 'experiment TOML file with launcher.scheduler = "slurm" or "oar" (with --resume: RUN_DIR)'
+    )
     parser.add_argument("--run-dir", type=Path, help="the run directory (default: a new one under study.output_dir)")
+    parser.add_argument(
+        "--resume", action="store_true", help="CONFIG is a run directory: submit a server that continues that run"
+    )
     args = parser.parse_args(argv)
+    if args.resume:  # the run directory's own resolved configuration, and the run directory itself
+        args.run_dir = Path(args.config)
+        if not (args.run_dir / rundir.CONFIG).is_file():
+            print(
+                f"error: --resume needs a run directory; {args.run_dir / rundir.CONFIG} does not exist", file=sys.stderr
+            )
+            return 2
+        if not has_checkpoint(args.run_dir):
+            print(
+                f"error: {args.run_dir / rundir.CHECKPOINTS} holds no complete checkpoint to resume from; "
+                "submit the study anew with python -m jaxsurro.submit EXPERIMENT.toml",
+                file=sys.stderr,
+            )
+            return 2
+        args.config = str(args.run_dir / rundir.CONFIG)
     # The server runs elsewhere: its host and memory are checked by its job (python -m jaxsurro.run).
     config = config_from_args(args, server_here=False)
     if config is None:
@@ -94,16 +132,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = prepare_run_dir(config, args.run_dir)
     python, workdir = sys.executable, Path.cwd().absolute()
     try:
-        job_id = (submit_slurm if scheduler == "slurm" else submit_oar)(config, run_dir, python, workdir)
+        if scheduler == "slurm":
+            job_id = submit_slurm(config, run_dir, python, workdir)
+        else:
+            job_id = submit_oar(config, run_dir, python, workdir, args.resume)
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     (run_dir / rundir.SERVER_JOB_ID).write_text(f"{scheduler} {job_id}\n")
-    print(f"submitted the server as {scheduler} job {job_id}")
+    print(f"submitted the server as {scheduler} job {job_id}" + (" to resume the run" if args.resume else ""))
     print(f"run directory: {run_dir}")
     follow, stop = ("squeue -j", "scancel") if scheduler == "slurm" else ("oarstat -j", "oardel -s SIGTERM")
     print(f"follow it with `{follow} {job_id}`; summary.json appears in the run directory at the end")
     print(f"stop it with `{stop} {job_id}`: the server then cancels its simulation jobs")
+    if scheduler == "slurm" and config.launcher.warning_seconds:
+        print(
+            f"{config.launcher.warning_seconds} s before its time limit it writes a checkpoint and requeues itself "
+            f"to resume (launcher.warning_seconds); `scancel --signal=USR1 --batch {job_id}` does so now"
+        )
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -118,8 +119,78 @@ def test_server_script_matches_golden():
         "/opt/my venv/bin/python",
         "/home/user/project",
         "/scratch/runs/heat 1",
+        checkpoint_glob="checkpoints/step-*",
+        warning_seconds=300,
     )
     assert script == (GOLDEN / "server.sh").read_text()
+
+
+# The server script's resume and requeue, run by bash with stand-ins for srun, scancel and scontrol that record
+# their arguments. The stand-in srun waits until scancel signals its step (a FIFO), then, as the server does on
+# SIGTERM, writes a checkpoint ($NEW_CHECKPOINT, when set) and exits with 143.
+FAKE_SERVER_COMMANDS = {
+    "srun": 'echo "srun $*" >> "$CALLS"\nread -r _ < "$STEP"\n[ -z "$NEW_CHECKPOINT" ] || mkdir -p "$NEW_CHECKPOINT"\n'
+    "exit 143",
+    "scancel": 'echo "scancel $*" >> "$CALLS"\necho stop > "$STEP"',
+    "scontrol": 'echo "scontrol $*" >> "$CALLS"',
+}
+
+
+def run_warned_server(tmp_path: Path, new_checkpoint: bool) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """The server script of ``tmp_path/run`` under bash, sent SIGUSR1 once its srun runs; its result and the calls."""
+    bin_dir, run_dir = tmp_path / "bin", tmp_path / "run"
+    bin_dir.mkdir()
+    for name, body in FAKE_SERVER_COMMANDS.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    os.mkfifo(tmp_path / "step")
+    script = tmp_path / "server.sbatch"
+    script.write_text(
+        server_script(run_dir / "config.toml", [], [], 1, "python", tmp_path, run_dir, checkpoint_glob="ckpt/step-*")
+    )
+    calls = tmp_path / "calls.txt"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_ID": "42",
+        "CALLS": str(calls),
+        "STEP": str(tmp_path / "step"),
+        "NEW_CHECKPOINT": str(run_dir / "ckpt" / "step-000000009") if new_checkpoint else "",
+    }
+    process = subprocess.Popen(
+        ["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until(lambda: calls.exists() and "srun" in calls.read_text(), 10, "the server's srun to start")
+        process.send_signal(signal.SIGUSR1)
+        stdout, stderr = process.communicate(timeout=10)
+    finally:
+        process.kill()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), calls.read_text().splitlines()
+
+
+def test_a_warned_server_stops_its_step_then_requeues_the_job_once_it_wrote_a_checkpoint(tmp_path):
+    (tmp_path / "run").mkdir()
+    result, calls = run_warned_server(tmp_path, new_checkpoint=True)
+    assert calls == [
+        f"srun --mpi=pmix --overlap --ntasks=1 python -m jaxsurro.run {tmp_path}/run/config.toml --run-dir "
+        f"{tmp_path}/run --no-progress",
+        "scancel --signal=TERM 42.0",  # to the server's step: srun would SIGKILL the ranks on a SIGTERM of its own
+        "scontrol requeue 42",
+    ]
+    assert result.returncode == 0 and "requeueing job 42" in result.stdout, result
+
+
+def test_a_server_job_with_a_checkpoint_resumes_and_is_not_requeued_without_a_newer_one(tmp_path):
+    (tmp_path / "run" / "ckpt" / "step-000000005").mkdir(parents=True)
+    (tmp_path / "run" / "ckpt" / ".step-000000007.partial").mkdir()  # being written: not a checkpoint yet
+    result, calls = run_warned_server(tmp_path, new_checkpoint=False)
+    assert calls == [
+        f"srun --mpi=pmix --overlap --ntasks=1 python -m jaxsurro.run {tmp_path}/run --resume --no-progress",
+        "scancel --signal=TERM 42.0",
+    ]
+    assert f"resuming the run from {tmp_path}/run/ckpt/step-000000005" in result.stdout
+    assert result.returncode == 143 and "without a new checkpoint after SIGUSR1; not requeued" in result.stderr
 
 
 def test_quoted_sbatch_lines_read_back_as_one_word_each():
@@ -199,15 +270,31 @@ def test_invalid_sbatch_options_are_refused_with_the_fix(option, message):
         SlurmScheduler([option])
 
 
-def test_options_must_be_a_sequence_and_server_owns_its_task_count():
+def test_options_must_be_a_sequence_and_server_owns_its_task_count_warning_and_requeue():
+    def server(overrides=(), options=(), n_ranks=1, **kwargs):
+        kwargs = {"checkpoint_glob": "checkpoints/step-*"} | kwargs
+        return server_script("c.toml", overrides, options, n_ranks, "python", "/w", "/w/run", **kwargs)
+
     with pytest.raises(TypeError, match="sequence of strings"):
         validate_options("--time=1:00")
     with pytest.raises(ValueError, match="set by jaxsurro itself"):
-        server_script("c.toml", [], ["--ntasks=4"], 2, "python", "/w", "/w/run")
+        server(options=["--ntasks=4"], n_ranks=2)
     with pytest.raises(ValueError, match="positive integer"):
-        server_script("c.toml", [], [], 0, "python", "/w", "/w/run")
+        server(n_ranks=0)
     with pytest.raises(ValueError, match="SECTION.KEY=VALUE"):
-        server_script("c.toml", ["training.lr"], [], 1, "python", "/w", "/w/run")
+        server(overrides=["training.lr"])
+    with pytest.raises(ValueError, match=r"\(--signal\); remove it \(set launcher.warning_seconds instead\)"):
+        server(options=["--signal=B:USR1@60"])
+    for option in ("--requeue", "--no-requeue"):
+        with pytest.raises(ValueError, match="requeues itself"):
+            server(options=[option])
+    with pytest.raises(ValueError, match="from 0 to 65535"):
+        server(warning_seconds=70000)
+    for glob in ("/abs/step-*", "../step-*", "step-$(id)", "a b/step-*"):
+        with pytest.raises(ValueError, match="relative to the run directory"):
+            server(checkpoint_glob=glob)
+    assert "#SBATCH --signal" not in server(warning_seconds=0) and "#SBATCH --requeue" in server(warning_seconds=0)
+    assert "#SBATCH --signal=B:USR1@90\n" in server(warning_seconds=90)
     assert validate_options(["--ntasks-per-node=2", "-c4", "--exclusive"]) == (
         "--ntasks-per-node=2",
         "-c4",

@@ -3,6 +3,7 @@ sbatch jobs or srun steps, and cancellation that leaves no client job behind."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -130,3 +131,47 @@ def test_cancelling_the_server_cancels_every_client_job(tmp_path):
         if leftovers:
             subprocess.run(["scancel", "-n", ",".join(leftovers)], capture_output=True, timeout=30)
     assert "cancelled" in server_log(run_dir).lower() or (run_dir / "simulations.csv").exists()
+
+
+def job_field(job_id: str, name: str) -> str:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30)
+    return next((f.split("=", 1)[1] for f in out.stdout.split() if f.startswith(f"{name}=")), "")
+
+
+def test_a_warned_server_checkpoints_requeues_itself_and_resumes_to_the_end(tmp_path):
+    name = f"t{uuid.uuid4().hex[:8]}"
+    stamps = tmp_path / "stamps"
+    stamps.mkdir()
+    # Simulation 3 hangs on its first attempt: the study is still running when the warning comes.
+    solver = ["{python}", str(ROOT / "tests/solvers/faulty_heat.py"), "{grid_size}", "{n_steps}"]
+    solver += ["--hang", "3", "--stamps", str(stamps)]
+    job_id, run_dir = submit(tmp_path, name, f"solver.command={json.dumps(solver)}", "launcher.silence_timeout=600.0")
+    try:
+        wait_until(lambda: any(stamps.iterdir()), 120, "simulation 3 to hang in its first attempt")
+        # What Slurm does launcher.warning_seconds before the time limit (#SBATCH --signal=B:USR1@...).
+        slurm("scancel", "--signal=USR1", "--batch", job_id)
+        wait_until(lambda: job_field(job_id, "Restarts") == "1", 60, "the server job to requeue itself")
+        # Slurm holds a requeued job for its credential lifetime (120 s) before it may start again; a test
+        # need not wait for that.
+        slurm("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        wait_until(
+            lambda: job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+            120,
+            f"the requeued server job {job_id} to end",
+        )
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+    assert job_state(job_id) == "COMPLETED", server_log(run_dir)
+    job_log = (run_dir / f"server-{job_id}.log").read_text()
+    assert "requeueing job" in job_log and "resuming the run from" in job_log, job_log
+    assert "resumed from" in (run_dir / "server.log").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["simulations_finished"] == N_SIMS
+    assert summary["unique_samples_received"] == N_SIMS * N_STEPS  # every step once, across the two runs
+    assert summary["rejected"] == {}
+    assert len({r["parameter_digest"] for r in summary["ranks"]}) == 1
+    with open(run_dir / "simulations.csv", newline="") as handle:
+        attempts = {int(r["sim_id"]): int(r["attempts"]) for r in csv.DictReader(handle)}
+    assert attempts[3] == 2  # the hung attempt was cancelled with the server, the resumed run ran it again
+    wait_until(lambda: not [n for n in job_names() if n.startswith(name)], 30, "the study's jobs to leave squeue")

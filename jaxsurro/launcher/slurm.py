@@ -87,8 +87,15 @@ _SBATCH_RESERVED = {
     "--wrap": None,
     "--array": "-a",
 }
-# A later #SBATCH --ntasks would win over n_ranks and leave the server's srun without processors.
-_SERVER_RESERVED = {**_SBATCH_RESERVED, "--ntasks": "-n"}
+# A later #SBATCH --ntasks would win over n_ranks and leave the server's srun without processors; the
+# warning signal and the requeue are how the server job resumes itself.
+_SERVER_RESERVED = {**_SBATCH_RESERVED, "--ntasks": "-n", "--signal": None, "--requeue": None, "--no-requeue": None}
+_RESERVED_WHY = {
+    "--signal": "set launcher.warning_seconds instead",
+    "--requeue": "the server job requeues itself to resume before its time limit",
+    "--no-requeue": "the server job requeues itself to resume before its time limit",
+}
+_CHECKPOINT_GLOB = re.compile(r"[\w.-][\w.*/-]*")  # relative, and nothing the shell would read but the glob
 _STEP_RESERVED = {"--jobid": None, "--output": "-o", "--error": "-e", "--input": "-i", "--pty": None, "--chdir": "-D"}
 
 
@@ -119,10 +126,10 @@ def validate_options(
         name = option.split("=", 1)[0] if option.startswith("--") else option[:2]
         for long_name, short_name in reserved.items():
             if name == short_name or (option.startswith("--") and len(name) > 2 and long_name.startswith(name)):
-                raise ValueError(
-                    f"{what} option {option!r} is set by jaxsurro itself ({long_name}); remove it "
-                    f"(jaxsurro sets the log, working directory and task count from the run)"
+                why = _RESERVED_WHY.get(
+                    long_name, "jaxsurro sets the log, working directory and task count from the run"
                 )
+                raise ValueError(f"{what} option {option!r} is set by jaxsurro itself ({long_name}); remove it ({why})")
         checked.append(option)
     return tuple(checked)
 
@@ -154,6 +161,8 @@ def server_script(
     workdir: str | os.PathLike,
     run_dir: str | os.PathLike,
     *,
+    checkpoint_glob: str,
+    warning_seconds: int = 0,
     job_name: str = "jaxsurro",
 ) -> str:
     """The sbatch script of the training server: ``n_ranks`` MPI ranks started by ``srun --mpi=pmix``.
@@ -161,34 +170,82 @@ def server_script(
     The server step shares its CPUs with other steps (``--overlap``) so that, in the steps mode,
     clients started as ``srun`` steps of the same allocation are never blocked by it. The server's
     log is ``RUN_DIR/server-JOBID.log``: ``run_dir`` must exist before the script is submitted.
+
+    The job resumes its run: when ``RUN_DIR/<checkpoint_glob>`` names a checkpoint directory as it
+    starts (a requeued job, or a resubmission), the server runs ``--resume``. ``warning_seconds``
+    before its time limit (0: never) Slurm sends SIGUSR1 to the script, which asks the server's step
+    to stop (SIGTERM: a last checkpoint, every simulation job cancelled, exit 143) and, once it did
+    with a new checkpoint, requeues the job. ``scancel --signal=USR1 --batch JOBID`` does the same at
+    once. (SIGTERM goes to the step through ``scancel``: srun would turn a SIGTERM of its own into a
+    SIGKILL of the ranks.)
     """
     if not isinstance(n_ranks, int) or n_ranks < 1:
         raise ValueError(f"n_ranks must be a positive integer, got {n_ranks!r}")
+    if not isinstance(warning_seconds, int) or not 0 <= warning_seconds <= 65535:
+        raise ValueError(
+            f"warning_seconds must be an integer from 0 to 65535 (Slurm's --signal), got {warning_seconds!r}"
+        )
+    if not _CHECKPOINT_GLOB.fullmatch(checkpoint_glob) or ".." in checkpoint_glob.split("/"):
+        raise ValueError(
+            f"checkpoint_glob {checkpoint_glob!r} must be a pattern relative to the run directory, of letters, "
+            "digits, '_', '.', '-', '/' and '*' (e.g. 'checkpoints/step-*')"
+        )
     options = validate_options(options, _SERVER_RESERVED, "sbatch (server)")
     for override in overrides:
         if "=" not in override or "\n" in override:
             raise ValueError(f"override {override!r} is not SECTION.KEY=VALUE on one line")
-    command = [
-        os.fspath(python),
-        "-m",
-        "jaxsurro.run",
-        os.fspath(config_path),
-        "--no-progress",
-        "--run-dir",
-        os.fspath(run_dir),
-    ]
+    run = shlex.quote(os.fspath(run_dir))
+    fresh = shlex.join([os.fspath(config_path), "--run-dir", os.fspath(run_dir)])
+    command = [os.fspath(python), "-m", "jaxsurro.run"]
+    settings = ["--no-progress"]
     for override in overrides:
-        command += ["--set", override]
+        settings += ["--set", override]
+    warning = [_directive(f"--signal=B:USR1@{warning_seconds}")] if warning_seconds else []
     lines = [
         "#!/bin/bash",
         _directive(f"--job-name={job_name}"),
         _directive(f"--ntasks={n_ranks}"),
         _directive(f"--output={_output_pattern(Path(run_dir))}/server-%j.log"),
+        _directive("--open-mode=append"),  # a requeued job adds to its log
         _directive(f"--chdir={os.fspath(workdir)}"),
+        _directive("--requeue"),
+        *warning,
         *(_directive(option) for option in options),
         # Slurm 22.05's srun no longer reads SLURM_CPUS_PER_TASK: hand a --cpus-per-task on to the ranks.
         'if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"; fi',
-        f"exec srun --mpi=pmix --overlap --ntasks={n_ranks} {shlex.join(command)}",
+        "# The run's newest complete checkpoint (their names sort by step), or nothing.",
+        "latest_checkpoint() {",
+        "  local checkpoint latest=",
+        f"  for checkpoint in {run}/{checkpoint_glob}; do",
+        '    if [ -d "$checkpoint" ]; then latest=$checkpoint; fi',
+        "  done",
+        '  echo "$latest"',
+        "}",
+        "# A run with a checkpoint is resumed from it: this job was requeued, or submitted again to resume.",
+        "resumed_from=$(latest_checkpoint)",
+        f"run=({fresh})",
+        'if [ -n "$resumed_from" ]; then',
+        f"  run=({run} --resume)",
+        '  echo "jaxsurro: resuming the run from $resumed_from"',
+        "fi",
+        "# SIGUSR1 (the time-limit warning): SIGTERM to the server's step, step 0, the script's first srun.",
+        "warned=0",
+        "trap 'warned=1; interrupted=1; scancel --signal=TERM \"$SLURM_JOB_ID.0\"' USR1",
+        f'srun --mpi=pmix --overlap --ntasks={n_ranks} {shlex.join(command)} "${{run[@]}}" {shlex.join(settings)} &',
+        "server=$!",
+        "interrupted=1",
+        'while [ "$interrupted" = 1 ]; do  # a trapped signal ends a wait early: wait again',
+        "  interrupted=0",
+        '  wait "$server"; status=$?',
+        "done",
+        'if [ "$warned" = 1 ] && [ "$status" = 143 ] && [ "$(latest_checkpoint)" != "$resumed_from" ]; then',
+        '  echo "jaxsurro: the server stopped with checkpoint $(latest_checkpoint); requeueing job $SLURM_JOB_ID"',
+        '  if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi',
+        f'  echo "jaxsurro: the requeue failed; resume the run with python -m jaxsurro.submit --resume" {run} >&2',
+        'elif [ "$warned" = 1 ]; then',
+        '  echo "jaxsurro: the server ended (exit $status) without a new checkpoint after SIGUSR1; not requeued" >&2',
+        "fi",
+        'exit "$status"',
     ]
     return "\n".join(lines) + "\n"
 
