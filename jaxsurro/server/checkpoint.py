@@ -30,10 +30,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxsurro import rundir
 from jaxsurro.server.after_reception import FinalBufferState
 from jaxsurro.server.buffers import BufferSnapshot, SampleBatch
 
-PREFIX = "step-"
+PREFIX = rundir.CHECKPOINT_PREFIX
 PARTIAL = ".partial"
 TRAIN_STATE = "train_state"
 META = "meta.json"
