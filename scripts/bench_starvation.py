@@ -6,26 +6,28 @@ with ``--set section.key=value`` overrides):
 
 * the limit: a few batches are put on the device once (``trainer.to_device``), then the trainer's
   jitted step runs on them (``trainer.step_on_device``), blocking on the state at the end.
-* ours: a real streaming set-up. A ``Receiver`` built by ``Receiver.from_config`` (control and data
-  sockets, validation, deduplication) feeds a ``BufferSink`` into the configured buffer (a Reservoir
-  in heat.toml); sender processes connect with ``jaxsurro.client.connect(...)`` (explicit arguments,
-  one HELLO/WELCOME and FINISH per simulation) and send random fields at a fixed pace
-  (``--send-rate`` messages/s in all). Once the buffer holds its watermark, the main thread draws batches with
-  ``buffer.get_batch`` and calls ``trainer.step(batch)`` (host-to-device copy included), blocking
-  on the state at the end.
-* for the diagnosis, "no streaming": the same get_batch + trainer.step loop on a full buffer of the
-  same kind with nothing streaming, which separates the cost of preparing batches on the host from
-  the cost of the streaming itself. With ``--proposed``, also a prototype loop (``run_prefetching``)
-  whose thread draws and puts the next batches on the device while the current step runs.
+* ours: a real streaming set-up and the server's own loop. A ``Receiver`` built by
+  ``Receiver.from_config`` (control and data sockets, validation, deduplication) feeds a
+  ``BufferSink`` into the configured buffer (a Reservoir in heat.toml); sender processes connect
+  with ``jaxsurro.client.connect(...)`` (explicit arguments, one HELLO/WELCOME and FINISH per
+  simulation) and send random fields at a fixed pace (``--send-rate`` messages/s in all). Once the
+  buffer holds its watermark, the library's ``Prefetcher`` (``jaxsurro.server.prefetch``, as
+  ``jaxsurro.server.online`` runs it) draws and prepares the next batches in its thread while the
+  main thread puts each on the devices and steps (``trainer.put`` + ``trainer.step_on_device``),
+  blocking on the state at the end.
+* for the diagnosis, "no streaming": the same prefetched loop on a full buffer of the same kind
+  with nothing streaming, which separates the cost of preparing batches on the host from the cost
+  of the streaming itself. With ``--serial``, also the loop without prefetching (``buffer.get_batch``
+  then ``trainer.step`` in the main thread) on the streaming buffer.
 
 To keep outside load (other jobs on a shared machine) from biasing the ratio, the variants run
 interleaved in blocks of ``--block`` steps until each has run ``--steps`` steps; the senders are
 paused during the limit and no-streaming blocks, so those see no streaming at all. Printed: steps/s
 of each variant and its ratio to the limit (target: ours / limit >= 0.95 while production keeps up,
 i.e. while the buffer population stays above the watermark, checked and printed), the host time
-per step spent in get_batch and in the step call, the samples received, and the senders' CPU. The
-last lines are ``ratio starvation_ours_over_limit <value>`` (and, with ``--proposed``,
-``ratio starvation_prefetch_over_limit <value>``).
+per step spent waiting for the batch and in the step call, the samples received, and the senders'
+CPU. The last line is ``ratio starvation_ours_over_limit <value>`` (after, with ``--serial``,
+``ratio starvation_serial_over_limit <value>``).
 
 On the 2-core machine this project is developed on, XLA's compute threads use both cores, so the
 host work of the training loop, the receiver thread, ZeroMQ's I/O threads and the senders all take
@@ -35,7 +37,7 @@ would take a whole core from XLA and measure CPU sharing rather than starvation;
 serving batches above its watermark whatever the production rate.
 
 Usage: python scripts/bench_starvation.py experiments/heat.toml [--set train.batch_size=128 ...]
-       [--steps 400] [--block 25] [--send-rate 1000] [--senders 1] [--proposed]
+       [--steps 400] [--block 25] [--send-rate 1000] [--senders 1] [--serial] [--pin]
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ import multiprocessing.connection
 import multiprocessing.process
 import multiprocessing.synchronize
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -62,13 +63,13 @@ from jaxsurro import client, protocol
 from jaxsurro.config import Config, add_config_arguments, load_config
 from jaxsurro.core.train import Batch
 from jaxsurro.server.buffers import Buffer, SampleBatch, buffer_from_config
+from jaxsurro.server.prefetch import Prefetcher
 from jaxsurro.server.receiver import BufferSink, Receiver
 from jaxsurro.server.trainer import Trainer, range_scaling
 from jaxsurro.table import SimState, SimulationTable
 
 TARGET_RATIO = 0.95
 DEVICE_BATCHES = 4  # distinct device-resident batches the limit cycles through
-PREFETCH_DEPTH = 2  # device batches the proposed loop prepares ahead
 WARMUP_STEPS = 10
 DEADLINE_S = 60.0  # for the watermark to be reached, a batch to come, a sender to report
 STREAM_SECONDS_PLANNED = 120.0  # the simulation table holds enough simulations to stream this long
@@ -209,8 +210,8 @@ class Blocks:
     def __init__(self) -> None:
         self.steps = 0
         self.seconds = 0.0
-        self.wait_s = 0.0  # in get_batch (or waiting for a prefetched batch)
-        self.step_s = 0.0  # in trainer.step / the jitted step call
+        self.wait_s = 0.0  # waiting for the prefetched batch (or in get_batch)
+        self.step_s = 0.0  # in trainer.put + trainer.step_on_device (or trainer.step)
         self.received = 0  # unique samples stored during the blocks
         self.min_population = math.inf  # smallest buffer population seen before a draw
 
@@ -280,52 +281,38 @@ def run_timed_steps(
     jax.block_until_ready(trainer.state)
 
 
-def run_from_buffer(trainer: Trainer, buffer: Buffer, receiver: Receiver | None, steps: int, into: Blocks) -> None:
-    """``steps`` of get_batch + trainer.step (the server's loop), blocking on the state at the end."""
-    received_before = receiver.counters().unique_received if receiver is not None else 0
+def run_serial(trainer: Trainer, buffer: Buffer, receiver: Receiver, steps: int, into: Blocks) -> None:
+    """``steps`` of get_batch + trainer.step in this thread (no prefetching), blocking on the state at the end."""
+    received_before = receiver.counters().unique_received
     start = time.perf_counter()
     run_timed_steps(
         trainer, buffer, steps, into, lambda: buffer.get_batch(trainer.batch_size, timeout=DEADLINE_S), trainer.step
     )
     into.steps += steps
     into.seconds += time.perf_counter() - start
-    if receiver is not None:
-        into.received += receiver.counters().unique_received - received_before
+    into.received += receiver.counters().unique_received - received_before
 
 
-def run_prefetching(
-    trainer: Trainer, buffer: Buffer, receiver: Receiver, steps: int, into: Blocks, cores: set[int] | None
+def run_prefetched(
+    trainer: Trainer, buffer: Buffer, prefetcher: Prefetcher, receiver: Receiver | None, steps: int, into: Blocks
 ) -> None:
-    """Proposed loop: a thread draws and puts the next batches on the device while the current step runs.
+    """``steps`` of the server's loop: the prefetched batch, put on the devices, stepped; blocking at the end."""
 
-    With ``cores``, the prefetching thread runs there (off the cores XLA computes on).
-    """
-    ready: queue.Queue = queue.Queue(maxsize=PREFETCH_DEPTH)
+    def next_ready() -> object:
+        ready = prefetcher.get(timeout=DEADLINE_S)
+        if ready is None:
+            raise RuntimeError("the buffer reported drained during the benchmark")
+        return ready
 
-    def prefetch() -> None:
-        try:
-            if cores:
-                os.sched_setaffinity(0, cores)
-            for _ in range(steps):
-                ready.put(trainer.to_device(buffer.get_batch(trainer.batch_size, timeout=DEADLINE_S)))
-        except BaseException as exc:  # surfaced in the main thread
-            ready.put(exc)
-
-    def next_device_batch() -> Batch:
-        device_batch = ready.get(timeout=DEADLINE_S)
-        if isinstance(device_batch, BaseException):
-            raise RuntimeError(f"the prefetch thread failed: {device_batch}") from device_batch
-        return device_batch
-
-    received_before = receiver.counters().unique_received
+    received_before = receiver.counters().unique_received if receiver is not None else 0
     start = time.perf_counter()
-    worker = threading.Thread(target=prefetch, name="prefetch", daemon=True)
-    worker.start()
-    run_timed_steps(trainer, buffer, steps, into, next_device_batch, trainer.step_on_device)
+    run_timed_steps(
+        trainer, buffer, steps, into, next_ready, lambda ready: trainer.step_on_device(trainer.put(ready.prepared))
+    )
     into.steps += steps
     into.seconds += time.perf_counter() - start
-    worker.join(DEADLINE_S)
-    into.received += receiver.counters().unique_received - received_before
+    if receiver is not None:
+        into.received += receiver.counters().unique_received - received_before
 
 
 def ready_population(kind: str, watermark: int, batch_size: int) -> int:
@@ -398,7 +385,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--send-rate", type=float, default=1000.0, help="messages per second, all senders together")
     parser.add_argument("--senders", type=int, default=1, help="sender processes")
     parser.add_argument(
-        "--proposed", action="store_true", help="also time the prefetching training loop prototyped in this script"
+        "--serial", action="store_true", help="also time the loop without prefetching (get_batch + trainer.step)"
     )
     parser.add_argument(
         "--pin",
@@ -448,33 +435,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     if idle_buffer is not None:
         names.append("no streaming (full buffer)")
     names.append("ours (live streaming)")
-    if args.proposed:
-        names.append("proposed: prefetch thread")
+    if args.serial:
+        names.append("serial: no prefetching")
     blocks = {name: Blocks() for name in names}
+    # The server's prefetch thread, on the ingest cores with --pin (it inherits the starting thread's cores).
+    prefetcher = Prefetcher(buffer, trainer.prepare, trainer.batch_size)
+    idle_prefetcher = Prefetcher(idle_buffer, trainer.prepare, trainer.batch_size) if idle_buffer is not None else None
     start_on(receiver.start, ingest_cores)  # the receiver thread inherits the starting thread's cores
     senders_started = time.perf_counter()
     senders = start_senders(config, receiver, args.senders, args.send_rate, ingest_cores)
     try:
         fill_s = wait_for_watermark(buffer, receiver, senders)
-        run_from_buffer(trainer, buffer, receiver, WARMUP_STEPS, warmup)
-        if args.proposed:
-            run_prefetching(trainer, buffer, receiver, WARMUP_STEPS, warmup, ingest_cores)
+        for started in (prefetcher, idle_prefetcher):
+            if started is not None:
+                start_on(started.__enter__, ingest_cores)
+        run_prefetched(trainer, buffer, prefetcher, receiver, WARMUP_STEPS, warmup)
         for _ in range(math.ceil(args.steps / args.block)):
             senders.sending.clear()  # the limit and the no-streaming loop run with the senders paused
             run_limit(trainer, batches, args.block, blocks[names[0]])
-            if idle_buffer is not None:
-                run_from_buffer(trainer, idle_buffer, None, args.block, blocks["no streaming (full buffer)"])
-            senders.sending.set()
-            run_from_buffer(trainer, buffer, receiver, args.block, blocks["ours (live streaming)"])
-            if args.proposed:
-                run_prefetching(
-                    trainer, buffer, receiver, args.block, blocks["proposed: prefetch thread"], ingest_cores
+            if idle_prefetcher is not None:
+                run_prefetched(
+                    trainer, idle_buffer, idle_prefetcher, None, args.block, blocks["no streaming (full buffer)"]
                 )
+            senders.sending.set()
+            run_prefetched(trainer, buffer, prefetcher, receiver, args.block, blocks["ours (live streaming)"])
+            if args.serial:
+                run_serial(trainer, buffer, receiver, args.block, blocks["serial: no prefetching"])
             receiver.check()
             check_senders(senders)
     finally:
         senders.stop.set()
         buffer.close()  # a sample still arriving is counted as late, so no sender blocks on a full buffer
+        for started in (prefetcher, idle_prefetcher):
+            if started is not None:
+                started.stop()
         sent, sender_cpu_s = stop_senders(senders)
         receiver.stop()
         context.term()
@@ -501,12 +495,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"  pinned: XLA and the training loop on core(s) {sorted(trainer_cores)}; the receiver thread, its "
             f"ZeroMQ I/O thread and the senders on core(s) {sorted(ingest_cores)}"
         )
-    print(f"  {'':<34} {'steps/s':>8} {'ratio':>6}  {'ms/step: get_batch':>18} {'step call':>9}")
+    print(f"  {'':<34} {'steps/s':>8} {'ratio':>6}  {'ms/step: batch wait':>19} {'step call':>9}")
     for name, timing in blocks.items():
         waits = (
-            f"{timing.wait_s / timing.steps * 1e3:>18.2f} {timing.step_s / timing.steps * 1e3:>9.2f}"
+            f"{timing.wait_s / timing.steps * 1e3:>19.2f} {timing.step_s / timing.steps * 1e3:>9.2f}"
             if timing.wait_s or timing.step_s
-            else f"{'':>18} {timing.seconds / timing.steps * 1e3:>9.2f}"
+            else f"{'':>19} {timing.seconds / timing.steps * 1e3:>9.2f}"
         )
         print(f"  {name:<34} {timing.per_s:>8.1f} {timing.per_s / limit.per_s:>6.3f}  {waits}")
     print(f"  ours / limit = {ratio:.3f}: {'meets' if ratio >= TARGET_RATIO else 'BELOW'} the target >= {TARGET_RATIO}")
@@ -529,9 +523,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "a machine with spare cores (--pin separates them)"
         )
     print(f"total {time.perf_counter() - total_start:.1f} s")
+    if args.serial:
+        print(f"ratio starvation_serial_over_limit {blocks['serial: no prefetching'].per_s / limit.per_s:.3f}")
     print(f"ratio starvation_ours_over_limit {ratio:.3f}")
-    if args.proposed:
-        print(f"ratio starvation_prefetch_over_limit {blocks['proposed: prefetch thread'].per_s / limit.per_s:.3f}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ from jaxsurro.config import Config, add_config_arguments, load_config
 from jaxsurro.server.buffers import SampleBatch
 from jaxsurro.server.trainer import Trainer, range_scaling
 
+# The papers' size (SC23, Breed): 5 parameters + time -> 2x256 -> a 64x64 field, batch 128 (bench_lockstep.py too).
+PAPER_SIZES = {"train.batch_size": 128, "model.hidden": 256, "model.layers": 2, "solver.grid_size": 64}
+
 
 def parse_args() -> argparse.Namespace:
     """Command-line options: experiment file and overrides, the paper's sizes, step counts and a time budget."""
@@ -48,10 +51,12 @@ def parse_args() -> argparse.Namespace:
     add_config_arguments(
         parser, "experiment TOML file, e.g. experiments/heat.toml (--set applies after the size options)"
     )
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--grid-size", type=int, default=64, help="the field is grid x grid")
+    parser.add_argument("--batch-size", type=int, default=PAPER_SIZES["train.batch_size"])
+    parser.add_argument("--hidden", type=int, default=PAPER_SIZES["model.hidden"])
+    parser.add_argument("--layers", type=int, default=PAPER_SIZES["model.layers"])
+    parser.add_argument(
+        "--grid-size", type=int, default=PAPER_SIZES["solver.grid_size"], help="the field is grid x grid"
+    )
     parser.add_argument("--steps", type=int, default=200, help="timed steps (at most)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--budget-s", type=float, default=8.0, help="stop timing after this")

@@ -4,11 +4,19 @@ import jax
 import numpy as np
 import pytest
 
+from jaxsurro.core import breed
 from jaxsurro.core.fields import FieldSpec
 from jaxsurro.core.model import Scaling, make_model
-from jaxsurro.core.train import Batch, init_train_state, make_optimizer, make_train_step
+from jaxsurro.core.train import Batch, BatchWithIds, init_train_state, make_optimizer, make_train_step
 from jaxsurro.server.distributed import World, gradient_allreduce, launched_by_mpi
-from jaxsurro.server.parallel import jit_reduced_train_step, jit_train_step, make_data_mesh, put_batch, replicate
+from jaxsurro.server.parallel import (
+    DATA_AXIS,
+    jit_reduced_train_step,
+    jit_train_step,
+    make_data_mesh,
+    put_batch,
+    replicate,
+)
 
 
 def twice(sums):
@@ -35,6 +43,35 @@ def test_split_step_on_several_devices_matches_the_single_jitted_step():
     assert float(metrics_split["weight"]) == 16.0  # both "ranks" counted
     for a, b in zip(jax.tree.leaves(state_split.params), jax.tree.leaves(state_single.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_split_breed_step_on_several_devices_matches_the_single_jitted_one():
+    """With an MPI reduction on two devices, Breed's statistics ride in the update piece: the same result."""
+    scaling = Scaling((0.0, 0.0), (1.0, 1.0), 1.0, (0.0,), (1.0,), (9,))
+    model = make_model("mlp", hidden=16, layers=2, fields=(FieldSpec("u", (3, 3)),), scaling=scaling)
+    optimizer = make_optimizer(1e-2, 8, 1000)
+    rng = np.random.default_rng(1)
+    weights = np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32)
+    batch = Batch(rng.random((8, 3), dtype=np.float32), rng.random((8, 9), dtype=np.float32), weights)
+    ids = np.array([0, 3, 3, 7, 11, 2, -1, -1], np.int32)
+    state = init_train_state(jax.random.key(0), model, optimizer, 3)
+    results = []
+    for mesh in (make_data_mesh(), make_data_mesh(jax.devices()[:1])):
+        step = jit_reduced_train_step(model, optimizer, twice, mesh, loss_stats=True)
+        on_mesh = jax.device_put(
+            BatchWithIds(batch, ids), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
+        )
+        train_state, stats = replicate(state, mesh), replicate(breed.init_loss_stats(3, 4), mesh)
+        for _ in range(3):
+            train_state, stats, metrics, losses = step(train_state, stats, on_mesh)
+        results.append((jax.device_get(stats), jax.device_get(losses), float(metrics["weight"])))
+    (split_stats, split_losses, split_weight), (single_stats, single_losses, single_weight) = results
+    assert split_weight == single_weight == 12.0  # both "ranks" counted
+    np.testing.assert_allclose(split_losses, single_losses, rtol=1e-5)
+    np.testing.assert_array_equal(split_stats.delta_count, single_stats.delta_count)
+    np.testing.assert_allclose(split_stats.delta_sum, single_stats.delta_sum, rtol=1e-5, atol=1e-6)
+    assert int(split_stats.n_updates) == 3 and split_stats.delta_count.sum() == 18
+    assert np.asarray(split_stats.delta_sum).sum() > 0
 
 
 def test_a_world_of_one_needs_no_mpi(monkeypatch):

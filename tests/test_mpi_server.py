@@ -97,7 +97,8 @@ def test_a_starved_rank_neither_deadlocks_nor_drifts(tmp_path):
     assert len({r["parameter_digest"] for r in summary["ranks"]}) == 1
 
 
-def test_breed_across_two_ranks_keeps_ranks_in_step(tmp_path):
+@pytest.mark.parametrize("devices_per_rank", [1, 2])  # 2: Breed's statistics in the split step's update piece
+def test_breed_across_two_ranks_keeps_ranks_in_step(tmp_path, devices_per_rank):
     summary = mpirun(
         2,
         tmp_path,
@@ -107,6 +108,7 @@ def test_breed_across_two_ranks_keeps_ranks_in_step(tmp_path):
         "breed.window=10",
         "breed.min_finished=2",
         "launcher.max_concurrent=1",
+        devices_per_rank=devices_per_rank,
     )
     assert summary["simulations_finished"] == 24
     assert summary["unique_samples_received"] == 24 * N_STEPS

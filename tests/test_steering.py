@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,11 +15,14 @@ import pytest
 from scipy import stats as scipy_stats
 
 from jaxsurro.config import load_config
+from jaxsurro.core import breed
 from jaxsurro.core.model import Scaling
 from jaxsurro.run import plan_simulations
+from jaxsurro.server.buffers import SampleBatch
 from jaxsurro.server.distributed import World
 from jaxsurro.server.parallel import make_data_mesh
 from jaxsurro.server.steering import MOMENT_FLUSH_STEPS, Steering
+from jaxsurro.server.trainer import Trainer, range_scaling
 from jaxsurro.server.validation import ValidationSet, mean_field_mse, per_step_mean_field_mse
 from jaxsurro.table import SimState
 
@@ -314,6 +319,118 @@ def test_two_ranks_use_the_global_batch_moments():
     merged = np.array([ranks[0].table[s].score for s in range(12)])
     np.testing.assert_allclose(merged, expected, rtol=1e-4, atol=1e-6)
     assert np.ptp(expected) > 0.1  # the scores do differ between simulations
+
+
+# ----------------------------------------------------------------------------------------------
+# Breed inside the train step: one dispatch, no transfer, the same statistics
+# ----------------------------------------------------------------------------------------------
+
+SMALL = ("solver.grid_size=4", "model.hidden=16", "train.batch_size=8")
+
+
+def host_batches(config, count: int, rows: int = 6) -> list[SampleBatch]:
+    """Batches of ``rows`` real rows (the trainer pads them to 8), ids with repeats as a Reservoir draws them."""
+    rng = np.random.default_rng(3)
+    solver = config.solver
+    batches = []
+    for _ in range(count):
+        inputs = np.concatenate(
+            [rng.uniform(solver.low, solver.high, (rows, 5)), rng.uniform(0, N_STEPS * solver.dt, (rows, 1))], axis=1
+        )
+        targets = rng.uniform(100.0, 500.0, (rows, solver.sample_size))
+        ids = rng.integers(0, 12 * N_STEPS, rows)
+        batches.append(SampleBatch(inputs.astype(np.float32), targets.astype(np.float32), ids))
+    return batches
+
+
+def counting_jit(monkeypatch) -> list[str]:
+    """From now on every jax.jit function counts its calls (the name of the function, once per call)."""
+    calls: list[str] = []
+    jit = jax.jit
+
+    def counted_jit(fun, *args, **kwargs):
+        jitted = jit(fun, *args, **kwargs)
+        name = getattr(fun, "__name__", repr(fun))
+
+        def call(*call_args, **call_kwargs):
+            calls.append(name)
+            return jitted(*call_args, **call_kwargs)
+
+        return call
+
+    monkeypatch.setattr(jax, "jit", counted_jit)
+    return calls
+
+
+@contextlib.contextmanager
+def count_backend_compiles():
+    events: list[str] = []
+
+    def listener(event: str, duration_secs: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_a_breed_step_is_one_jitted_dispatch_with_no_transfer_and_separate_statistics_agree(monkeypatch):
+    config, table, _ = setup(*SMALL)
+    scaling = range_scaling(config, 100.0, 500.0)
+    calls = counting_jit(monkeypatch)
+    trainer = Trainer.from_config(config, scaling)  # sampler.kind = breed: the trainer keeps the statistics
+    random_config = dataclasses.replace(config, sampler=dataclasses.replace(config.sampler, kind="uniform"))
+    random_trainer = Trainer.from_config(random_config, scaling)
+    steering = Steering(config, World(), table, trainer.mesh, trainer)
+    trainer.compile(6, config.solver.sample_size, evaluate=False)
+    assert int(jax.device_get(steering.stats.n_updates)) == 0  # the compile step left no trace
+    batches = host_batches(config, 4)
+    on_device = [trainer.to_device(batch) for batch in batches]
+    calls.clear()
+    with jax.transfer_guard("disallow_explicit"):  # no transfer at all, explicit ones included
+        outputs = [trainer.step_on_device(batch) for batch in on_device]
+    assert calls == ["breed_train_step"] * len(batches)  # one jitted call per step, nothing else
+    # The same statistics as the separate update (the old path), from the step's own losses.
+    expected = breed.init_loss_stats(len(table), N_STEPS)
+    for batch, (_, losses) in zip(batches, outputs, strict=True):
+        ids = np.full(8, -1, np.int32)
+        ids[: len(batch.sample_ids)] = batch.sample_ids
+        expected = breed.update_loss_stats(expected, jax.device_get(losses), ids, (ids >= 0).astype(np.float32))
+    got, want = jax.device_get(steering.stats), jax.device_get(expected)
+    np.testing.assert_array_equal(got.delta_count, want.delta_count)
+    np.testing.assert_allclose(got.delta_sum, want.delta_sum, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.last_update, want.last_update)
+    assert int(got.n_updates) == len(batches) and got.delta_count.sum() == 6 * len(batches)
+    # Breed changes nothing in the training: the same parameters as a Random run on the same batches.
+    for batch in batches:
+        random_trainer.step(batch)
+    for a, b in zip(jax.tree.leaves(trainer.host_params()), jax.tree.leaves(random_trainer.host_params()), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(RuntimeError, match="twice"):
+        steering.observe(outputs[0][1], batches[0].sample_ids)
+
+
+def test_the_first_resampling_round_compiles_nothing_after_steering_compile():
+    config, table, _ = setup(*SMALL)
+    trainer = Trainer.from_config(config, range_scaling(config, 100.0, 500.0))
+    steering = Steering(config, World(), table, trainer.mesh, trainer)
+    trainer.compile(6, config.solver.sample_size, evaluate=False)
+    assert steering.compile() > 0
+    finish(table, range(10))
+    ids = np.array([s * N_STEPS + t for s in range(10) for t in range(N_STEPS)])
+    with count_backend_compiles() as compiles:
+        for start in range(0, len(ids), 6):
+            rows = ids[start : start + 6]
+            trainer.step(SampleBatch(*host_batches(config, 1, len(rows))[0][:2], rows))
+        before = np.stack([r.parameters for r in table])
+        steering.resample()
+        steering.resample()
+    assert steering.history and steering.history[0]["window"] == 10
+    assert not np.array_equal(np.stack([r.parameters for r in table]), before)
+    assert compiles == [], f"{len(compiles)} compilation(s) during training and two Breed rounds"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,12 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxsurro.core import breed
 from jaxsurro.core.fields import FieldSpec
 from jaxsurro.core.model import Scaling, make_model
 from jaxsurro.core.train import (
     Batch,
+    BatchWithIds,
     TrainState,
     init_train_state,
+    make_breed_train_step,
     make_eval_step,
     make_optimizer,
     make_train_step,
@@ -20,6 +23,7 @@ from jaxsurro.core.train import (
 )
 from jaxsurro.server.parallel import (
     DATA_AXIS,
+    jit_breed_train_step,
     jit_eval_step,
     jit_train_step,
     make_data_mesh,
@@ -347,3 +351,88 @@ def test_per_field_losses_are_weighted_and_reported_per_field():
     np.testing.assert_allclose(metrics["field_loss"], [expected_u.mean(), expected_s.mean()], rtol=1e-5)
     with pytest.raises(ValueError, match="2 non-negative field weights"):
         make_train_step(model, optimizer, field_weights=(1.0,))
+
+
+# ----------------------------------------------------------------------------------------------
+# The Breed step: the train step that also updates Breed's loss statistics
+# ----------------------------------------------------------------------------------------------
+
+N_SIMS, N_STEPS = 5, 4  # Breed statistics of these tests: ids in [0, 20)
+
+
+def ids_for(seed: int, rows: int, real_rows: int) -> np.ndarray:
+    """Sample ids with repeats (as a Reservoir draws them), -1 on padding rows."""
+    ids = np.random.default_rng(seed).integers(0, N_SIMS * N_STEPS, rows).astype(np.int32)
+    ids[real_rows:] = -1
+    return ids
+
+
+def test_breed_step_updates_the_statistics_exactly_as_a_separate_call_and_trains_alike():
+    """Sharded over two devices: same state as the plain step, and the statistics of update_loss_stats."""
+    mesh = make_data_mesh()
+    model = small_model()
+    optimizer = make_optimizer(1e-3, batch_size=8, halve_every_samples=64)
+    plain = jit_train_step(make_train_step(model, optimizer), mesh)
+    breed_step = jit_breed_train_step(make_breed_train_step(model, optimizer), mesh)
+    separate_update = jax.jit(breed.update_loss_stats)
+    state_plain = replicate(fresh_state(model, optimizer), mesh)
+    state_breed = replicate(fresh_state(model, optimizer), mesh)
+    stats = replicate(breed.init_loss_stats(N_SIMS, N_STEPS), mesh)
+    expected = breed.init_loss_stats(N_SIMS, N_STEPS)
+    for index in range(5):
+        real_rows = 8 if index % 2 else 6
+        batch = random_batch(index, 8, real_rows)
+        ids = ids_for(index, 8, real_rows)
+        state_plain, metrics_plain, losses_plain = plain(state_plain, put_batch(batch, mesh))
+        sharded = jax.device_put(
+            BatchWithIds(batch, ids), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
+        )
+        state_breed, stats, metrics_breed, losses_breed = breed_step(state_breed, stats, sharded)
+        expected = separate_update(expected, jax.device_get(losses_breed), ids, batch.weights)
+        np.testing.assert_array_equal(jax.device_get(losses_breed), jax.device_get(losses_plain))
+        np.testing.assert_array_equal(jax.device_get(metrics_breed["loss"]), jax.device_get(metrics_plain["loss"]))
+    for with_stats, without in zip(host_leaves(state_breed), host_leaves(state_plain), strict=True):
+        np.testing.assert_array_equal(with_stats, without)
+    got, want = jax.device_get(stats), jax.device_get(expected)
+    np.testing.assert_array_equal(got.delta_count, want.delta_count)
+    # The separate call sums μ and σ on one device, the step over two: float32 rounding apart.
+    np.testing.assert_allclose(got.delta_sum, want.delta_sum, rtol=CROSS_DEVICE_RTOL, atol=CROSS_DEVICE_ATOL)
+    np.testing.assert_array_equal(got.last_update, want.last_update)
+    assert int(got.n_updates) == 5 and got.delta_count.sum() == 6 + 8 + 6 + 8 + 6
+    assert np.ptp(got.delta_sum) > 0  # the deviations do differ
+
+
+def test_breed_step_on_three_ranks_merges_to_the_statistics_of_one_rank():
+    """Ranks of 4, 2 and 0 real rows, sums reduced with psum: each adds its δ with the global μ and σ."""
+    model = small_model()
+    optimizer = make_optimizer(1e-3, batch_size=4, halve_every_samples=64)
+    full = random_batch(5, 6)
+    full_ids = ids_for(5, 6, 6)
+    rank_rows = [slice(0, 4), slice(4, 6), slice(0, 0)]
+    rank_batches = []
+    for rows in rank_rows:
+        part = Batch(*(np.asarray(leaf)[rows] for leaf in full))
+        padded = pad_batch(part, multiple=4, min_size=4)
+        ids = np.full(4, -1, np.int32)
+        ids[: len(full_ids[rows])] = full_ids[rows]
+        rank_batches.append(BatchWithIds(padded, ids))
+    stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *rank_batches)
+    empty = breed.init_loss_stats(N_SIMS, N_STEPS)
+    ranked_step = jax.jit(
+        jax.vmap(
+            make_breed_train_step(model, optimizer, reduce_fn=lambda sums: jax.lax.psum(sums, "ranks")),
+            in_axes=(None, 0, 0),
+            axis_name="ranks",
+        )
+    )
+    rank_stats = jax.tree.map(lambda leaf: np.stack([leaf] * 3), jax.device_get(empty))
+    _, rank_stats, _, _ = ranked_step(fresh_state(model, optimizer), rank_stats, stacked)
+    merged = breed.combine_loss_stats([jax.tree.map(lambda leaf, r=r: leaf[r], rank_stats) for r in range(3)])
+    _, single, _, _ = jax.jit(make_breed_train_step(model, optimizer))(
+        fresh_state(model, optimizer), empty, BatchWithIds(full, full_ids)
+    )
+    np.testing.assert_array_equal(np.asarray(merged.delta_count), np.asarray(single.delta_count))
+    np.testing.assert_allclose(np.asarray(merged.delta_sum), np.asarray(single.delta_sum), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(merged.last_update), np.asarray(single.last_update))
+    assert int(merged.n_updates) == int(single.n_updates) == 1
+    assert np.asarray(single.delta_sum).sum() > 0

@@ -10,6 +10,11 @@ shard, MPI rank) contributes sums (Σ w_i ∇l_i, Σ w_i l_i, Σ w_i); `reduce_f
 across participants before the division, so every sample counts once whatever the rank
 sizes, and a participant with no samples (all weights 0) contributes nothing. When the
 total weight is 0 the step leaves parameters and optimizer state bitwise unchanged.
+
+The Breed step (:func:`make_breed_train_step`) is the same step that also adds the batch's loss
+deviations to Breed's statistics (:func:`jaxsurro.core.breed.update_loss_stats`) from the
+per-sample losses it has just computed, with the batch mean and spread of the reduced sums
+(Σ w, Σ w·l, Σ w·l²): one computation per step, no extra forward pass, dispatch or transfer.
 """
 
 from __future__ import annotations
@@ -23,17 +28,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxsurro.core import breed
 from jaxsurro.core.model import normalize_field
 
 __all__ = [
     "Batch",
+    "BatchWithIds",
+    "BreedTrainStep",
     "EvalStep",
     "ReduceFn",
     "Sums",
     "TrainState",
     "TrainStep",
     "init_train_state",
+    "make_apply_sums",
+    "make_breed_train_step",
     "make_eval_step",
+    "make_gradient_sums",
+    "make_loss_stats_update",
     "make_optimizer",
     "make_train_step",
     "per_field_loss",
@@ -51,6 +63,13 @@ class Batch(NamedTuple):
     weights: jax.Array  # [B] float32: 1 for real rows, 0 for padding
 
 
+class BatchWithIds(NamedTuple):
+    """A batch and its rows' sample ids, as the Breed step takes it (one pytree: one transfer)."""
+
+    batch: Batch
+    sample_ids: jax.Array  # [B] int32: sim_id · n_steps + t; -1 for padding rows
+
+
 class TrainState(NamedTuple):
     """Everything the training step updates."""
 
@@ -66,11 +85,17 @@ class Sums(NamedTuple):
     loss: jax.Array  # [] Σ_i w_i l_i
     weight: jax.Array  # [] Σ_i w_i
     field_loss: jax.Array  # [F] Σ_i w_i l_{i,f}
+    square_loss: jax.Array  # [] Σ_i w_i l_i² (with loss and weight: the batch's loss spread, for Breed)
 
 
 # Sums -> the same sums added over every participant.
 ReduceFn = Callable[[Sums], Sums]
 TrainStep = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array], jax.Array]]
+# (state, stats, batch with ids) -> (new_state, new_stats, metrics, per_sample_loss [B])
+BreedTrainStep = Callable[
+    [TrainState, breed.LossStatsState, BatchWithIds],
+    tuple[TrainState, breed.LossStatsState, dict[str, jax.Array], jax.Array],
+]
 # (params, batch) -> (per-sample loss [B], Σ w·l, Σ w, per-field Σ w·l_f [F])
 EvalStep = Callable[[Params, Batch], tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
 
@@ -155,7 +180,8 @@ def make_gradient_sums(
         (loss_sum, (per_sample, field_sums)), grad_sum = jax.value_and_grad(weighted_loss_sum, has_aux=True)(
             params, batch
         )
-        return Sums(grad_sum, loss_sum, jnp.sum(batch.weights), field_sums), per_sample
+        square_sum = jnp.sum(batch.weights * jnp.square(per_sample))
+        return Sums(grad_sum, loss_sum, jnp.sum(batch.weights), field_sums, square_sum), per_sample
 
     return gradient_sums
 
@@ -169,7 +195,7 @@ def make_apply_sums(
     """
 
     def apply_sums(state: TrainState, sums: Sums) -> tuple[TrainState, dict[str, jax.Array]]:
-        grad_sum, loss_sum, weight_sum, field_loss_sum = sums
+        grad_sum, loss_sum, weight_sum, field_loss_sum, _ = sums
         denominator = jnp.maximum(weight_sum, jnp.finfo(jnp.float32).tiny)
         grads = jax.tree.map(lambda g: g / denominator, grad_sum)
         updates, candidate_opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -232,6 +258,55 @@ def make_train_step(
         return new_state, metrics, per_sample
 
     return train_step
+
+
+def make_loss_stats_update(
+    reduced: bool,
+) -> Callable[[breed.LossStatsState, jax.Array, BatchWithIds, Sums], breed.LossStatsState]:
+    """Build the pure (stats, per_sample_loss, batch with ids, total sums) -> stats: Breed's update of one step.
+
+    With ``reduced`` (the sums were added over several participants, e.g. MPI ranks) μ and σ come
+    from the totals' moments (Σ w, Σ w·l, Σ w·l²), so every rank adds its rows' δ with the global
+    batch's μ and σ and the ranks' statistics merge by adding; otherwise from this batch's rows,
+    in two passes, exactly as a separate :func:`jaxsurro.core.breed.update_loss_stats` call.
+    """
+
+    def update(
+        stats: breed.LossStatsState, per_sample: jax.Array, batch: BatchWithIds, totals: Sums
+    ) -> breed.LossStatsState:
+        moments = breed.LossMoments(totals.weight, totals.loss, totals.square_loss) if reduced else None
+        return breed.update_loss_stats(stats, per_sample, batch.sample_ids, batch.batch.weights, moments)
+
+    return update
+
+
+def make_breed_train_step(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    reduce_fn: ReduceFn | None = None,
+    field_weights: Sequence[float] | None = None,
+) -> BreedTrainStep:
+    """Build the pure step (state, stats, batch with ids) -> (new_state, new_stats, metrics, per_sample_loss [B]).
+
+    :func:`make_train_step`'s update, and in the same computation Breed's loss-deviation
+    statistics updated from its per-sample losses (:func:`make_loss_stats_update`; with a
+    ``reduce_fn``, from the reduced moments). Every call advances ``stats.n_updates``, even
+    with no real row, so ranks in lockstep stay in step.
+    """
+    reduce = _identity_reduce if reduce_fn is None else reduce_fn
+    gradient_sums = make_gradient_sums(model, field_weights)
+    apply_sums = make_apply_sums(optimizer)
+    update_stats = make_loss_stats_update(reduced=reduce_fn is not None)
+
+    def breed_train_step(
+        state: TrainState, stats: breed.LossStatsState, batch: BatchWithIds
+    ) -> tuple[TrainState, breed.LossStatsState, dict[str, jax.Array], jax.Array]:
+        sums, per_sample = gradient_sums(state.params, batch.batch)
+        totals = reduce(sums)
+        new_state, metrics = apply_sums(state, totals)
+        return new_state, update_stats(stats, per_sample, batch, totals), metrics, per_sample
+
+    return breed_train_step
 
 
 def make_eval_step(model: nn.Module, field_weights: Sequence[float] | None = None) -> EvalStep:

@@ -20,16 +20,20 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsurro.core.train import (
     Batch,
+    BreedTrainStep,
     EvalStep,
     ReduceFn,
     TrainStep,
     make_apply_sums,
+    make_breed_train_step,
     make_gradient_sums,
+    make_loss_stats_update,
     make_train_step,
 )
 
 __all__ = [
     "DATA_AXIS",
+    "jit_breed_train_step",
     "jit_eval_step",
     "jit_reduced_train_step",
     "jit_train_step",
@@ -101,7 +105,10 @@ def put_batch(batch: Batch, mesh: Mesh, min_size: int = 0) -> Batch:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Copy a pytree to every device of the mesh (always a fresh copy, safe to donate later)."""
-    return jax.device_put(tree, NamedSharding(mesh, _REPLICATED), may_alias=False)
+    placed = jax.device_put(tree, NamedSharding(mesh, _REPLICATED), may_alias=False)
+    # Onto a larger mesh, device_put may reuse a device array's buffer as one device's copy despite
+    # may_alias=False; donating the result would then delete the caller's array. Copy those leaves.
+    return jax.tree.map(lambda source, copy: copy.copy() if isinstance(source, jax.Array) else copy, tree, placed)
 
 
 def _jit_on_mesh(function: Any, mesh: Mesh, in_specs: Sequence[P], out_specs: Sequence[P], **jit_options: Any) -> Any:
@@ -121,38 +128,84 @@ def jit_train_step(train_step: TrainStep, mesh: Mesh) -> TrainStep:
     )
 
 
+def jit_breed_train_step(breed_step: BreedTrainStep, mesh: Mesh) -> BreedTrainStep:
+    """Jit the Breed step once: replicated state and statistics in and out (both donated), sharded batch and losses."""
+    return _jit_on_mesh(
+        breed_step,
+        mesh,
+        (_REPLICATED, _REPLICATED, _SHARDED),
+        (_REPLICATED, _REPLICATED, _REPLICATED, _SHARDED),
+        donate_argnums=(0, 1),
+    )
+
+
 def jit_eval_step(eval_step: EvalStep, mesh: Mesh) -> EvalStep:
     """Jit the evaluation once: replicated params, data-sharded batch and per-sample losses."""
     return _jit_on_mesh(eval_step, mesh, (_REPLICATED, _SHARDED), (_SHARDED, _REPLICATED, _REPLICATED, _REPLICATED))
 
 
 def jit_reduced_train_step(
-    model: Any, optimizer: Any, reduce_fn: ReduceFn | None, mesh: Mesh, field_weights: Sequence[float] | None = None
-) -> TrainStep:
+    model: Any,
+    optimizer: Any,
+    reduce_fn: ReduceFn | None,
+    mesh: Mesh,
+    field_weights: Sequence[float] | None = None,
+    loss_stats: bool = False,
+) -> TrainStep | BreedTrainStep:
     """The train step with a cross-process ``reduce_fn`` (mpi4jax), jitted for this mesh.
 
-    On a one-device mesh (one GPU per rank) it is a single jitted step with the reduction
-    inside. mpi4jax's ordered effects cannot run inside a computation over several devices,
-    so on a multi-device mesh the step is three jitted pieces: the gradient sums, sharded
-    over the local devices and summed by XLA; the reduction across ranks, run on one device;
-    the update, replicated. The result is the same step, bit for bit on every rank.
+    With ``loss_stats`` it is the Breed step (state, stats, batch with ids), which also updates
+    Breed's statistics from the reduced moments (``core.train.make_breed_train_step``); otherwise
+    the plain step (state, batch). On a one-device mesh (one GPU per rank) it is a single jitted
+    step with the reduction inside. mpi4jax's ordered effects cannot run inside a computation over
+    several devices, so on a multi-device mesh the step is three jitted pieces: the gradient sums,
+    sharded over the local devices and summed by XLA; the reduction across ranks, run on one
+    device; the update (and Breed's statistics), replicated. The result is the same step, bit for
+    bit on every rank, and Breed adds no piece.
     """
     if reduce_fn is None or mesh.devices.size == 1:
+        if loss_stats:
+            return jit_breed_train_step(make_breed_train_step(model, optimizer, reduce_fn, field_weights), mesh)
         return jit_train_step(make_train_step(model, optimizer, reduce_fn, field_weights), mesh)
     gradient_sums = _jit_on_mesh(
         make_gradient_sums(model, field_weights), mesh, (_REPLICATED, _SHARDED), (_REPLICATED, _SHARDED)
     )
     reduce_on_one_device = jax.jit(reduce_fn)
-    apply_sums = _jit_on_mesh(
-        make_apply_sums(optimizer), mesh, (_REPLICATED, _REPLICATED), (_REPLICATED, _REPLICATED), donate_argnums=0
-    )
     replicated = NamedSharding(mesh, _REPLICATED)
 
-    def train_step(state, batch):
+    def reduced_sums(state, batch):
         sums, per_sample = gradient_sums(state.params, batch)
         one_copy = jax.tree.map(lambda x: x.addressable_shards[0].data, sums)  # replicated: any shard is the value
-        totals = jax.device_put(reduce_on_one_device(one_copy), replicated)
-        state, metrics = apply_sums(state, totals)
-        return state, metrics, per_sample
+        return jax.device_put(reduce_on_one_device(one_copy), replicated), per_sample
 
-    return train_step
+    apply_sums = make_apply_sums(optimizer)
+    if not loss_stats:
+        apply = _jit_on_mesh(apply_sums, mesh, (_REPLICATED, _REPLICATED), (_REPLICATED, _REPLICATED), donate_argnums=0)
+
+        def train_step(state, batch):
+            totals, per_sample = reduced_sums(state, batch)
+            state, metrics = apply(state, totals)
+            return state, metrics, per_sample
+
+        return train_step
+
+    update_stats = make_loss_stats_update(reduced=True)
+
+    def apply_and_update(state, stats, totals, per_sample, batch):
+        state, metrics = apply_sums(state, totals)
+        return state, update_stats(stats, per_sample, batch, totals), metrics
+
+    apply_breed = _jit_on_mesh(
+        apply_and_update,
+        mesh,
+        (_REPLICATED, _REPLICATED, _REPLICATED, _SHARDED, _SHARDED),
+        (_REPLICATED, _REPLICATED, _REPLICATED),
+        donate_argnums=(0, 1),
+    )
+
+    def breed_train_step(state, stats, batch):
+        totals, per_sample = reduced_sums(state, batch.batch)
+        state, stats, metrics = apply_breed(state, stats, totals, per_sample, batch)
+        return state, stats, metrics, per_sample
+
+    return breed_train_step

@@ -1,20 +1,23 @@
 """Breed steering: the training losses choose the parameters of the simulations not yet started.
 
 Every training step feeds its per-sample losses into the loss-deviation statistics
-(:mod:`jaxsurro.core.breed`, on the devices, no extra forward pass), with the mean and
-standard deviation of the step's *global* batch: on several ranks, each rank's batch moments
-are summed over the ranks before its deviations are added (see :meth:`Steering.observe`).
-Every P steps, once enough simulations have completed, the ranks merge their statistics on
-rank 0, which draws children around the simulations the network finds hard (AMIS), mixes
-them with uniform draws at the ratio r(s), and replaces the parameters of every simulation
-never submitted, atomically with respect to the launcher: a simulation starts either with
-its old parameters or with its new ones, never half-updated. The other ranks receive the
-new parameters in the same collective, before any of those simulations can start.
+(:mod:`jaxsurro.core.breed`), with the mean and standard deviation of the step's *global*
+batch. In a server the statistics live in the :class:`~jaxsurro.server.trainer.Trainer` and its
+jitted step updates them (on several ranks from the reduced sums, so each rank adds its rows'
+deviations with the global moments): no extra forward pass, dispatch or transfer. Without a
+trainer, :meth:`Steering.observe` adds losses computed elsewhere. Every P steps, once enough
+simulations have completed, the ranks merge their statistics on rank 0, which draws children
+around the simulations the network finds hard (AMIS), mixes them with uniform draws at the
+ratio r(s), and replaces the parameters of every simulation never submitted, atomically with
+respect to the launcher: a simulation starts either with its old parameters or with its new
+ones, never half-updated. The other ranks receive the new parameters in the same collective,
+before any of those simulations can start.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -27,12 +30,13 @@ from jaxsurro.core import breed
 from jaxsurro.core.sampling import BoxSampler, derive_seed
 from jaxsurro.server.distributed import World
 from jaxsurro.server.parallel import DATA_AXIS
+from jaxsurro.server.trainer import Trainer
 from jaxsurro.table import SimState, SimulationTable
 
 log = logging.getLogger("jaxsurro.server.steering")
 
-# On several ranks, steps whose deviations wait for the ranks' summed batch moments; the wait ends
-# at every resampling round and at least every this many steps (bounds the losses kept on device).
+# Steering.observe on several ranks: steps whose deviations wait for the ranks' summed batch moments;
+# the wait ends at every resampling round and at least every this many steps (bounds the losses kept).
 MOMENT_FLUSH_STEPS = 64
 
 
@@ -60,8 +64,10 @@ class Steering:
     # normal; "retry" is the paper's shrink-and-redraw rule, whose shrunk σ is then passed on.
     boundary = "truncate"
 
-    def __init__(self, config: Config, world: World, table: SimulationTable, mesh: Any):
+    def __init__(self, config: Config, world: World, table: SimulationTable, mesh: Any, trainer: Trainer | None = None):
+        """With ``trainer`` (its ``loss_stats`` set), the statistics are the trainer's, updated by its step."""
         self.config, self.world, self.table = config, world, table
+        self._trainer = trainer
         self.settings = config.breed
         self.n_steps = config.solver.n_steps
         self.low = np.asarray(config.solver.low)
@@ -72,11 +78,18 @@ class Steering:
         self.sigma_unit = np.broadcast_to(np.asarray(config.breed_sigma_unit, np.float32), (dim,)).copy()
         self.simulation_sigma = np.tile(self.sigma_unit, (len(table), 1))  # [S, d], used on rank 0
         self.proposal: Proposal | None = None  # the last round's proposal mixture (rank 0)
-        self.stats = breed.init_loss_stats(len(table), self.n_steps)
+        if trainer is None:
+            self._stats = breed.init_loss_stats(len(table), self.n_steps)
+        elif trainer.loss_stats is None or trainer.loss_stats.delta_sum.shape != (len(table), self.n_steps):
+            raise ValueError(
+                f"Breed needs the trainer's loss statistics for {len(table)} simulations of {self.n_steps} "
+                f"steps; the trainer has {None if trainer.loss_stats is None else trainer.loss_stats.delta_sum.shape}"
+            )
         self._pending_steps: list[_PendingStep] = []
         self._sharding = NamedSharding(mesh, P(DATA_AXIS))
         self._update = jax.jit(breed.update_loss_stats)
         self._moments = jax.jit(breed.loss_moments)
+        self._scores = jax.jit(breed.simulation_scores)
         self._window = jax.jit(breed.recent_window, static_argnames=("size",))
         self._resample = jax.jit(breed.amis_resample, static_argnames=breed.AMIS_STATIC_ARGNAMES)
         self._mix = jax.jit(breed.mix)
@@ -91,11 +104,25 @@ class Steering:
         self.round = 0  # resampling rounds done; round s = 1, 2, ... uses r(s)
         self.history: list[dict[str, Any]] = []  # one entry per resampling round (rank 0)
 
+    @property
+    def stats(self) -> breed.LossStatsState:
+        """This rank's loss statistics (on the devices): the trainer's when steering one."""
+        return self._stats if self._trainer is None else self._trainer.loss_stats
+
+    @stats.setter
+    def stats(self, value: breed.LossStatsState) -> None:
+        if self._trainer is None:
+            self._stats = value
+        else:
+            self._trainer.load_loss_stats(value)
+
     def observe(self, per_sample_loss: jax.Array, sample_ids: np.ndarray) -> None:
         """Adds a step's per-sample losses (padded rows, beyond ``sample_ids``, carry no weight).
 
-        δ uses the mean and standard deviation of the step's global batch (paper eq. 4: one batch
-        b_i, one network state). On one rank that is this rank's batch, added at once. On several
+        Only without a trainer: a trainer's step already adds them (a second call would count them
+        twice); this is a separate jitted call and a transfer of the ids per step. δ uses the mean
+        and standard deviation of the step's global batch (paper eq. 4: one batch b_i, one network
+        state). On one rank that is this rank's batch, added at once. On several
         ranks, every rank calls this once per lockstep step (with an empty batch when it has none),
         so each rank keeps its rows and their three moments (Σw, Σw·l, Σw·l², computed on the
         devices, nothing fetched) until the next resampling round or MOMENT_FLUSH_STEPS steps,
@@ -103,6 +130,8 @@ class Steering:
         which it adds its rows' δ: one small collective per round instead of a device sync and an
         all-reduce per step. The merged statistics then equal those of one rank seeing every row.
         """
+        if self._trainer is not None:
+            raise RuntimeError("the trainer's step updates Breed's statistics; observe() would count the losses twice")
         padded = per_sample_loss.shape[0]
         ids = np.full(padded, -1, dtype=np.int32)
         ids[: len(sample_ids)] = sample_ids
@@ -175,6 +204,27 @@ class Steering:
     def due(self, step: int) -> bool:
         return step % self.settings.period == 0
 
+    def compile(self) -> float:
+        """Compiles a resampling round's jitted functions (scores, window, AMIS, mixing) before any data; seconds.
+
+        Rank 0 runs them once on inputs of a round's shapes (an empty window: nothing is drawn
+        from the study's random streams, nothing changes); the other ranks do not resample.
+        """
+        if not self.world.is_root:
+            return 0.0
+        started = time.perf_counter()
+        stats = jax.device_get(self.stats)
+        scores = np.asarray(jax.device_get(self._scores(stats))[0])
+        eligible = np.zeros(len(self.table), bool)
+        window_ids, valid = (np.asarray(a) for a in self._window(stats, size=self.settings.window, eligible=eligible))
+        locations = np.stack([self.table[int(i)].parameters for i in window_ids]).astype(np.float32)
+        _, draw_key, mix_key = jax.random.split(jax.random.key(0), 3)  # a throwaway key of the study key's type
+        draw = self._draw(draw_key, locations, scores[window_ids], window_ids, valid)
+        ratio = float(breed.mixing_ratio(1, self.settings.r_start, self.settings.r_end, self.settings.r_cycles))
+        uniform = np.zeros((len(self.table), len(self.low)), dtype=np.float32)
+        jax.block_until_ready(self._mix(mix_key, draw.children, uniform, ratio))
+        return time.perf_counter() - started
+
     def resample(self) -> None:
         """A collective round: merge the ranks' statistics, breed on rank 0, share the new parameters."""
         self._flush()
@@ -213,7 +263,7 @@ class Steering:
     def _breed(self, stats: breed.LossStatsState) -> dict[str, np.ndarray] | None:
         """Rank 0: new parameters for every simulation never submitted, or None when it is too early."""
         completed = np.array([r.state == SimState.COMPLETED for r in self.table])
-        scores, has_score = (np.asarray(a) for a in jax.device_get(breed.simulation_scores(stats)))
+        scores, has_score = (np.asarray(a) for a in jax.device_get(self._scores(stats)))
         for record in self.table:
             if has_score[record.sim_id]:
                 record.score = float(scores[record.sim_id])
@@ -227,30 +277,20 @@ class Steering:
             return None
         locations = np.stack([self.table[int(i)].parameters for i in window_ids]).astype(np.float32)
         self._key, draw_key, mix_key = jax.random.split(self._key, 3)
-        n_children = len(self.table)  # a fixed size, so one compilation serves every round
-        draw = self._resample(
-            draw_key,
-            locations,
-            scores[window_ids],
-            n_children,
-            self.simulation_sigma[window_ids],
-            self.low.astype(np.float32),
-            self.high.astype(np.float32),
-            importance_weights=self.settings.importance_weights,
-            proposal_density=self._density(locations) if self.settings.importance_weights else None,
-            valid=valid,
-            boundary=self.boundary,
-        )
+        n_children = len(self.table)
+        draw = self._draw(draw_key, locations, scores[window_ids], window_ids, valid)
         k = len(pending)
         s = self.round + 1  # the paper's resampling iteration: s = 1 at the first round
         ratio = float(breed.mixing_ratio(s, self.settings.r_start, self.settings.r_end, self.settings.r_cycles))
         uniform = np.zeros((n_children, len(self.low)), dtype=np.float32)  # fixed shape: one compilation
         uniform[:k] = self._uniform.draw(k)
         self.uniform_draws += k
-        points, is_child = self._mix(mix_key, draw.children, uniform, ratio)
+        mixed = self._mix(mix_key, draw.children, uniform, ratio)
+        # One fetch, then the first k rows on the host (slicing on the devices would compile per k).
+        (points, is_child), parents_drawn, sigma_drawn = jax.device_get((mixed, draw.parents, draw.sigma))
         points, is_child = np.asarray(points[:k], np.float64), np.asarray(is_child[:k])
-        member_parents = np.asarray(draw.parents[:k])
-        member_sigma = np.asarray(draw.sigma[:k], np.float32)  # [k, d]
+        member_parents = np.asarray(parents_drawn[:k])
+        member_sigma = np.asarray(sigma_drawn[:k], np.float32)  # [k, d]
         parents = np.where(is_child, window_ids[member_parents], -1)
         # Each pending simulation's σ: its member's (shrunk by retries under "retry"), or the base σ.
         self.simulation_sigma[pending] = np.where(is_child[:, None], member_sigma, self.sigma_unit[None])
@@ -282,6 +322,24 @@ class Steering:
             "bred": [bool(b) for b in is_child],
             "parent": [int(p) for p in parents],
         }
+
+    def _draw(
+        self, key: jax.Array, locations: np.ndarray, scores: np.ndarray, window_ids: np.ndarray, valid: np.ndarray
+    ) -> breed.AmisDraw:
+        """The AMIS draw of a round: len(table) children (a fixed size, so one compilation serves every round)."""
+        return self._resample(
+            key,
+            locations,
+            scores,
+            len(self.table),
+            self.simulation_sigma[window_ids],
+            self.low.astype(np.float32),
+            self.high.astype(np.float32),
+            importance_weights=self.settings.importance_weights,
+            proposal_density=self._density(locations) if self.settings.importance_weights else None,
+            valid=valid,
+            boundary=self.boundary,
+        )
 
     def _density(self, locations: np.ndarray) -> np.ndarray:
         """Density at the window's points of the previous round's proposal mixture (uniform before any round).
