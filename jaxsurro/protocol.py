@@ -171,6 +171,9 @@ def new_secret() -> bytes:
 
 
 _CREDENTIAL_TAG = b"jaxsurro attempt credential"
+# Simulation ids below this have their current credential in AttemptCredentials' dense array (16 bytes
+# each, grown on demand up to 64 MiB); a larger id is checked one message at a time.
+DENSE_SIMULATIONS = 2**22
 _SIM_ATTEMPT = struct.Struct("<QI")
 
 
@@ -197,6 +200,10 @@ class AttemptCredentials:
             raise ValueError(f"a credential secret has at least {TOKEN_BYTES} bytes, got {len(secret)}")
         self._secret = bytes(secret)
         self._current: dict[int, bytes] = {}  # sim_id -> its current attempt's credential
+        # The same, as rows of two little-endian u64 words indexed by sim_id (zeros: none yet; the last
+        # row always zeros), for the batched check (`current_rows`); simulations from
+        # DENSE_SIMULATIONS on are in the dictionary only.
+        self._dense = np.zeros((1, 2), dtype="<u8")
 
     def make(self, sim_id: int, attempt: int) -> bytes:
         """The credential of attempt ``attempt`` (>= 1) of simulation ``sim_id``."""
@@ -211,7 +218,7 @@ class AttemptCredentials:
         credential = self.make(sim_id, attempt)
         current = self._current.get(sim_id)
         if current is None or attempt_of(current) <= attempt:
-            self._current[sim_id] = credential
+            self._set_current(sim_id, credential)
         return credential
 
     def check(self, sim_id: int, credential: bytes) -> None:
@@ -233,11 +240,33 @@ class AttemptCredentials:
                 f"simulation {sim_id}: a message of attempt {attempt}, which was given up for attempt "
                 f"{attempt_of(current)} (a leftover process of an earlier attempt)",
             )
-        self._current[sim_id] = credential
+        self._set_current(sim_id, credential)
+
+    def current_rows(self, sim_ids: np.ndarray) -> np.ndarray:
+        """Each simulation's current credential as two little-endian u64 words, zeros where it has none here.
+
+        The vector form of check's first case: a message whose token equals its row (a row is never
+        zero: no attempt is 0) passes check() without changing anything; any other needs check(). A
+        comparison with the rows reads every word, whatever the bytes, like compare_digest.
+        ``sim_ids``: [n] u64; returns [n, 2] u64 (a simulation from DENSE_SIMULATIONS on gets zeros).
+        """
+        dense = self._dense
+        return dense[np.minimum(sim_ids, len(dense) - 1).astype(np.intp)]  # beyond: the last row, all zeros
 
     def current_attempts(self) -> dict[int, int]:
         """sim_id -> current attempt, as known here."""
         return {sim_id: attempt_of(credential) for sim_id, credential in self._current.items()}
+
+    def _set_current(self, sim_id: int, credential: bytes) -> None:
+        """Makes ``credential`` the simulation's current one, in the dictionary and its dense copy."""
+        self._current[sim_id] = credential
+        if sim_id < DENSE_SIMULATIONS:
+            if sim_id >= len(self._dense) - 1:
+                rows = min(DENSE_SIMULATIONS, max(2 * len(self._dense), sim_id + 1, 64)) + 1
+                grown = np.zeros((rows, 2), dtype="<u8")
+                grown[: len(self._dense)] = self._dense
+                self._dense = grown
+            self._dense[sim_id] = np.frombuffer(credential, dtype="<u8")
 
 
 def rank_for(sim_id: int, time_step: int, n_ranks: int) -> int:
@@ -344,6 +373,37 @@ def decode_header(frame: Any) -> Header:
     return _new_header((kind, dtype_code, token, sim_id, time_step, client_id, dims[:ndim], version))
 
 
+class _BatchSpecs(NamedTuple):
+    """The fields as validate_batch compares them: a DATA header's fixed words and the payload size, per field."""
+
+    specs: tuple[_FieldSpec, ...]
+    index: dict[bytes, int]  # encoded field name -> position in specs
+    templates: np.ndarray  # [n_fields + 1, 8] u64: a DATA header of each field, variable words zero; then zeros
+    nbytes: tuple[int, ...]  # payload bytes of each field
+
+
+# A header as eight little-endian u64 words: 0 magic, version, kind, dtype; 1-2 token; 3 sim_id;
+# 4 time_step (low half), client_id (high half); 5 ndim, reserved bytes, shape[0]; 6 shape[1..2];
+# 7 shape[3], reserved u32. Words 0, 5, 6 and 7 are the same in every valid DATA message of a field;
+# validate_batch compares a message's words, sim_id and time_step/client_id masked out, with its
+# field's template whose token words hold the simulation's current credential.
+_VARIABLE_WORDS = np.array([~0, ~0, ~0, 0, 0, ~0, ~0, ~0], dtype=np.int64).astype("<u8")
+_NO_HEADER = bytes(HEADER_SIZE)  # stands for a missing or mis-sized header frame: its magic never matches
+
+
+def _batch_specs(specs: Mapping[bytes, _FieldSpec]) -> _BatchSpecs:
+    """Precomputes what validate_batch compares a batch's headers against."""
+    ordered = tuple(specs.values())
+    headers = b"".join(
+        encode_header(DATA, _ZERO_TOKEN, 0, dtype_code=spec.dtype_code, shape=spec.shape) for spec in ordered
+    )
+    templates = np.zeros((len(ordered) + 1, 8), dtype="<u8")  # the last row: field -1 (not fast in any case)
+    templates[:-1] = np.frombuffer(headers, dtype="<u8").reshape(len(ordered), 8)
+    return _BatchSpecs(
+        ordered, {name: i for i, name in enumerate(specs)}, templates, tuple(spec.nbytes for spec in ordered)
+    )
+
+
 class _FieldSpec(NamedTuple):
     """Precomputed per-field expectation used on the hot path."""
 
@@ -370,6 +430,7 @@ class Expectation:
     bounds: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # name -> valid [low, high]
     _specs: dict[bytes, _FieldSpec] = dataclasses.field(init=False, repr=False, compare=False)
     _is_known: Callable[[int], bool] = dataclasses.field(init=False, repr=False, compare=False)
+    _batch: _BatchSpecs = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """Check the settings once and precompute the per-field lookup used for every message."""
@@ -399,6 +460,7 @@ class Expectation:
         is_known = known if callable(known) else known.__contains__
         object.__setattr__(self, "_specs", specs)
         object.__setattr__(self, "_is_known", is_known)
+        object.__setattr__(self, "_batch", _batch_specs(specs))
 
 
 def _check_sender(header: Header, expectation: Expectation, allow_any: bool = False) -> None:
@@ -530,6 +592,119 @@ def validate_message(frames: Sequence[Any], expectation: Expectation) -> Receive
         "malformed",
         f"a data socket takes DATA or FINISH, got {KIND_NAMES[header.kind]}",
     )
+
+
+class CheckedBatch(NamedTuple):
+    """validate_batch's verdict on each message of a batch, in arrival order.
+
+    Message i was accepted when ``kind[i]`` is DATA or FINISH (then it is what validate_message would have
+    returned: ``field[i]`` and ``array[i]`` set for DATA, ``time_step[i]`` the step, or FINISH's count of
+    steps sent), and rejected when ``errors`` holds i (``kind[i]`` is 0). A payload is flat: what
+    validate_message returns is ``array[i].reshape(shape)`` of its field.
+    """
+
+    kind: np.ndarray  # [n] u8
+    sim_id: np.ndarray  # [n] u64 (read-only)
+    time_step: np.ndarray  # [n] u64
+    client_id: np.ndarray  # [n] u64
+    field: list[str | None]
+    array: list[np.ndarray | None]  # flat zero-copy views of the payload frames
+    errors: dict[int, ProtocolError]
+
+
+def validate_batch(messages: Sequence[Sequence[Any]], expectation: Expectation) -> CheckedBatch:
+    """validate_message over a batch of messages in order, with the same verdicts, reasons and texts.
+
+    The headers are checked together as an [n, 8] array of u64 words: the field's fixed words and the
+    simulation's current credential in one comparison, and the routing rank. Then a DATA message that
+    passed needs a few list look-ups (step range, known simulation, payload size) and one read of its
+    payload (finite values, declared bounds). Any other message, FINISH included, goes through
+    validate_message itself, so a rejection keeps its reason and text. Only
+    check() changes the credentials, and only through validate_message: a simulation that went that
+    way is checked message by message for the rest of the batch, so each message sees the
+    credentials that the messages before it left, as one after the other would.
+    """
+    n = len(messages)
+    batch = expectation._batch
+    headers: list[Any] = [_NO_HEADER] * n
+    fields = [-1] * n  # -1: not three frames with a known field name
+    sizes = [-1] * n
+    for i, frames in enumerate(messages):
+        if not frames:
+            continue
+        header = frames[0]
+        if len(header) == HEADER_SIZE:
+            headers[i] = header
+        elif (view := _buffer(header)).nbytes == HEADER_SIZE:
+            headers[i] = view
+        if len(frames) == 3:
+            fields[i] = batch.index.get(bytes(frames[1]), -1)
+            sizes[i] = len(frames[2])
+    joined = b"".join(headers)
+    if len(joined) != n * HEADER_SIZE:  # a frame whose len() counts items of more than a byte
+        headers = [_NO_HEADER if not f or _buffer(f[0]).nbytes != HEADER_SIZE else f[0] for f in messages]
+        joined = b"".join(headers)
+    words = np.frombuffer(joined, dtype="<u8").reshape(n, 8)
+    sim_id = words[:, 3]
+    time_step = words[:, 4] & np.uint64(MAX_U32)
+    client_id = words[:, 4] >> np.uint64(32)
+    expected = batch.templates[fields]
+    expected[:, 1:3] = expectation.credentials.current_rows(sim_id)
+    # Fixed words and credential at once; a simulation with no credential yet has a zero row (never issued).
+    fast = ((words & _VARIABLE_WORDS) == expected).all(axis=1) & (expected[:, 1] != 0)
+    if expectation.n_ranks > 1:
+        n_ranks = np.uint64(expectation.n_ranks)
+        fast &= (sim_id % n_ranks + time_step % n_ranks) % n_ranks == expectation.rank
+    simulations, steps, fast = sim_id.tolist(), time_step.tolist(), fast.tolist()
+    known = {sim: expectation._is_known(sim) for sim in set(simulations)}
+    n_steps = expectation.n_steps
+    kinds = [0] * n
+    names: list[str | None] = [None] * n
+    arrays: list[np.ndarray | None] = [None] * n
+    errors: dict[int, ProtocolError] = {}
+    one_by_one: set[int] = set()  # simulations whose credentials validate_message may have changed
+    specs, nbytes = batch.specs, batch.nbytes
+    with np.errstate(over="ignore", invalid="ignore"):  # a sum that overflows only sends the payload to isfinite
+        for i, frames in enumerate(messages):
+            sim, field = simulations[i], fields[i]
+            if (
+                field >= 0
+                and fast[i]
+                and steps[i] < n_steps
+                and (sizes[i] == nbytes[field] or _buffer(frames[2]).nbytes == nbytes[field])  # len(): items
+                and known[sim]
+                and not (one_by_one and sim in one_by_one)
+            ):
+                spec = specs[field]
+                view = np.frombuffer(frames[2], dtype=spec.dtype)
+                if view.nbytes == spec.nbytes and _finite_and_within(view, spec.bounds):
+                    kinds[i], names[i], arrays[i] = DATA, spec.name, view
+                    continue
+            if headers[i] is not _NO_HEADER:
+                one_by_one.add(sim)
+            try:
+                received = validate_message(frames, expectation)
+            except ProtocolError as error:
+                errors[i] = error
+                continue
+            # Its header is row i of `words` (an accepted message has a 64-byte header), so the ids are right.
+            kinds[i], names[i] = received.kind, received.field
+            arrays[i] = None if received.array is None else received.array.reshape(-1)
+    return CheckedBatch(np.array(kinds, dtype=np.uint8), sim_id, time_step, client_id, names, arrays, errors)
+
+
+def _finite_and_within(view: np.ndarray, bounds: tuple[float, float] | None) -> bool:
+    """Whether a payload is finite (and within ``bounds`` when declared), reading it once when it is.
+
+    A sum in the payload's own precision is NaN or inf when any value is; when it is not finite (a
+    value is not, or finite values overflowed) isfinite decides. No boolean temporary, and less CPU
+    than isfinite (float32, measured: ~15 % on 16 KB, ~25 % on 4 MB). Call under
+    np.errstate(over="ignore", invalid="ignore").
+    """
+    if not math.isfinite(np.add.reduce(view)) and not np.isfinite(view).all():
+        return False
+    # As validate_message compares: the extremes as Python floats (a float32 scalar would round the bounds).
+    return bounds is None or not view.size or (bounds[0] <= float(view.min()) and float(view.max()) <= bounds[1])
 
 
 def validate_hello(frames: Sequence[Any], expectation: Expectation) -> Header:

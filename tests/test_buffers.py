@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -393,3 +394,96 @@ def test_a_restored_snapshot_behaves_like_the_buffer_it_was_taken_from(kind):
         np.testing.assert_array_equal(a.targets, b.targets)
     with pytest.raises(ValueError, match="needs an empty"):
         restored.restore(snapshot)
+
+
+def put_many_ids(buffer, ids, timeout: float | None = WAIT_S) -> int:
+    """put_many of these ids (their inputs and fields as put_ids makes them); how many were stored."""
+    arrays = [sample_arrays(sample_id) for sample_id in ids]
+    inputs = np.array([inputs for inputs, _ in arrays]).reshape(len(arrays), INPUT_DIM)
+    return buffer.put_many(np.asarray(list(ids), dtype=np.int64), inputs, [field for _, field in arrays], timeout)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_put_many_stores_as_puts_one_at_a_time_would(kind: str) -> None:
+    """Same seed and arrivals: put_many in chunks and put one id at a time take the same slots, evict the
+    same samples (a Reservoir's random seen ones) and give the same batches, counts and histograms."""
+
+    def run(batched: bool) -> tuple[list, list]:
+        buffer = build(kind, capacity=16, watermark=4, seed=7)
+        batches, stored = [], []
+        next_id = 0
+        for chunk in (16, 5, 9, 3, 12, 7, 1, 20, 6):
+            ids = range(next_id, next_id + chunk)
+            if batched:
+                count = put_many_ids(buffer, ids, timeout=0)
+            else:
+                count = 0
+                for sample_id in ids:
+                    try:
+                        buffer.put(sample_id, *sample_arrays(sample_id), timeout=0)
+                    except TimeoutError:  # full: the rest of the chunk comes back next time
+                        break
+                    count += 1
+            stored.append(count)
+            next_id += count
+            for _ in range(2):
+                try:
+                    batch = buffer.get_batch(4, timeout=0)
+                except TimeoutError:  # not enough for a batch yet: the same in both runs
+                    batches.append(None)
+                    continue
+                check_rows(batch)
+                batches.append(batch.sample_ids.tolist())
+        buffer.end_reception()
+        while (batch := buffer.get_batch(4, timeout=0)) is not None:
+            batches.append(batch.sample_ids.tolist())
+        return batches, [stored, buffer.stats(), buffer.repetition_histogram().tolist()]
+
+    batches, state = run(batched=True)
+    assert (batches, state) == run(batched=False)
+    assert 0 < sum(state[0]) < sum((16, 5, 9, 3, 12, 7, 1, 20, 6))  # some stopped at a full buffer
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_put_many_waits_for_room_and_loses_nothing(kind: str) -> None:
+    """A producer puts chunks larger than the buffer with put_many (no timeout): each waits for the
+    consumer's draws, and every id is drawn; nothing is lost or stored twice."""
+    n_samples = 400
+    buffer = build(kind, capacity=8, watermark=2, seed=1)
+
+    def produce() -> None:
+        for start in range(0, n_samples, 50):
+            assert put_many_ids(buffer, range(start, start + 50), timeout=None) == 50
+        buffer.end_reception()
+
+    producer = ThreadResult(produce)
+    drawn = []
+    while (batch := buffer.get_batch(4, timeout=WAIT_S)) is not None:
+        check_rows(batch)
+        drawn.extend(batch.sample_ids.tolist())
+    producer.join()
+    assert buffer.stats().received == n_samples
+    if kind == "reservoir":
+        assert set(drawn) == set(range(n_samples))  # a Reservoir never evicts an unseen sample
+    else:
+        assert sorted(drawn) == list(range(n_samples))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_put_many_stops_at_the_end_of_reception_with_an_exact_count(kind: str) -> None:
+    buffer = build(kind, capacity=8, watermark=2)
+    assert put_many_ids(buffer, range(5)) == 5
+    assert put_many_ids(buffer, range(5, 15), timeout=0.01) == 3  # 3 fit, then the wait for room timed out
+    assert buffer.stats().received == 8
+    waiting = ThreadResult(lambda: put_many_ids(buffer, range(8, 12), timeout=None))
+    assert not waiting.finished.wait(0.05)  # full of unseen samples: it waits
+    buffer.get_batch(2, timeout=WAIT_S)  # room for two (a Reservoir: seen samples to evict)
+    deadline = time.monotonic() + WAIT_S
+    while buffer.stats().received < 10 and time.monotonic() < deadline:  # two stored, it waits for the rest
+        time.sleep(0.001)
+    buffer.end_reception()
+    assert waiting.join() == 2  # what it stored before the end of reception: counted, not raised
+    with pytest.raises(RuntimeError, match="put of sample 20 after end_reception"):
+        put_many_ids(buffer, range(20, 22))
+    with pytest.raises(ValueError, match=r"inputs of shape \(2, 3\)"):
+        buffer.put_many(np.arange(2), np.zeros((2, 4)), [np.zeros(FIELD_SIZE)] * 2)

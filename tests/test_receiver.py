@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 
 import numpy as np
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from waiting import wait_until
 
 from jaxsurro import client, protocol
@@ -281,5 +284,144 @@ def test_with_curve_only_clients_given_the_servers_public_key_get_through(table,
         wait_until(lambda: receiver.counters().finishes == 1, 10, "the FINISH")
         assert receiver.counters().unique_received == N_STEPS
         np.testing.assert_array_equal(receiver.sink.samples[0, :, 0], np.arange(N_STEPS))
+    finally:
+        receiver.stop()
+
+
+# -- batches: what one wakeup takes off the socket ---------------------------------------------------
+
+
+def idle_receiver(table: SimulationTable, **options) -> Receiver:
+    """A receiver whose thread is not started: the tests hand batches to it (Receiver._take_batch)."""
+    return Receiver(
+        table=table,
+        sink=ValidationSink(N_SIMS, N_STEPS, int(np.prod(SHAPE))),
+        token=protocol.new_token(),
+        secret=SECRET,
+        fields={"u": SHAPE},
+        wire_dtype="float32",
+        n_steps=N_STEPS,
+        host="127.0.0.1",
+        **options,
+    )
+
+
+SECRET = bytes(range(100, 132))
+MAKER = protocol.AttemptCredentials(SECRET)
+
+
+def test_a_step_twice_in_one_batch_is_stored_once(table):
+    receiver = idle_receiver(table)
+    try:
+        receiver.credentials.issue(0, 1)
+        credential = MAKER.make(0, 1)
+        batch = [protocol.encode_data(credential, 0, t, 1, b"u", field(v)) for t, v in ((0, 1.0), (1, 2.0), (0, 3.0))]
+        receiver._take_batch(batch)
+        counters = receiver._snapshot()
+        assert (counters.unique_received, counters.duplicates) == (2, 1)
+        assert counters.bytes_received == 2 * field(0.0).nbytes
+        np.testing.assert_array_equal(receiver.sink.samples[0, 0], field(1.0).reshape(-1))  # the first is kept
+        receiver._take_batch(batch[:1])  # ... and a later batch finds it stored
+        assert receiver._snapshot().duplicates == 2
+    finally:
+        receiver.stop()
+
+
+def test_a_finish_after_its_steps_in_one_batch_sees_them_stored(table):
+    """Steps 0..3 and the FINISH in one batch: the FINISH is taken after the steps are stored, so the
+    simulation is complete (a supervised table would otherwise count the steps as missing)."""
+    table.supervised = True
+    table[1].attempt_clients = {7}
+    receiver = idle_receiver(table)
+    try:
+        receiver.credentials.issue(1, 1)
+        credential = MAKER.make(1, 1)
+        batch = [protocol.encode_data(credential, 1, t, 7, b"u", field(float(t))) for t in range(N_STEPS)]
+        batch.append(protocol.encode_finish(credential, 1, 7, N_STEPS))
+        batch.append(protocol.encode_data(credential, 1, 0, 7, b"u", field(9.0)))  # after the FINISH: a duplicate
+        receiver._take_batch(batch)
+        assert table[1].incomplete_finish == "" and table[1].steps_finished == N_STEPS
+        counters = receiver._snapshot()
+        assert (counters.unique_received, counters.duplicates, counters.finishes) == (N_STEPS, 1, 1)
+    finally:
+        receiver.stop()
+
+
+@st.composite
+def receiver_message(draw) -> list[bytes]:
+    """Data for simulations 0 and 1 (attempt 1, a newer 2, or a forged credential), 2 (pending: unknown),
+    steps within and past the end, NaN payloads, other shapes; FINISH with any count; some header bytes flipped."""
+    sim_id = draw(st.sampled_from([0, 0, 1, 1, 2]))
+    credential = draw(
+        st.sampled_from([MAKER.make(sim_id, 1)] * 4 + [MAKER.make(sim_id, 2), bytes(16), protocol.new_token()])
+    )
+    if draw(st.integers(0, 5)) == 0:
+        frames = protocol.encode_finish(credential, sim_id, 1, draw(st.integers(0, N_STEPS)))
+    else:
+        value = draw(st.sampled_from([1.0, 2.0, -5.0, np.nan]))
+        shape = draw(st.sampled_from([SHAPE, SHAPE, SHAPE, (25,)]))
+        step = draw(st.integers(0, N_STEPS))
+        frames = [bytes(f) for f in protocol.encode_data(credential, sim_id, step, 1, b"u", field(value, shape))]
+    if draw(st.integers(0, 7)) == 0:
+        header = bytearray(frames[0])
+        header[draw(st.integers(0, 63))] ^= 1 << draw(st.integers(0, 7))
+        frames = [bytes(header), *frames[1:]]
+    return frames
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(receiver_message(), max_size=30), st.lists(st.integers(1, 10), max_size=5))
+def test_batches_store_and_count_what_one_message_at_a_time_would(messages, sizes):
+    """Random mixes of valid and invalid messages, cut into random batches: the same steps are stored
+    with the same values, and the same messages are counted as duplicates, finishes and rejections by
+    reason, as when each message is validated (validate_message) and taken in turn."""
+    table = SimulationTable(np.arange(N_SIMS * 2, dtype=float).reshape(N_SIMS, 2))
+    for record in list(table)[:2]:
+        record.attempts, record.state = 1, SimState.SUBMITTED
+    receiver = idle_receiver(table)
+    reference = protocol.Expectation(
+        token=receiver.token,
+        n_steps=N_STEPS,
+        fields={"u": (SHAPE, np.dtype("<f4"))},
+        rank=0,
+        n_ranks=1,
+        known_simulations=table.is_known,
+        credentials=protocol.AttemptCredentials(SECRET),
+    )
+    try:
+        for credentials in (receiver.credentials, reference.credentials):
+            credentials.issue(0, 1)
+            credentials.issue(1, 1)
+        rejected: collections.Counter[str] = collections.Counter()
+        stored = np.zeros_like(receiver.stored)
+        samples = np.zeros_like(receiver.sink.samples)
+        duplicates = finishes = 0
+        for frames in messages:
+            try:
+                message = protocol.validate_message(frames, reference)
+            except protocol.ProtocolError as error:
+                rejected[error.reason] += 1
+                continue
+            if message.kind == protocol.FINISH:
+                finishes += 1
+            elif stored[message.sim_id, message.time_step]:
+                duplicates += 1
+            else:
+                stored[message.sim_id, message.time_step] = True
+                samples[message.sim_id, message.time_step] = message.array.reshape(-1)
+        start = 0
+        for size in [*sizes, len(messages)]:
+            if messages[start : start + size]:
+                receiver._take_batch(messages[start : start + size])
+            start += size
+        counters = receiver._snapshot()
+        assert counters.rejected == dict(rejected)
+        assert (counters.unique_received, counters.duplicates, counters.finishes) == (
+            int(stored.sum()),
+            duplicates,
+            finishes,
+        )
+        np.testing.assert_array_equal(receiver.stored, stored)
+        np.testing.assert_array_equal(receiver.sink.samples, samples)
     finally:
         receiver.stop()

@@ -4,7 +4,8 @@ Every buffer preallocates its storage once (``capacity x input_dim`` and ``capac
 float32 rows, int64 sample ids, int32 use counts) and keeps its bookkeeping (free slots, stored
 slots, seen slots) in preallocated index arrays with O(1) swap-remove, so the hot path creates no
 per-sample Python objects. One lock and two condition variables make a buffer safe between one
-producer (``put``, the receiver) and one consumer (``get_batch``, the trainer). The rules come from
+producer (``put``, or ``put_many`` for a batch of samples under one lock, the receiver) and one consumer
+(``get_batch``, the trainer). The rules come from
 the SC23 Melissa paper (seed 002, Section 3.2.3 and its Algorithm 1):
 
 **FIFOBuffer** (First In, First Out) is pure streaming with slack: batches come out in arrival
@@ -40,6 +41,7 @@ from __future__ import annotations
 import abc
 import copy
 import threading
+from collections.abc import Sequence
 from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
@@ -152,6 +154,13 @@ class _SlotSet:
         self.position[slot] = -1
         return slot
 
+    def pop_many(self, count: int) -> np.ndarray:
+        """Remove and return the last ``count`` members, last first (``count`` calls of pop_last)."""
+        self.size -= count
+        slots = self.members[self.size : self.size + count][::-1].copy()
+        self.position[slots] = -1
+        return slots
+
     def contains(self, slots: np.ndarray) -> np.ndarray:
         """Boolean mask: which of the given slots are members."""
         return self.position[slots] >= 0
@@ -226,13 +235,8 @@ class Buffer(abc.ABC):
             accepted = self._space_available.wait_for(
                 lambda: self._closed or self._reception_over or self._can_accept(), timeout
             )
-            if self._closed:
-                raise BufferClosed(f"{self.kind} buffer was closed; put of sample {sample_id} abandoned")
-            if self._reception_over:
-                raise ReceptionOver(
-                    f"{self.kind} buffer: put of sample {sample_id} after end_reception(); "
-                    f"end reception only once every sample has been put"
-                )
+            if self._closed or self._reception_over:
+                self._raise_refused(sample_id)
             if not accepted:
                 raise TimeoutError(self._put_timeout_message(sample_id, timeout))
             slot = self._claim_slot()
@@ -243,6 +247,61 @@ class Buffer(abc.ABC):
             self._publish_slot(slot)
             self._received += 1
             self._batch_available.notify()
+
+    def put_many(
+        self, sample_ids: np.ndarray, inputs: np.ndarray, fields: Sequence[np.ndarray], timeout: float | None = None
+    ) -> int:
+        """Copy samples in order, each once, under one acquisition of the lock; how many were stored.
+
+        The same as ``put`` for each in turn (its rule picks each slot, waiting for room for at most
+        ``timeout`` seconds each), except that the lock is taken once and a timeout is not an error:
+        the samples from the first that found no room on are left to the caller, who may retry them.
+        ``inputs`` is ``[n, input_dim]``; ``fields[i]`` any array of ``field_size`` values (e.g. a view
+        of a received frame, copied here; float64 is converted). BufferClosed or ReceptionOver as
+        ``put`` when the first sample cannot be stored; once some were, the count (the next call raises).
+        """
+        count = len(sample_ids)
+        inputs = np.asarray(inputs)
+        if inputs.shape != (count, self.input_dim) or len(fields) != count:
+            raise ValueError(
+                f"{self.kind} buffer: put_many of {count} samples needs inputs of shape ({count}, {self.input_dim}) "
+                f"and {count} fields, got inputs {inputs.shape} and {len(fields)} fields"
+            )
+        rows = [self._as_row(field, self.field_size, "field") for field in fields]
+        slots = np.empty(count, dtype=np.int64)
+        stored = completed = 0
+        targets = self._targets
+        with self._lock:
+            try:
+                while stored < count:
+                    if self._closed or self._reception_over or not self._can_accept():
+                        # The consumer may draw the samples stored so far while this waits.
+                        self._complete(slots[completed:stored], inputs[completed:stored], sample_ids[completed:stored])
+                        completed = stored
+                        room = self._space_available.wait_for(
+                            lambda: self._closed or self._reception_over or self._can_accept(), timeout
+                        )
+                        if self._closed or self._reception_over:
+                            if stored:
+                                break
+                            self._raise_refused(int(sample_ids[0]))
+                        if not room:
+                            break
+                    free = min(self._free_slots(), count - stored)
+                    if free:  # slots that evict nothing: claimed and published together, as put would one by one
+                        claimed = self._claim_free(free)
+                        for slot, row in zip(claimed.tolist(), rows[stored : stored + free], strict=True):
+                            targets[slot] = row  # the one copy of the field
+                        self._publish_slots(claimed)
+                    else:  # a slot whose sample is evicted (Reservoir): one at a time, as put
+                        claimed = np.array([self._claim_slot()])
+                        targets[claimed[0]] = rows[stored]
+                        self._publish_slot(int(claimed[0]))
+                    slots[stored : stored + len(claimed)] = claimed
+                    stored += len(claimed)
+            finally:  # every published slot is complete before the lock is released
+                self._complete(slots[completed:stored], inputs[completed:stored], sample_ids[completed:stored])
+        return stored
 
     def get_batch(self, batch_size: int, timeout: float | None = None) -> SampleBatch | None:
         """Draw a batch per the buffer's rule; None once reception is over and the buffer is drained."""
@@ -377,7 +436,25 @@ class Buffer(abc.ABC):
                 f"{self.kind} buffer: {name} must have {size} values (buffer configured with "
                 f"{'input_dim' if name == 'inputs' else 'field_size'}={size}), got shape {array.shape}"
             )
-        return array.reshape(size)
+        return array if array.ndim == 1 else array.reshape(size)
+
+    def _complete(self, slots: np.ndarray, inputs: np.ndarray, sample_ids: np.ndarray) -> None:
+        """put_many: the inputs and ids of slots whose fields were written, then the consumer is told."""
+        if len(slots):
+            self._inputs[slots] = inputs
+            self._sample_ids[slots] = sample_ids
+            self._use_count[slots] = 0
+            self._received += len(slots)
+            self._batch_available.notify()
+
+    def _raise_refused(self, sample_id: int) -> None:
+        """BufferClosed after close(), ReceptionOver after end_reception(): why a put is refused."""
+        if self._closed:
+            raise BufferClosed(f"{self.kind} buffer was closed; put of sample {sample_id} abandoned")
+        raise ReceptionOver(
+            f"{self.kind} buffer: put of sample {sample_id} after end_reception(); "
+            f"end reception only once every sample has been put"
+        )
 
     def _record_evictions(self, slots: np.ndarray) -> None:
         """Add the use counts of samples about to leave the buffer to the evicted histogram."""
@@ -438,6 +515,18 @@ class Buffer(abc.ABC):
         """Make a freshly written slot visible to get_batch."""
 
     @abc.abstractmethod
+    def _free_slots(self) -> int:
+        """How many samples could be stored now without evicting any."""
+
+    @abc.abstractmethod
+    def _claim_free(self, count: int) -> np.ndarray:
+        """Take ``count`` <= _free_slots() slots, the ones ``count`` calls of _claim_slot would take in turn."""
+
+    @abc.abstractmethod
+    def _publish_slots(self, slots: np.ndarray) -> None:
+        """_publish_slot of each slot, in order."""
+
+    @abc.abstractmethod
     def _batch_ready(self, batch_size: int) -> bool:
         """Whether get_batch may return now (a batch, or None when over and drained)."""
 
@@ -489,6 +578,15 @@ class FIFOBuffer(Buffer):
     def _publish_slot(self, slot: int) -> None:
         self._count += 1
 
+    def _free_slots(self) -> int:
+        return self.capacity - self._count
+
+    def _claim_free(self, count: int) -> np.ndarray:
+        return (self._head + self._count + np.arange(count)) % self.capacity
+
+    def _publish_slots(self, slots: np.ndarray) -> None:
+        self._count += len(slots)
+
     def _batch_ready(self, batch_size: int) -> bool:
         return self._count >= batch_size or self._reception_over
 
@@ -528,6 +626,15 @@ class _SlotSetBuffer(Buffer):
 
     def _publish_slot(self, slot: int) -> None:
         self._stored.add(slot)
+
+    def _free_slots(self) -> int:
+        return self._free.size
+
+    def _claim_free(self, count: int) -> np.ndarray:
+        return self._free.pop_many(count)
+
+    def _publish_slots(self, slots: np.ndarray) -> None:
+        self._stored.add_many(slots)
 
     def _stored_slots(self) -> np.ndarray:
         return self._stored.members[: self._stored.size]

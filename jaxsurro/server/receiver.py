@@ -14,6 +14,17 @@ simulation, step and field. A message that contradicts the experiment's declared
 holding the run's token is a configuration error, not noise: :meth:`Receiver.check` raises
 :class:`ExperimentMismatch` with its text, and the run stops.
 
+Messages are taken in batches: every wakeup drains what ZeroMQ holds (up to
+``BATCH_MESSAGES`` messages or ``BATCH_BYTES`` of payload at a time), checks the batch's headers
+together (:func:`jaxsurro.protocol.validate_batch`, the same verdicts as one message at a time),
+drops duplicates against the deduplication record and within the batch, and copies each new
+payload once, straight from its frame into the sink (``accept_many``, one lock for the batch). A
+FINISH is processed after the steps that arrived before it are stored.
+
+Clients on this host also connect over TCP: libzmq 4.3 drops the messages that a client still has
+in flight over ``ipc://`` when it closes while this receive queue is full (libzmq issue #4660), which
+is the normal state under backpressure; over TCP its linger delivers them.
+
 Only the receiver thread counts; it publishes its counts under a lock once per batch of
 messages it drained (and while it waits on a full sink), and other threads read them through
 :meth:`Receiver.counters` (docs/architecture.md, "Data path").
@@ -44,6 +55,10 @@ log = logging.getLogger("jaxsurro.server.receiver")
 # Messages queued per socket before ZeroMQ pushes back on the clients; small, since a 4 MB
 # field times a large queue would hold gigabytes that the buffer's capacity is meant to bound.
 RECEIVE_QUEUE_MESSAGES = 16
+# A batch of data messages taken at one wakeup: at most this many messages ...
+BATCH_MESSAGES = 64
+# ... and it stops growing once its payloads reach this many bytes (it holds their frames until stored).
+BATCH_BYTES = 4 << 20
 # Counted with the protocol's rejection reasons: a valid time step that came after reception ended.
 LATE = "after_end_of_reception"
 # ... an incomplete multi-field step dropped because every assembly slot was taken.
@@ -69,6 +84,32 @@ class Sink(Protocol):
 
     def wait_for_room(self, timeout: float) -> None:
         """Returns once a time step could be stored, or after ``timeout`` seconds."""
+
+
+class BatchSink(Sink, Protocol):
+    """A sink that also stores several time steps at once (the receiver uses it when the sink has it)."""
+
+    def accept_many(
+        self, sim_ids: np.ndarray, time_steps: np.ndarray, samples: Sequence[np.ndarray], timeout: float
+    ) -> int:
+        """Stores time steps in order as accept would; how many were (a prefix: the rest found no room in time).
+
+        Raises what accept raises only when the first cannot be stored."""
+
+
+def _accept_each(
+    sink: Sink, sim_ids: Sequence[int], time_steps: Sequence[int], samples: Sequence[np.ndarray], timeout: float
+) -> int:
+    """accept_many for a sink that has only accept: one time step after the other."""
+    for i, (sim_id, time_step, sample) in enumerate(zip(sim_ids, time_steps, samples, strict=True)):
+        try:
+            if not sink.accept(int(sim_id), int(time_step), sample, timeout):
+                return i
+        except (BufferClosed, ReceptionOver):
+            if i:
+                return i
+            raise
+    return len(samples)
 
 
 class ReceiverCounters(NamedTuple):
@@ -111,6 +152,8 @@ class Receiver:
         authenticates with ZeroMQ CURVE, and only clients given the public key can talk to it."""
         self.table = table
         self.sink = sink
+        accept_many = getattr(sink, "accept_many", None)
+        self._accept_many = accept_many if accept_many is not None else (lambda *batch: _accept_each(sink, *batch))
         self.token = token
         self.n_steps = n_steps
         self.rank, self.n_ranks = rank, n_ranks
@@ -268,27 +311,100 @@ class Receiver:
             self._publish()
 
     def _drain_data(self, max_messages: int = 256) -> None:
-        for _ in range(max_messages):
-            try:
-                frames = self.data.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+        """Takes batches off the data socket until it is empty or ``max_messages`` were taken."""
+        taken = 0
+        while taken < max_messages:
+            batch, emptied = self._receive_batch()
+            if batch:
+                taken += len(batch)
+                self._last_message_at = time.monotonic()
+                self._take_batch(batch)
+                self._last_message_at = time.monotonic()  # each message of the batch is read by now
+            if emptied:
                 return
-            self._last_message_at = time.monotonic()
+
+    def _receive_batch(self) -> tuple[list[list[zmq.Frame]], bool]:
+        """Up to BATCH_MESSAGES messages (BATCH_BYTES of payload) without waiting; whether the socket is now empty.
+
+        Frames are taken without copying; ``frame.more`` saves recv_multipart's socket option call per frame
+        (the parts of a message arrive together, so the NOBLOCK receives after the first always succeed)."""
+        recv = self.data.recv
+        batch: list[list[zmq.Frame]] = []
+        size = 0
+        while len(batch) < BATCH_MESSAGES and size < BATCH_BYTES:
             try:
-                message = protocol.validate_message(frames, self.expectation)
-            except protocol.ProtocolError as exc:
-                self._reject(exc.reason, exc.message)
-                continue
-            if self.table.retired and (message.sim_id, message.client_id) in self.table.retired:
-                self._reject(
-                    ABANDONED_DRAW, f"simulation {message.sim_id} has new parameters since this process ran it"
-                )
-                continue
-            self.table.heard[message.sim_id] = self._last_message_at  # for the launcher's silence check
-            if message.kind == protocol.DATA:
-                self._take(message)
-            else:
-                self._finish(message.sim_id, message.time_step, message.client_id)
+                frame = recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return batch, True
+            frames = [frame]
+            while frame.more:
+                frame = recv(zmq.NOBLOCK, copy=False)
+                frames.append(frame)
+            size += len(frame)
+            batch.append(frames)
+        return batch, False
+
+    def _take_batch(self, batch: list[list[zmq.Frame]]) -> None:
+        """Validates a batch, counts its rejections, then takes its DATA and FINISH messages in order."""
+        checked = protocol.validate_batch(batch, self.expectation)
+        for error in checked.errors.values():
+            self._reject(error.reason, error.message)
+        kinds = checked.kind.tolist()
+        if self.table.retired:
+            for i, kind in enumerate(kinds):
+                if kind and (int(checked.sim_id[i]), int(checked.client_id[i])) in self.table.retired:
+                    self._reject(
+                        ABANDONED_DRAW, f"simulation {checked.sim_id[i]} has new parameters since this process ran it"
+                    )
+                    kinds[i] = 0
+        accepted = [i for i, kind in enumerate(kinds) if kind]
+        if not accepted:
+            return
+        self.table.heard[checked.sim_id[accepted]] = self._last_message_at  # for the launcher's silence check
+        finishes = [i for i in accepted if kinds[i] == protocol.FINISH]
+        if self.assembler is not None:  # several fields: assembled message by message
+            for i in accepted:
+                sim_id, step = int(checked.sim_id[i]), int(checked.time_step[i])
+                if kinds[i] == protocol.DATA:
+                    self._take(sim_id, step, checked.field[i], checked.array[i])
+                else:
+                    self._finish(sim_id, step, int(checked.client_id[i]))
+            return
+        if not finishes:
+            self._take_steps(checked, accepted)
+            return
+        # A FINISH is taken once the steps that arrived before it are stored, so that it sees them.
+        start = 0
+        for end in finishes:
+            self._take_steps(checked, [i for i in accepted[start:] if i < end])
+            start = accepted.index(end) + 1
+            self._finish(int(checked.sim_id[end]), int(checked.time_step[end]), int(checked.client_id[end]))
+        self._take_steps(checked, accepted[start:])
+
+    def _take_steps(self, checked: protocol.CheckedBatch, positions: list[int]) -> None:
+        """Valid DATA messages of a batch (one field, in order): each new step stored once, duplicates counted."""
+        if not positions:
+            return
+        sims = checked.sim_id[positions].astype(np.intp)
+        steps = checked.time_step[positions].astype(np.intp)
+        new = ~self.stored[sims, steps]
+        keys = (sims * self.n_steps + steps).tolist()
+        arrays = checked.array
+        if new.all() and len(set(keys)) == len(keys):  # the usual batch: every step new, each once
+            self._store(sims, steps, [arrays[i] for i in positions], count_bytes=True)
+            return
+        first = np.zeros(len(keys), dtype=bool)  # the same step twice in a batch: the first is kept
+        first[list({key: i for i, key in reversed(list(enumerate(keys)))}.values())] = True
+        self._duplicates += len(keys) - int(new.sum())  # stored before this batch
+        take = np.flatnonzero(new & first)
+        late = self._store(sims[take], steps[take], [arrays[positions[i]] for i in take.tolist()], count_bytes=True)
+        again = np.flatnonzero(new & ~first)
+        if len(again):  # a duplicate of a step stored just now, or late like the step it repeats
+            stored = self.stored[sims[again], steps[again]]
+            self._duplicates += int(stored.sum())
+            if late:
+                self._bytes_received += sum(arrays[positions[i]].nbytes for i in again[~stored].tolist())
+                self._rejected[LATE] += int((~stored).sum())
 
     def _reject(self, reason: str, message: str) -> None:
         """Counts a rejected message; the first of each reason is a warning, a field mismatch is fatal."""
@@ -327,20 +443,16 @@ class Receiver:
             sim_id, steps, expected=self.n_steps, missing=missing, client_id=client_id, other_ranks=self.n_ranks > 1
         )
 
-    def _take(self, message: protocol.Received) -> None:
-        """A valid DATA message: stored at once (one field), or assembled until its step is complete."""
-        sim_id, step = message.sim_id, message.time_step
+    def _take(self, sim_id: int, step: int, field: str, array: np.ndarray) -> None:
+        """A valid DATA message of several fields: assembled until its step is complete, then stored."""
         if self.stored[sim_id, step]:
             self._duplicates += 1
             return
-        self._bytes_received += message.array.nbytes
-        if self.assembler is None:
-            self._store(sim_id, step, message.array.reshape(-1))
-            return
-        if self.assembler.has(sim_id, step, message.field):
+        self._bytes_received += array.nbytes
+        if self.assembler.has(sim_id, step, field):
             self._duplicates += 1
             return
-        slot, abandoned = self.assembler.add(sim_id, step, message.field, message.array)
+        slot, abandoned = self.assembler.add(sim_id, step, field, array)
         if abandoned is not None:
             self._reject(
                 INCOMPLETE_STEP,
@@ -350,32 +462,58 @@ class Receiver:
             )
         if self.assembler.complete(slot):
             try:
-                self._store(sim_id, step, self.assembler.row(slot))
+                self._store([sim_id], [step], [self.assembler.row(slot)])
             finally:
                 self.assembler.release(sim_id, step)
 
-    def _store(self, sim_id: int, step: int, sample: np.ndarray) -> None:
+    def _store(
+        self, sim_ids: Sequence[int], steps: Sequence[int], samples: Sequence[np.ndarray], count_bytes: bool = False
+    ) -> bool:
+        """Commits time steps to the sink in order, waiting while it is full; whether reception had ended.
+
+        Nothing is dropped while the sink is full: the receiver stops reading (the clients block) and
+        keeps answering HELLOs. Steps that arrive after reception ended are counted (LATE), not stored.
+        ``count_bytes``: the samples are the received payloads, counted in bytes_received as they are
+        committed (an assembled step's fields were counted as they arrived).
+        """
+        done, count = 0, len(samples)
+        if not count:
+            return False
         try:
             while True:
                 with self._commit:  # never held while waiting: a checkpoint may pause the receiver at any time
-                    if self.sink.accept(sim_id, step, sample, timeout=0):
-                        self.stored[sim_id, step] = True
+                    stored = self._accept_many(sim_ids[done:], steps[done:], samples[done:], 0)
+                    if stored:
+                        self.stored[sim_ids[done : done + stored], steps[done : done + stored]] = True
+                        if count_bytes:
+                            self._bytes_received += sum(sample.nbytes for sample in samples[done : done + stored])
                         now = time.monotonic()
-                        self._unique_received += 1
+                        self._unique_received += stored
                         self._first_data_at = self._first_data_at or now
                         self._last_data_at = now
-                        return
+                        done += stored
+                if done == count:
+                    return False
                 # The sink is full: show the counts so far, and keep answering HELLOs so that new
                 # clients are not refused meanwhile.
                 self._publish()
                 if self._stop.is_set():
-                    return
+                    return False
                 if self.control is not None and self.control.poll(0):
                     self._serve_control()
                 self.sink.wait_for_room(0.1)
-        except (BufferClosed, ReceptionOver) as exc:  # a straggler after the study ended
-            self._rejected[LATE] += 1
-            log.warning("time step %d of simulation %d arrived after reception ended: %s", step, sim_id, exc)
+        except (BufferClosed, ReceptionOver) as exc:  # stragglers after the study ended
+            self._rejected[LATE] += count - done
+            if count_bytes:
+                self._bytes_received += sum(sample.nbytes for sample in samples[done:])
+            log.warning(
+                "%d time step(s) arrived after reception ended (the first: step %d of simulation %d): %s",
+                count - done,
+                steps[done],
+                sim_ids[done],
+                exc,
+            )
+            return True
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -491,6 +629,13 @@ class ValidationSink:
         self.samples[sim_id, time_step] = sample
         return True
 
+    def accept_many(
+        self, sim_ids: np.ndarray, time_steps: np.ndarray, samples: Sequence[np.ndarray], timeout: float
+    ) -> int:
+        for sim_id, time_step, sample in zip(sim_ids, time_steps, samples, strict=True):
+            self.samples[sim_id, time_step] = sample
+        return len(samples)
+
     def wait_for_room(self, timeout: float) -> None:
         return  # always room
 
@@ -514,6 +659,18 @@ class BufferSink:
         except TimeoutError:
             return False
         return True
+
+    def accept_many(
+        self, sim_ids: np.ndarray, time_steps: np.ndarray, samples: Sequence[np.ndarray], timeout: float
+    ) -> int:
+        """accept for several time steps: their input rows built together, one put_many (one copy of each field)."""
+        sim_ids = np.asarray(sim_ids, dtype=np.int64)
+        time_steps = np.asarray(time_steps, dtype=np.int64)
+        inputs = np.empty((len(sim_ids), len(self._inputs)), dtype=np.float32)
+        records = self.table
+        inputs[:, :-1] = [records[sim_id].parameters for sim_id in sim_ids.tolist()]
+        inputs[:, -1] = (time_steps + 1) * self.dt
+        return self.buffer.put_many(sim_ids * self.n_steps + time_steps, inputs, samples, timeout=timeout)
 
     def wait_for_room(self, timeout: float) -> None:
         self.buffer.wait_for_room(timeout)
