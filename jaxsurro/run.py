@@ -295,6 +295,7 @@ def _run(
     summary["per_step_mean_field_validation_mse"] = validation_cache.per_step_mean_field_mse(
         validation, scaling, weights
     )
+    summary["parameter_mean_validation_mse"] = validation_cache.parameter_mean_mse(validation, scaling, weights)
     summary["wall_time_s"] = time.monotonic() - started
     summary["run_dir"] = str(run_dir)
     (run_dir / rundir.SUMMARY).write_text(metrics.dumps(summary, indent=2) + "\n")

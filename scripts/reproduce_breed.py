@@ -148,15 +148,22 @@ def run_seeds(config_path: Path, overrides: Sequence[str], seeds: Sequence[int],
     from jaxsurro.run import run
     from jaxsurro.rundir import console_logging
 
-    taken = [runs_dir / f"seed{s}" / k for s in seeds for k in RUN_KINDS if (runs_dir / f"seed{s}" / k).exists()]
-    if taken:
-        raise CompareInputError(f"{taken[0]} already exists; remove it, pass another --runs-dir, or use --from-runs")
+    unfinished = [
+        runs_dir / f"seed{s}" / k
+        for s in seeds
+        for k in RUN_KINDS
+        if (runs_dir / f"seed{s}" / k).exists() and not (runs_dir / f"seed{s}" / k / plot.SUMMARY_FILE).is_file()
+    ]
+    if unfinished:
+        raise CompareInputError(f"{unfinished[0]} holds an unfinished run; remove it or pass another --runs-dir")
     console_logging()
     signal.signal(signal.SIGTERM, exit_on_sigterm)  # unwinds like Ctrl-C: every simulation job is cancelled
     for seed in seeds:
         for name, kind in RUN_KINDS.items():
             config = load_config(config_path, [*overrides, f"sampler.kind={kind}", f"study.seed={seed}"])
             target = runs_dir / f"seed{seed}" / name
+            if (target / plot.SUMMARY_FILE).is_file():  # finished before: reused, so an interrupted script resumes
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
             print(f"[reproduce_breed] seed {seed} {name}: {config.study.n_simulations} simulations -> {target}")
             _, summary = run(config, run_dir=target, show_progress=False)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -152,13 +153,20 @@ def test_a_warned_server_checkpoints_requeues_itself_and_resumes_to_the_end(tmp_
         slurm("scancel", "--signal=USR1", "--batch", job_id)
         wait_until(lambda: job_field(job_id, "Restarts") == "1", 60, "the server job to requeue itself")
         # Slurm holds a requeued job for its credential lifetime (120 s) before it may start again; a test
-        # need not wait for that.
-        slurm("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-        wait_until(
-            lambda: job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
-            120,
-            f"the requeued server job {job_id} to end",
-        )
+        # need not wait for that. The hold is set as the job turns pending again, so it is lifted while
+        # the job is seen pending (an update made before then would not last).
+        lifted = [0.0]
+
+        def ended() -> bool:
+            state = job_state(job_id)
+            if state == "PENDING" and time.monotonic() - lifted[0] > 2.0:
+                subprocess.run(
+                    ["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=30
+                )
+                lifted[0] = time.monotonic()
+            return state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+
+        wait_until(ended, 300, f"the requeued server job {job_id} to end")
     finally:
         subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
     assert job_state(job_id) == "COMPLETED", server_log(run_dir)

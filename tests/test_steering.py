@@ -23,7 +23,7 @@ from jaxsurro.server.distributed import World
 from jaxsurro.server.parallel import make_data_mesh
 from jaxsurro.server.steering import MOMENT_FLUSH_STEPS, Steering
 from jaxsurro.server.trainer import Trainer, range_scaling
-from jaxsurro.server.validation import ValidationSet, mean_field_mse, per_step_mean_field_mse
+from jaxsurro.server.validation import ValidationSet, mean_field_mse, parameter_mean_mse, per_step_mean_field_mse
 from jaxsurro.table import SimState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -460,3 +460,19 @@ def test_per_step_mean_field_mse_is_the_time_resolved_mean_field_baseline():
     assert per_step_mean_field_mse(constant, scaling, weights) == pytest.approx(
         mean_field_mse(constant, scaling, weights)
     )
+
+
+def test_parameter_mean_mse_scores_the_field_filled_with_the_mean_of_the_parameters():
+    rng = np.random.default_rng(1)
+    n_sims, n_steps = 3, 4
+    scaling = Scaling((0.0, 0.0), (10.0, 10.0), 1.0, (0.0, -1.0), (2.0, 1.0), (2, 3))
+    parameters = rng.uniform(0.0, 2.0, (n_sims, 2))
+    samples = rng.uniform(-1.0, 1.0, (n_sims, n_steps, 5)).astype(np.float32)
+    validation = ValidationSet(parameters, samples)
+    weights = (2.0, 1.0)
+    guess = parameters.mean(axis=1)[:, None, None]  # [V, 1, 1]
+    errors = ((samples.astype(np.float64) - guess) / 2.0) ** 2  # both fields span 2
+    expected = (errors[..., :2].mean() * 2.0 + errors[..., 2:].mean() * 1.0) / 3.0
+    assert parameter_mean_mse(validation, scaling, weights) == pytest.approx(expected, rel=1e-12)
+    exact = ValidationSet(parameters, np.broadcast_to(guess, samples.shape).astype(np.float32))
+    assert parameter_mean_mse(exact, scaling, weights) == pytest.approx(0.0, abs=1e-12)

@@ -141,3 +141,23 @@ def per_step_mean_field_mse(validation: ValidationSet, scaling: Scaling, field_w
     per_field = squared_sums / (n_sims * n_steps * np.diff(bounds))
     weights = np.asarray(field_weights, dtype=np.float64)
     return float(per_field @ weights / weights.sum())
+
+
+def parameter_mean_mse(validation: ValidationSet, scaling: Scaling, field_weights: Sequence[float]) -> float:
+    """The baseline of a predictor that fills every field with the mean of the simulation's parameters.
+
+    Meaningful when the parameters are in the fields' units (the heat equation's initial and boundary
+    temperatures: the field relaxes toward a mix of them); scored like :func:`mean_field_mse`.
+    """
+    _, span = scaling.element_bounds()  # the offset cancels in a difference
+    bounds = np.cumsum((0, *scaling.field_sizes))
+    n_fields = len(bounds) - 1
+    squared_sums = np.zeros(n_fields, dtype=np.float64)
+    guess = validation.parameters.mean(axis=1)[:, None]  # [V, 1], physical units
+    n_sims, n_steps = validation.samples.shape[:2]
+    for t in range(n_steps):
+        squared = ((validation.samples[:, t].astype(np.float64) - guess) / span) ** 2  # [V, sample_size]
+        squared_sums += [squared[:, bounds[f] : bounds[f + 1]].sum() for f in range(n_fields)]
+    per_field = squared_sums / (n_sims * n_steps * np.diff(bounds))
+    weights = np.asarray(field_weights, dtype=np.float64)
+    return float(per_field @ weights / weights.sum())
