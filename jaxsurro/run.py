@@ -354,14 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="what the server logs on the console (server.log always has info and above)",
     )
     args = parser.parse_args(argv)
-    if args.resume:  # the run directory's own resolved configuration, and the run directory itself
-        args.run_dir = Path(args.config)
-        if not (args.run_dir / rundir.CONFIG).is_file():
-            print(
-                f"error: --resume needs a run directory; {args.run_dir / rundir.CONFIG} does not exist", file=sys.stderr
-            )
-            return 2
-        args.config = str(args.run_dir / rundir.CONFIG)
+    if args.resume and not rundir.resume_arguments(args):
+        return 2
     config = config_from_args(args)
     if config is None:
         return 2

@@ -6,6 +6,7 @@ every module names its files through the constants here, so the layout is writte
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import sys
@@ -42,6 +43,17 @@ def create(config: Config, run_dir: Path | None = None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG).write_text(dumps(config))
     return run_dir
+
+
+def resume_arguments(args: argparse.Namespace) -> bool:
+    """``--resume``: the CONFIG argument names a run directory; ``args.run_dir`` becomes that directory and
+    ``args.config`` its resolved configuration. False, after printing why, when it holds none."""
+    args.run_dir = Path(args.config)
+    if not (args.run_dir / CONFIG).is_file():
+        print(f"error: --resume needs a run directory; {args.run_dir / CONFIG} does not exist", file=sys.stderr)
+        return False
+    args.config = str(args.run_dir / CONFIG)
+    return True
 
 
 def server_log_name(rank: int) -> str:

@@ -102,12 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--resume", action="store_true", help="CONFIG is a run directory: submit a server that continues that run"
     )
     args = parser.parse_args(argv)
-    if args.resume:  # the run directory's own resolved configuration, and the run directory itself
-        args.run_dir = Path(args.config)
-        if not (args.run_dir / rundir.CONFIG).is_file():
-            print(
-                f"error: --resume needs a run directory; {args.run_dir / rundir.CONFIG} does not exist", file=sys.stderr
-            )
+    if args.resume:
+        if not rundir.resume_arguments(args):
             return 2
         if not has_checkpoint(args.run_dir):
             print(
@@ -116,7 +112,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        args.config = str(args.run_dir / rundir.CONFIG)
     # The server runs elsewhere: its host and memory are checked by its job (python -m jaxsurro.run).
     config = config_from_args(args, server_here=False)
     if config is None:

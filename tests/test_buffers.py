@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import wait_until
 
 from jaxsurro.config import buffer_capacity_problems, load_config
 from jaxsurro.server.buffers import (
@@ -478,9 +478,7 @@ def test_put_many_stops_at_the_end_of_reception_with_an_exact_count(kind: str) -
     waiting = ThreadResult(lambda: put_many_ids(buffer, range(8, 12), timeout=None))
     assert not waiting.finished.wait(0.05)  # full of unseen samples: it waits
     buffer.get_batch(2, timeout=WAIT_S)  # room for two (a Reservoir: seen samples to evict)
-    deadline = time.monotonic() + WAIT_S
-    while buffer.stats().received < 10 and time.monotonic() < deadline:  # two stored, it waits for the rest
-        time.sleep(0.001)
+    wait_until(lambda: buffer.stats().received == 10, WAIT_S, "two more stored; it waits for room for the rest")
     buffer.end_reception()
     assert waiting.join() == 2  # what it stored before the end of reception: counted, not raised
     with pytest.raises(RuntimeError, match="put of sample 20 after end_reception"):

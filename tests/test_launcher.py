@@ -266,7 +266,6 @@ sys.stdin.read()
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="jobs are told apart by their start time in /proc")
 def test_local_jobs_die_with_their_server_even_when_it_is_killed(tmp_path):
     job_pid, log = tmp_path / "job-pid", tmp_path / "job.log"
     with subprocess.Popen([sys.executable, "-c", SERVER_LIKE, str(log), str(job_pid)], stdin=subprocess.PIPE) as server:

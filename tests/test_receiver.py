@@ -28,19 +28,24 @@ def table():
     return table
 
 
-@pytest.fixture
-def receiver(table):
-    sink = ValidationSink(N_SIMS, N_STEPS, int(np.prod(SHAPE)))
-    receiver = Receiver(
+def make_receiver(table: SimulationTable, sink=None, secret: bytes | None = None, **options) -> Receiver:
+    """A receiver (not started) of one field "u" of SHAPE on loopback, into ``sink`` (a ValidationSink by default)."""
+    return Receiver(
         table=table,
-        sink=sink,
+        sink=ValidationSink(N_SIMS, N_STEPS, int(np.prod(SHAPE))) if sink is None else sink,
         token=protocol.new_token(),
-        secret=protocol.new_secret(),
+        secret=secret or protocol.new_secret(),
         fields={"u": SHAPE},
         wire_dtype="float32",
         n_steps=N_STEPS,
         host="127.0.0.1",
+        **options,
     )
+
+
+@pytest.fixture
+def receiver(table):
+    receiver = make_receiver(table)
     receiver.start()
     yield receiver
     receiver.stop()
@@ -122,16 +127,7 @@ def test_handshake_welcomes_submitted_simulations_and_refuses_others(receiver, t
 def test_a_full_buffer_blocks_the_client_without_losing_data(table):
     # Capacity 2 and nobody reading: the receiver stops reading, the queues fill and send() blocks.
     buffer = FIFOBuffer(capacity=2, watermark=0, input_dim=3, field_size=int(np.prod(SHAPE)), seed=0)
-    receiver = Receiver(
-        table=table,
-        sink=BufferSink(buffer, table, N_STEPS, 0.1),
-        token=protocol.new_token(),
-        secret=protocol.new_secret(),
-        fields={"u": SHAPE},
-        wire_dtype="float32",
-        n_steps=N_STEPS,
-        host="127.0.0.1",
-    )
+    receiver = make_receiver(table, BufferSink(buffer, table, N_STEPS, 0.1))
     receiver.start()
     try:
         with client.connect(server=receiver.control_address, token=receiver.token, sim_id=0, timeout=5) as sim:
@@ -154,16 +150,7 @@ def test_a_full_buffer_blocks_the_client_without_losing_data(table):
 def test_a_time_step_arriving_after_reception_ended_is_counted_not_stored(table):
     buffer = FIFOBuffer(capacity=8, watermark=0, input_dim=3, field_size=int(np.prod(SHAPE)), seed=0)
     buffer.end_reception()
-    receiver = Receiver(
-        table=table,
-        sink=BufferSink(buffer, table, N_STEPS, 0.1),
-        token=protocol.new_token(),
-        secret=protocol.new_secret(),
-        fields={"u": SHAPE},
-        wire_dtype="float32",
-        n_steps=N_STEPS,
-        host="127.0.0.1",
-    )
+    receiver = make_receiver(table, BufferSink(buffer, table, N_STEPS, 0.1))
     receiver.start()
     try:
         socket = zmq.Context.instance().socket(zmq.PUSH)
@@ -260,17 +247,7 @@ def test_with_curve_only_clients_given_the_servers_public_key_get_through(table,
     """server.encryption = "curve": every socket is a CURVE server; a client without the server's public
     key gets no answer, one given it (JAXSURRO_SERVER_KEY) streams as usual."""
     public, secret = zmq.curve_keypair()
-    receiver = Receiver(
-        table=table,
-        sink=ValidationSink(N_SIMS, N_STEPS, int(np.prod(SHAPE))),
-        token=protocol.new_token(),
-        secret=protocol.new_secret(),
-        fields={"u": SHAPE},
-        wire_dtype="float32",
-        n_steps=N_STEPS,
-        host="127.0.0.1",
-        curve_secret_key=secret,
-    )
+    receiver = make_receiver(table, curve_secret_key=secret)
     receiver.start()
     try:
         assert receiver.data.curve_server and receiver.control.curve_server
@@ -293,17 +270,7 @@ def test_with_curve_only_clients_given_the_servers_public_key_get_through(table,
 
 def idle_receiver(table: SimulationTable, **options) -> Receiver:
     """A receiver whose thread is not started: the tests hand batches to it (Receiver._take_batch)."""
-    return Receiver(
-        table=table,
-        sink=ValidationSink(N_SIMS, N_STEPS, int(np.prod(SHAPE))),
-        token=protocol.new_token(),
-        secret=SECRET,
-        fields={"u": SHAPE},
-        wire_dtype="float32",
-        n_steps=N_STEPS,
-        host="127.0.0.1",
-        **options,
-    )
+    return make_receiver(table, secret=SECRET, **options)
 
 
 SECRET = bytes(range(100, 132))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,6 +22,8 @@ import numpy as np
 
 from jaxsurro.server.buffers import BufferStats
 from jaxsurro.server.receiver import ReceiverCounters
+
+log = logging.getLogger("jaxsurro.server.metrics")
 
 
 class RankCounters(NamedTuple):
@@ -179,6 +182,23 @@ def _short(value: float) -> str:
             scaled = value / scale
             return f"{scaled:.1f}{suffix}" if scaled < 10 else f"{scaled:.0f}{suffix}"
     return f"{value:.0f}"
+
+
+MIN_MESSAGES_FOR_STOP = 100  # the rejection rate stops a run only once this many messages arrived
+
+
+class RejectionAlarm(RuntimeError):
+    """Too many messages of one reason were rejected: the run stops with a non-zero status."""
+
+
+def check_rejection_rate(entry: Mapping[str, Any], alarm: float, stop: float) -> None:
+    """Rank 0, at each metrics line: logs a warning for each reason above ``alarm`` and raises
+    :class:`RejectionAlarm` past ``stop`` (server.alarm_rejection_fraction, server.stop_rejection_fraction)."""
+    warnings, reason = rejection_alarm(entry, alarm, stop, MIN_MESSAGES_FOR_STOP)
+    for warning in warnings:
+        log.warning("%s", warning)
+    if reason is not None:
+        raise RejectionAlarm(reason)
 
 
 def rejection_alarm(entry: Mapping[str, Any], alarm: float, stop: float, minimum: int) -> tuple[list[str], str | None]:

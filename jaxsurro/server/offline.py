@@ -255,6 +255,9 @@ class OfflineTraining:
             val_field_mse=self.val_field_mse,
         )
         self._since = metrics.rate_point(entry, now)
+        metrics.check_rejection_rate(
+            entry, self.config.server.alarm_rejection_fraction, self.config.server.stop_rejection_fraction
+        )
         self.metrics_log.write(entry)
         self.progress.update(
             entry["received"],

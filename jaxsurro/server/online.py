@@ -85,13 +85,6 @@ class TrainingStopped(Exception):
         self.trainer, self.steps = trainer, steps
 
 
-MIN_MESSAGES_FOR_STOP = 100  # the rejection rate stops a run only once this many messages arrived
-
-
-class RejectionAlarm(RuntimeError):
-    """Too many messages of one reason were rejected: the run stops with a non-zero status."""
-
-
 class PeerFailed(RuntimeError):
     """Another rank failed; this one stops with it."""
 
@@ -549,7 +542,9 @@ class OnlineTraining:
             val_field_mse=self.val_field_mse,
         )
         self._since = metrics.rate_point(entry, now)
-        self._check_rejection_rate(entry)
+        metrics.check_rejection_rate(
+            entry, self.config.server.alarm_rejection_fraction, self.config.server.stop_rejection_fraction
+        )
         self.metrics_log.write(entry)
         self.progress.update(
             entry["received"],
@@ -564,17 +559,6 @@ class OnlineTraining:
         if self.final_buffer is None:
             return histogram
         return repetition_histogram(histogram, self.final_buffer.drained_uses, self.final_buffer.extra_uses)
-
-    def _check_rejection_rate(self, entry: dict[str, Any]) -> None:
-        """Rank 0: warns when a reason's share of all messages passes the alarm; stops the run past the limit."""
-        server = self.config.server
-        warnings, stop = metrics.rejection_alarm(
-            entry, server.alarm_rejection_fraction, server.stop_rejection_fraction, MIN_MESSAGES_FOR_STOP
-        )
-        for warning in warnings:
-            log.warning("%s", warning)
-        if stop is not None:
-            raise RejectionAlarm(stop)
 
     def _summary(self, ranks: list[RankCounters], wall: float) -> dict[str, Any]:
         counts = self.table.counts()
