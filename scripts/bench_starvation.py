@@ -439,8 +439,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         names.append("serial: no prefetching")
     blocks = {name: Blocks() for name in names}
     # The server's prefetch thread, on the ingest cores with --pin (it inherits the starting thread's cores).
-    prefetcher = Prefetcher(buffer, trainer.prepare, trainer.batch_size)
-    idle_prefetcher = Prefetcher(idle_buffer, trainer.prepare, trainer.batch_size) if idle_buffer is not None else None
+    prefetcher = Prefetcher(buffer, trainer.prefetch, trainer.batch_size)
+    idle_prefetcher = Prefetcher(idle_buffer, trainer.prefetch, trainer.batch_size) if idle_buffer is not None else None
     start_on(receiver.start, ingest_cores)  # the receiver thread inherits the starting thread's cores
     senders_started = time.perf_counter()
     senders = start_senders(config, receiver, args.senders, args.send_rate, ingest_cores)

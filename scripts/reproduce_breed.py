@@ -9,10 +9,15 @@ nothing else differs (the same budget of simulations, the same first uniform dra
   minimum validation MSE of each run, and the MSE at an equal number of batches (the last validation
   record at or below the batch count of the run that trained fewer, so that a slower run is not blamed
   for training less);
-- a hard test set: ``--hard`` simulations of the highest parameter deviation (the standard deviation of
-  T0..T4 within a simulation, the quantity of the paper's Figure 4: sharp contrasts between the initial
-  and the boundary temperatures) among ``--pool`` uniform draws of a fixed seed, solved here with
-  ``solvers/heat.py`` and scored exactly as a run scores its validation set (normalized units);
+- two hard test sets, each ``--hard`` of ``--pool`` uniform draws of a fixed seed, solved here with
+  ``solvers/heat.py`` and scored exactly as a run scores its validation set (normalized units): the
+  *parameter* hard set, the draws of highest parameter deviation (the standard deviation of T0..T4
+  within a simulation, the quantity of the paper's Figure 4: sharp contrasts between the initial and
+  the boundary temperatures), and the *loss* hard set, the draws of highest Breed score Q (mean excess
+  loss over the simulation's steps, ``core.breed``'s δ with the pool as one batch) under the Random
+  runs' final models: what a network trained on uniform draws finds hard;
+- why: the share of each run's simulations in the parameter hard region, and how well its ensemble
+  covers each hard set (mean distance from a hard-set point to the nearest simulation, unit cube);
 - the generalization gap, validation MSE minus training loss, over batches;
 - the paper's Figure 4 histograms (parameter deviation of the points each run trained on, pooled over
   seeds).
@@ -37,6 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -70,38 +76,123 @@ class RunScores(NamedTuple):
     final_mse: float
     min_mse: float
     mse_at: float  # at the comparison's equal batch count
-    hard_mse: float
+    hard_mse: float  # on the parameter-deviation hard set
+    loss_hard_mse: float  # on the loss hard set (highest Breed score under the Random models)
     gap_final: float  # validation MSE - training loss at the last validation record
     validation_batch: np.ndarray
     val_mse: np.ndarray
     gap: np.ndarray  # validation MSE - training loss at each validation record
     simulations: Simulations
+    hard_region_share: float  # share of the run's simulations as deviant as the parameter hard set
+    parameter_hard_distance: float  # mean distance of a parameter hard set point to the nearest simulation
+    loss_hard_distance: float  # the same for the loss hard set
 
 
-def hard_test_set(config: Config, pool: int, keep: int) -> tuple[np.ndarray, np.ndarray]:
-    """``keep`` of ``pool`` uniform parameter draws with the highest parameter deviation, and their
-    solver trajectories as (inputs [keep·T, d+1], targets [keep·T, sample_size] float32)."""
+class Pool(NamedTuple):
+    """``pool`` uniform parameter draws of a fixed seed and their solver trajectories (rows sim-major)."""
+
+    parameters: np.ndarray  # [P, d]
+    low: np.ndarray  # [d]
+    high: np.ndarray  # [d]
+    inputs: np.ndarray  # [P·T, d+1] float32: parameters and time
+    targets: np.ndarray  # [P·T, sample_size] float32
+    n_steps: int
+
+    def rows(self, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets) of the chosen simulations' every time step."""
+        index = (chosen[:, None] * self.n_steps + np.arange(self.n_steps)[None]).reshape(-1)
+        return self.inputs[index], self.targets[index]
+
+
+class HardSets(NamedTuple):
+    """The two hard test sets, as rows of the pool: by parameter deviation, and by Breed's loss score."""
+
+    parameter: tuple[np.ndarray, np.ndarray]
+    loss: tuple[np.ndarray, np.ndarray]
+    deviation_threshold: float  # K: the lowest parameter deviation in the parameter hard set
+    parameter_points: np.ndarray  # [keep, d] the parameter hard set's parameters
+    loss_points: np.ndarray  # [keep, d] the loss hard set's parameters
+    low: np.ndarray  # [d] the parameter box, to measure distances in the unit cube
+    high: np.ndarray
+
+
+def solve_pool(config: Config, pool: int) -> Pool:
+    """``pool`` uniform draws (seed HARD_SEED, independent of every run) solved by ``solvers/heat.py``."""
     from solvers.heat import simulate
 
     solver = config.solver
     low, high = np.asarray(solver.low), np.asarray(solver.high)
     draws = np.random.default_rng(HARD_SEED).uniform(low, high, size=(pool, len(low)))
-    chosen = draws[np.argsort(parameter_deviation(draws))[-keep:]]
     times = (np.arange(solver.n_steps) + 1) * solver.dt
-    inputs = np.concatenate([np.column_stack([np.repeat(p[None], solver.n_steps, 0), times]) for p in chosen]).astype(
-        np.float32
-    )
+    inputs = np.concatenate([np.column_stack([np.repeat(p[None], solver.n_steps, 0), times]) for p in draws])
     targets = np.concatenate(
         [
             np.stack([field.reshape(-1) for field in simulate(p, solver.grid_size, solver.n_steps, solver.dt)])
-            for p in chosen
+            for p in draws
         ]
-    ).astype(np.float32)
-    return inputs, targets
+    )
+    return Pool(draws, low, high, inputs.astype(np.float32), targets.astype(np.float32), solver.n_steps)
+
+
+def per_sample_losses(run_dir: Path, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The run's surrogate's loss on each row [N], in the units of its validation MSE."""
+    from jaxsurro import surrogate
+    from jaxsurro.core.train import Batch, make_eval_step
+    from jaxsurro.server.evaluation import EVAL_CHUNK_ROWS
+    from jaxsurro.server.parallel import jit_eval_step, make_data_mesh, put_batch
+
+    model = surrogate.load(run_dir)
+    config = load_config(run_dir / "config.toml")
+    mesh = make_data_mesh()
+    step = jit_eval_step(make_eval_step(model.model, [field.weight for field in config.solver.fields]), mesh)
+    losses = []
+    for start in range(0, len(inputs), EVAL_CHUNK_ROWS):
+        stop = min(start + EVAL_CHUNK_ROWS, len(inputs))
+        chunk = Batch(inputs[start:stop], targets[start:stop], np.ones(stop - start, dtype=np.float32))
+        per_sample = jax.device_get(step(model.params, put_batch(chunk, mesh, min_size=EVAL_CHUNK_ROWS))[0])
+        losses.append(np.asarray(per_sample)[: stop - start])
+    return np.concatenate(losses)
+
+
+def breed_scores(losses: np.ndarray, n_steps: int) -> np.ndarray:
+    """Breed's score Q of each pool simulation [P] from per-row losses: δ = max(l − μ, 0)/σ over all rows
+    (core.breed.update_loss_stats with the pool as one batch), averaged over the simulation's steps."""
+    delta = np.maximum(losses - losses.mean(), 0.0) / max(float(losses.std()), 1e-30)
+    return delta.reshape(-1, n_steps).mean(axis=1)
+
+
+def hard_sets(pool: Pool, keep: int, reference_runs: Sequence[Path]) -> HardSets:
+    """The ``keep`` pool simulations of highest parameter deviation, and the ``keep`` of highest Breed
+    score Q under the reference (Random) runs' final models, averaged over them: what a network trained
+    on uniform draws finds hard, the region Breed is meant to move the ensemble to."""
+    deviation = parameter_deviation(pool.parameters)
+    by_deviation = np.argsort(deviation)[-keep:]
+    scores = np.mean(
+        [breed_scores(per_sample_losses(run, pool.inputs, pool.targets), pool.n_steps) for run in reference_runs],
+        axis=0,
+    )
+    by_loss = np.argsort(scores)[-keep:]
+    return HardSets(
+        pool.rows(by_deviation),
+        pool.rows(by_loss),
+        float(deviation[by_deviation].min()),
+        pool.parameters[by_deviation],
+        pool.parameters[by_loss],
+        pool.low,
+        pool.high,
+    )
+
+
+def nearest_distance(points: np.ndarray, simulations: np.ndarray, low: np.ndarray, high: np.ndarray) -> float:
+    """Mean over ``points`` of the distance to the nearest of ``simulations``, in the unit cube: how well a
+    run's ensemble covers a test set (the same budget spread wider covers it better)."""
+    span = high - low
+    a, b = (points - low) / span, (simulations - low) / span
+    return float(np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)).min(axis=1).mean())
 
 
 def score_hard(run_dir: Path, inputs: np.ndarray, targets: np.ndarray) -> float:
-    """The run's surrogate on the hard test set, scored as the run scores its validation set."""
+    """The run's surrogate on a hard test set, scored as the run scores its validation set."""
     from jaxsurro import surrogate
     from jaxsurro.server.evaluation import validation_mse
 
@@ -111,25 +202,30 @@ def score_hard(run_dir: Path, inputs: np.ndarray, targets: np.ndarray) -> float:
     return validation_mse(model.model, model.params, inputs, targets, weights)
 
 
-def read_scores(run_dir: Path, hard: tuple[np.ndarray, np.ndarray]) -> RunScores:
+def read_scores(run_dir: Path, hard: HardSets) -> RunScores:
     """Scores of one finished run (``mse_at`` is set later, once both runs of a seed are read)."""
     summary = json.loads((run_dir / plot.SUMMARY_FILE).read_text())
     metrics = plot.parse_metrics((run_dir / plot.METRICS_FILE).read_text(), str(run_dir / plot.METRICS_FILE))
     finite = np.isfinite(metrics.train_loss)
     train_at_validation = np.interp(metrics.validation_batch, metrics.batch[finite], metrics.train_loss[finite])
     gap = metrics.val_mse - train_at_validation
+    simulations = read_simulations(run_dir / "simulations.csv")
     return RunScores(
         batches=int(summary["batches"]),
         samples_per_s=float(summary["samples_trained"]) / max(float(summary["wall_time_s"]), 1e-9),
         final_mse=float(summary["final_validation_mse"]),
         min_mse=float(summary.get("min_validation_mse", np.min(metrics.val_mse))),
         mse_at=float("nan"),
-        hard_mse=score_hard(run_dir, *hard),
+        hard_mse=score_hard(run_dir, *hard.parameter),
+        loss_hard_mse=score_hard(run_dir, *hard.loss),
         gap_final=float(gap[-1]),
         validation_batch=metrics.validation_batch,
         val_mse=metrics.val_mse,
         gap=gap,
-        simulations=read_simulations(run_dir / "simulations.csv"),
+        simulations=simulations,
+        hard_region_share=float(np.mean(parameter_deviation(simulations.parameters) >= hard.deviation_threshold)),
+        parameter_hard_distance=nearest_distance(hard.parameter_points, simulations.parameters, hard.low, hard.high),
+        loss_hard_distance=nearest_distance(hard.loss_points, simulations.parameters, hard.low, hard.high),
     )
 
 
@@ -186,7 +282,11 @@ def table(results: dict[int, dict[str, RunScores]]) -> str:
         ("validation MSE, final (uniform set)", "final_mse"),
         ("validation MSE, minimum (uniform set)", "min_mse"),
         ("validation MSE at equal batches (uniform set)", "mse_at"),
-        ("hard test set MSE (final model)", "hard_mse"),
+        ("hard test set MSE, parameter deviation (final model)", "hard_mse"),
+        ("hard test set MSE, loss score (final model)", "loss_hard_mse"),
+        ("share of simulations in the parameter hard region", "hard_region_share"),
+        ("parameter hard set: distance to the nearest simulation (unit cube)", "parameter_hard_distance"),
+        ("loss hard set: distance to the nearest simulation (unit cube)", "loss_hard_distance"),
         ("generalization gap at the end (val − train)", "gap_final"),
         ("batches trained", "batches"),
         ("samples trained per second", "samples_per_s"),
@@ -206,9 +306,11 @@ def table(results: dict[int, dict[str, RunScores]]) -> str:
         f"{deviations['breed']:.1f} |"
     )
     wins = sum(r["breed"].hard_mse < r["random"].hard_mse for r in results.values())
+    loss_wins = sum(r["breed"].loss_hard_mse < r["random"].loss_hard_mse for r in results.values())
     lines.append("")
     lines.append(
-        f"Seeds: {', '.join(map(str, results))}. Breed below Random on the hard set in {wins} of {len(results)}."
+        f"Seeds: {', '.join(map(str, results))}. Breed below Random on the parameter hard set in {wins} of "
+        f"{len(results)}, on the loss hard set in {loss_wins} of {len(results)}."
     )
     return "\n".join(lines)
 
@@ -265,7 +367,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         if not args.from_runs:
             run_seeds(args.config, args.overrides, args.seeds, args.runs_dir)
-        hard = hard_test_set(config, args.pool, args.hard)
+        hard = hard_sets(
+            solve_pool(config, args.pool),
+            args.hard,
+            [args.runs_dir / f"seed{seed}" / "random" for seed in args.seeds],
+        )
         results = {
             seed: at_equal_batches(
                 {name: read_scores(args.runs_dir / f"seed{seed}" / name, hard) for name in RUN_KINDS}
@@ -283,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     for seed, runs in results.items():
         print(
-            f"seed {seed}: hard set Random {runs['random'].hard_mse:.4g} Breed {runs['breed'].hard_mse:.4g}; "
+            f"seed {seed}: parameter hard set Random {runs['random'].hard_mse:.4g} Breed {runs['breed'].hard_mse:.4g}; "
+            f"loss hard set Random {runs['random'].loss_hard_mse:.4g} Breed {runs['breed'].loss_hard_mse:.4g}; "
             f"uniform final Random {runs['random'].final_mse:.4g} Breed {runs['breed'].final_mse:.4g}"
         )
     return 0

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jaxsurro.config import load_config
 from jaxsurro.server.buffers import FIFOBuffer
+from jaxsurro.server.parallel import DATA_AXIS
 from jaxsurro.server.prefetch import Prefetcher
+from jaxsurro.server.trainer import Trainer, range_scaling
+
+ROOT = Path(__file__).resolve().parents[1]
+WAIT_S = 10.0
 
 
 def filled_fifo(n: int) -> FIFOBuffer:
@@ -57,3 +68,34 @@ def test_stopping_while_the_queue_is_full_or_the_buffer_empty_does_not_hang():
     with Prefetcher(empty, lambda batch: batch, batch_size=2) as idle:
         pass
     assert not idle.running
+
+
+@pytest.mark.parametrize("n_devices", [1, 2])
+def test_the_prefetch_thread_puts_batches_on_a_single_device_and_steps_agree(n_devices):
+    """On one device the prefetch thread also transfers the batch (it arrives on the mesh, and the step's
+    put leaves it as it is); on several CPU devices it leaves the transfer to the step's thread. Either
+    way the step sees the batch the buffer drew."""
+    config = load_config(ROOT / "experiments" / "heat.toml", ["study.n_simulations=4", "train.batch_size=4"])
+    solver = config.solver
+    buffer = FIFOBuffer(
+        capacity=8, watermark=0, input_dim=len(solver.parameters) + 1, field_size=solver.sample_size, seed=0
+    )
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        buffer.put(i, rng.random(len(solver.parameters) + 1), rng.random(solver.sample_size), timeout=1)
+    buffer.end_reception()
+    devices = jax.devices()[:n_devices]
+    prefetched = Trainer.from_config(config, range_scaling(config, 0.0, 1.0), devices=devices)
+    direct = Trainer.from_config(config, range_scaling(config, 0.0, 1.0), devices=devices)
+    assert prefetched.puts_from_any_thread == (n_devices == 1)
+    with Prefetcher(buffer, prefetched.prefetch, 4) as prefetcher:
+        while (ready := prefetcher.get(timeout=WAIT_S)) is not None:
+            on_mesh = isinstance(ready.prepared.inputs, jax.Array)
+            assert on_mesh == (n_devices == 1)
+            if on_mesh:
+                assert ready.prepared.inputs.sharding.is_equivalent_to(
+                    NamedSharding(prefetched.mesh, P(DATA_AXIS)), ready.prepared.inputs.ndim
+                )
+            metrics, _ = prefetched.step_on_device(prefetched.put(ready.prepared))
+            expected, _ = direct.step(ready.host)
+            np.testing.assert_array_equal(jax.device_get(metrics["loss"]), jax.device_get(expected["loss"]))

@@ -139,7 +139,7 @@ class OfflineTraining:
                 self.config.study.epochs,
                 batches_per_epoch(len(dataset), self.config.train.batch_size),
             )
-            with Prefetcher(self.source, self.trainer.prepare, self.config.train.batch_size) as prefetcher:
+            with Prefetcher(self.source, self.trainer.prefetch, self.config.train.batch_size) as prefetcher:
                 self._train_epochs(prefetcher)
         wall = time.monotonic() - self._start
         self._validate()

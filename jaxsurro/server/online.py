@@ -234,7 +234,7 @@ class OnlineTraining:
         self.status = "completed"
         self.earlier_wall = 0.0  # training wall time of the runs this one resumes
         self._writer = checkpoint.BackgroundWriter()
-        self.prefetcher = Prefetcher(self.buffer, self.trainer.prepare, config.train.batch_size)
+        self.prefetcher = Prefetcher(self.buffer, self.trainer.prefetch, config.train.batch_size)
         self._writing_step: int | None = None  # the checkpoint whose parts are being written
         self._last_checkpoint = time.monotonic()
         # Last: a collective (the run token, the ranks' addresses) that binds this rank's sockets.

@@ -1,12 +1,12 @@
 """The next batch, ready before the trainer asks: host batch assembly off the step's path.
 
 A :class:`Prefetcher` thread draws batch N+1 from the host buffer and prepares it as the step
-takes it (``Trainer.prepare``: weights, padding to the batch size and the mesh) while step N runs,
-and keeps at most ``depth`` such batches ready. The trainer takes them with :meth:`Prefetcher.get`
-and puts them on the devices itself (``Trainer.put``, an asynchronous transfer), so the host's
-share of a step (the buffer's lock and gather, the padding) overlaps the device's work. The
-transfer stays in the trainer's thread: XLA's CPU collectives across several local devices wait
-for every device's part of a step, and a transfer issued from another thread in the middle of a
+takes it (``Trainer.prefetch``: weights, padding to the batch size and the mesh, and the sharded
+transfer to the devices) while step N runs, and keeps at most ``depth`` such batches ready. The
+trainer takes them with :meth:`Prefetcher.get`, so the host's share of a step (the buffer's lock and
+gather, the padding, the transfer) overlaps the device's work. On a mesh of several CPU devices the
+transfer stays in the trainer's thread (``Trainer.puts_from_any_thread``): XLA's CPU collectives
+wait for every device's part of a step, and a transfer issued from another thread in the middle of a
 step was seen to stall that rendezvous (docs/architecture.md, "Training"). Offline mode runs the
 same thread over the epochs of its dataset on disk: any :class:`BatchSource` will do.
 """

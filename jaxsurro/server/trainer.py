@@ -172,8 +172,23 @@ class Trainer:
         return BatchWithIds(padded, ids)
 
     def put(self, prepared: Batch | BatchWithIds) -> Batch | BatchWithIds:
-        """The device half of :meth:`to_device`: one sharded transfer (asynchronous)."""
+        """The device half of :meth:`to_device`: one sharded transfer (asynchronous; a batch already
+        on the mesh is returned as it is)."""
         return jax.device_put(prepared, self._batch_sharding)
+
+    @property
+    def puts_from_any_thread(self) -> bool:
+        """Whether a batch may go to the devices from another thread than the step's: yes, except on a
+        mesh of several CPU devices, where a transfer issued mid-step stalled XLA's collective
+        rendezvous (docs/architecture.md, "Training")."""
+        return self.mesh.devices.size == 1 or self.mesh.devices.flat[0].platform != "cpu"
+
+    def prefetch(self, batch: SampleBatch) -> Batch | BatchWithIds:
+        """What the prefetch thread does to a host batch: :meth:`prepare`, and :meth:`put` too where
+        :attr:`puts_from_any_thread`, so the transfer overlaps the running step; the step's thread then
+        calls :meth:`put`, which does nothing for a batch already on the mesh."""
+        prepared = self.prepare(batch)
+        return self.put(prepared) if self.puts_from_any_thread else prepared
 
     def step_on_device(self, device_batch: Batch | BatchWithIds) -> tuple[dict[str, jax.Array], jax.Array]:
         """One update from a batch already on the mesh (see to_device); returns device metrics and losses.
