@@ -31,7 +31,10 @@ CPU. The last line is ``ratio starvation_ours_over_limit <value>`` (after, with 
 
 On the 2-core machine this project is developed on, XLA's compute threads use both cores, so the
 host work of the training loop, the receiver thread, ZeroMQ's I/O threads and the senders all take
-CPU from the step: the ratio here is a lower bound for a machine with spare cores. The senders are
+CPU from the step: the ratio here is a lower bound for a machine with spare cores. ``--pin`` makes
+the CPU stand for a device and its host: XLA's compute threads get the first core alone once they
+exist, and every host thread, the training loop's included, the others; what is left between the
+limit and ours is then the cost of feeding the device, as on a GPU node. The senders are
 paced (default 1000 messages/s in all, a few percent of a core) rather than sending flat out, which
 would take a whole core from XLA and measure CPU sharing rather than starvation; a Reservoir keeps
 serving batches above its watermark whatever the production rate.
@@ -325,7 +328,7 @@ def ready_population(kind: str, watermark: int, batch_size: int) -> int:
 
 
 def split_cores() -> tuple[set[int], set[int]]:
-    """The first usable core for the trainer, the others for the ingest side."""
+    """The first usable core for XLA's compute threads, the others for every host thread."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         raise SystemExit(f"--pin needs at least 2 usable cores, this process may use {cores}")
@@ -390,9 +393,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--pin",
         action="store_true",
-        help="give the trainer (XLA and the training loop) the first core and the receiver "
-        "thread, its ZeroMQ I/O thread and the senders the others, as on a node whose "
-        "clients run elsewhere",
+        help="give XLA's compute threads the first core alone, as a device of their own, and every host "
+        "thread (the training loop, the prefetch and receiver threads, ZeroMQ's I/O thread, the senders) "
+        "the others",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -417,6 +420,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     idle_buffer = filled_buffer(config, rng) if config.buffer.kind == "reservoir" else None
     warmup = Blocks()
     run_limit(trainer, batches, WARMUP_STEPS, warmup)  # compiles the step
+    if trainer_cores:
+        # XLA's compute threads exist now, on the trainer's core; this thread (the training loop, host
+        # work like the receiver's) moves to the others, so that core computes steps only, as a device.
+        os.sched_setaffinity(0, ingest_cores)
     n_simulations = math.ceil(args.send_rate * STREAM_SECONDS_PLANNED / solver.n_steps) + args.senders
     table = submitted_table(config, n_simulations, rng)
     buffer = buffer_from_config(config, seed=config.study.seed)
@@ -492,8 +499,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if trainer_cores:
         print(
-            f"  pinned: XLA and the training loop on core(s) {sorted(trainer_cores)}; the receiver thread, its "
-            f"ZeroMQ I/O thread and the senders on core(s) {sorted(ingest_cores)}"
+            f"  pinned: XLA's compute threads on core(s) {sorted(trainer_cores)}, as a device; the training loop, "
+            f"the prefetch and receiver threads, ZeroMQ's I/O thread and the senders on core(s) {sorted(ingest_cores)}"
         )
     print(f"  {'':<34} {'steps/s':>8} {'ratio':>6}  {'ms/step: batch wait':>19} {'step call':>9}")
     for name, timing in blocks.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from waiting import wait_until
 
 from jaxsurro.config import load_config
 from jaxsurro.server.buffers import FIFOBuffer
@@ -99,3 +101,26 @@ def test_the_prefetch_thread_puts_batches_on_a_single_device_and_steps_agree(n_d
             metrics, _ = prefetched.step_on_device(prefetched.put(ready.prepared))
             expected, _ = direct.step(ready.host)
             np.testing.assert_array_equal(jax.device_get(metrics["loss"]), jax.device_get(expected["loss"]))
+
+
+def test_a_batch_being_prepared_neither_blocks_the_trainer_nor_escapes_a_checkpoint():
+    """The trainer takes a ready batch while the next one is still being prepared, and a pause lists
+    that one among the pending batches (drawn from the buffer, not yet trained on)."""
+    buffer = filled_fifo(10)
+    release = threading.Event()
+    prepared = []
+
+    def prepare(batch):
+        prepared.append(batch.sample_ids.tolist())
+        if len(prepared) == 2:  # the second batch's preparation hangs until released
+            assert release.wait(WAIT_S)
+        return batch
+
+    with Prefetcher(buffer, prepare, batch_size=2) as prefetcher:
+        wait_until(lambda: len(prepared) == 2, WAIT_S, "the second batch's preparation to start")
+        assert prefetcher.get(timeout=WAIT_S).host.sample_ids.tolist() == [0, 1]
+        with prefetcher.paused():
+            assert [batch.sample_ids.tolist() for batch in prefetcher.pending()] == [[2, 3]]
+            assert buffer.stats().drawn == 4
+        release.set()
+        assert prefetcher.get(timeout=WAIT_S).host.sample_ids.tolist() == [2, 3]

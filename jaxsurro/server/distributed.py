@@ -21,6 +21,7 @@ from jaxsurro.client import settings as client_settings
 log = logging.getLogger("jaxsurro.server.distributed")
 
 POLL_INTERVAL = 0.0005  # seconds between tests of a pending non-blocking MPI request
+STEADY_POLL_SECONDS = 0.05  # tests stay POLL_INTERVAL apart this long, then back off up to 0.02 s
 
 
 def launched_by_mpi() -> bool:
@@ -63,16 +64,22 @@ class World:
 
     # -- host-side collectives, each with a deadline ---------------------------------------
     def _wait(self, request: Any, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
+        # MPI progresses the request only while it is tested, so the pause between tests is the
+        # exchange's latency: ranks in step (a lockstep iteration) agree within one POLL_INTERVAL,
+        # and only a wait longer than STEADY_POLL_SECONDS (a rank validating, checkpointing) backs off.
+        started = time.monotonic()
+        deadline = started + timeout
         pause = POLL_INTERVAL
         while not request.Test():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise CollectiveTimeout(
                     f"rank {self.rank}: no agreement on {what} within {timeout:.0f} s; a peer "
                     f"rank is stuck or dead (see its log)"
                 )
             time.sleep(pause)
-            pause = min(pause * 2, 0.02)  # quick when ranks are in step, little CPU when one waits long
+            if now - started > STEADY_POLL_SECONDS:
+                pause = min(pause * 2, 0.02)  # little CPU when one rank waits long
 
     def sum(self, values: np.ndarray, timeout: float, what: str) -> np.ndarray:
         """Element-wise sum of an int64 or float64 vector over the ranks."""

@@ -417,7 +417,7 @@ class OnlineTraining:
         with self.prefetcher.paused(), receiver.paused():
             buffer = self.buffer.snapshot()
             stored, counters = receiver.state()
-            pending = [ready.host for ready in self.prefetcher.pending()]
+            pending = self.prefetcher.pending()
         part = checkpoint.RankState(
             buffer=checkpoint.with_pending(buffer, pending),
             stored=stored,
@@ -490,7 +490,7 @@ class OnlineTraining:
             if self.extra_batches and self.final_buffer is None:
                 with self.prefetcher.paused():  # the copy holds what the drain will train on, nothing else
                     self.buffer.end_reception()
-                    pending = [ready.host for ready in self.prefetcher.pending()]
+                    pending = self.prefetcher.pending()
                     self._final_copy = checkpoint.with_pending(self.buffer.snapshot(), pending)
             else:
                 self.buffer.end_reception()

@@ -48,8 +48,10 @@ class BatchSource(Protocol):
 class Prefetcher:
     """A thread keeping up to ``depth`` batches drawn and prepared; use as a context manager.
 
-    Drawing, preparing and queueing a batch happen under one lock, so :meth:`paused` sees every
-    drawn batch either in the buffer or among :meth:`pending`, never in between (checkpoints).
+    A batch is drawn under the draw lock and listed at once (as being prepared), then prepared
+    outside every lock, so the trainer takes ready batches meanwhile and :meth:`paused` (which holds
+    the draw lock) sees every drawn batch either in the buffer or among :meth:`pending`, never in
+    between (checkpoints).
     """
 
     def __init__(self, buffer: BatchSource, prepare: Prepare, batch_size: int, depth: int = 2):
@@ -57,9 +59,11 @@ class Prefetcher:
         self._prepare = prepare
         self._batch_size = batch_size
         self._depth = depth
-        self._lock = threading.Lock()
+        self._draw_lock = threading.Lock()  # held while drawing; paused() holds it
+        self._lock = threading.Lock()  # guards the queue and the batch being prepared
         self._changed = threading.Condition(self._lock)  # an item was queued or taken
         self._items: collections.deque[Ready] = collections.deque()
+        self._preparing: SampleBatch | None = None  # drawn, not yet queued
         self._drained = False  # the buffer reported drained; handed out once the queue is empty
         self._error: BaseException | None = None
         self._stop = threading.Event()
@@ -103,12 +107,14 @@ class Prefetcher:
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Nothing is drawn while the block runs; :meth:`pending` then lists every drawn batch not yet taken."""
-        with self._lock:
+        with self._draw_lock:
             yield
 
-    def pending(self) -> list[Ready]:
-        """The batches drawn and not yet taken by the trainer, oldest first (call inside :meth:`paused`)."""
-        return list(self._items)
+    def pending(self) -> list[SampleBatch]:
+        """The host batches drawn and not yet taken by the trainer, oldest first (call inside :meth:`paused`)."""
+        with self._lock:
+            queued = [ready.host for ready in self._items]
+            return queued if self._preparing is None else [*queued, self._preparing]
 
     def _run(self) -> None:
         try:
@@ -117,15 +123,22 @@ class Prefetcher:
                     if len(self._items) >= self._depth:
                         self._changed.wait(POLL_SECONDS)  # releases the lock until the trainer takes one
                         continue
+                with self._draw_lock:
                     try:
                         batch = self._buffer.get_batch(self._batch_size, timeout=POLL_SECONDS)
                     except TimeoutError:
                         continue
-                    if batch is None:
-                        self._drained = True
-                        self._changed.notify_all()
-                        return
-                    self._items.append(Ready(batch, self._prepare(batch), time.monotonic()))
+                    drawn_at = time.monotonic()
+                    with self._lock:
+                        if batch is None:
+                            self._drained = True
+                            self._changed.notify_all()
+                            return
+                        self._preparing = batch
+                prepared = self._prepare(batch)  # no lock held: the trainer takes ready batches meanwhile
+                with self._lock:
+                    self._items.append(Ready(batch, prepared, drawn_at))
+                    self._preparing = None
                     self._changed.notify_all()
         except BufferClosed:
             return  # the run is ending
