@@ -28,10 +28,11 @@ from jaxsurro.server.dataset import Dataset, DatasetWriter, EpochBatches, batche
 from jaxsurro.server.distributed import World
 from jaxsurro.server.ensemble import Ensemble, LaunchFactory, StallError
 from jaxsurro.server.metrics import MetricsLog, RankCounters
-from jaxsurro.server.online import STEPS_IN_FLIGHT, TrainingResult, TrainingStopped
+from jaxsurro.server.online import TrainingResult, TrainingStopped
 from jaxsurro.server.prefetch import Prefetcher, Ready
 from jaxsurro.server.progress import Progress
 from jaxsurro.server.trainer import Trainer
+from jaxsurro.server.training_log import TrainingLog
 from jaxsurro.server.validation import ValidationSet
 from jaxsurro.table import SimState, SimulationTable
 
@@ -94,27 +95,17 @@ class OfflineTraining:
         run_dir: Path,
     ):
         solver = config.solver
-        self.config, self.table, self.progress, self.metrics_log = config, table, progress, metrics_log
-        self.log_interval = log_interval
+        self.config, self.table = config, table
+        self.log = TrainingLog(config, metrics_log, progress, log_interval)
         self.val_inputs, self.val_targets = validation.inputs(solver.dt), validation.targets()
         n_inputs, n_field = len(solver.parameters) + 1, solver.sample_size
         self.trainer = Trainer.from_config(config, scaling)
         self.compile_seconds = self.trainer.compile(n_inputs, n_field, evaluate=True)
         log.info("train step and evaluation compiled in %.2f s", self.compile_seconds)
-        self.field_names = tuple(solver.field_shapes)
         self.steps = 0
         self.samples_trained = 0
-        self.val_mse = float("nan")
-        self.val_field_mse: dict[str, float] = {}
-        self.min_val_mse = float("nan")
-        self.last_loss = float("nan")
-        self.last_field_loss: dict[str, float] = {}
-        self.learning_rate = config.train.learning_rate
         self.first_batch_at: float | None = None
         self.first_step_delay: float | None = None
-        self._pending_metrics: list[dict[str, jax.Array]] = []
-        self._start = time.monotonic()
-        self._since = metrics.RatePoint(self._start, 0, 0)
         self.dataset_dir = run_dir / rundir.DATASET
         self.source: EpochBatches | None = None  # the training phase's batches, once reception is over
         self.reception_seconds = 0.0
@@ -127,7 +118,7 @@ class OfflineTraining:
                 self._receive()
         finally:
             self.writer.close()
-        self.reception_seconds = time.monotonic() - self._start
+        self.reception_seconds = time.monotonic() - self.log.start
         self._check_dataset()
         with Dataset(self.dataset_dir) as dataset:
             self.source = EpochBatches(dataset, self.config.study.epochs, self.config.study.seed)
@@ -141,7 +132,7 @@ class OfflineTraining:
             )
             with Prefetcher(self.source, self.trainer.prefetch, self.config.train.batch_size) as prefetcher:
                 self._train_epochs(prefetcher)
-        wall = time.monotonic() - self._start
+        wall = time.monotonic() - self.log.start
         self._validate()
         ranks = self._record("validation", final=True)
         return TrainingResult(self.trainer, self._summary(ranks, wall), "completed")
@@ -151,7 +142,7 @@ class OfflineTraining:
         """Until every simulation has ended: the receiver writes each time step to its file."""
         while not self.ensemble.launcher.done.wait(RECEPTION_WAIT):
             self.ensemble.poll()
-            if time.monotonic() - self._since.time >= self.log_interval:
+            if self.log.due(time.monotonic()):
                 self._record("train")
         self.ensemble.poll()
 
@@ -183,17 +174,16 @@ class OfflineTraining:
             if self.first_batch_at is None:
                 self.first_batch_at = ready.drawn_at
             self._train(ready)
-            if time.monotonic() - self._since.time >= self.log_interval:
+            if self.log.due(time.monotonic()):
                 self._record("train")
 
     def _train(self, batch: Ready) -> None:
-        if len(self._pending_metrics) >= STEPS_IN_FLIGHT:
-            jax.block_until_ready(self._pending_metrics[-STEPS_IN_FLIGHT])
+        self.log.wait_for_room()
         step_metrics, _ = self.trainer.step_on_device(self.trainer.put(batch.prepared))
         if self.first_step_delay is None and self.first_batch_at is not None:
             jax.block_until_ready(step_metrics)
             self.first_step_delay = time.monotonic() - self.first_batch_at
-        self._pending_metrics.append(step_metrics)
+        self.log.dispatched(step_metrics)
         self.steps += 1
         self.samples_trained += len(batch.host.sample_ids)
         if self.steps % self.config.train.validation_every == 0:
@@ -201,10 +191,7 @@ class OfflineTraining:
             self._record("validation")
 
     def _validate(self) -> None:
-        evaluation = self.trainer.evaluate(self.val_inputs, self.val_targets)
-        self.val_mse = evaluation.mse
-        self.val_field_mse = dict(zip(self.field_names, evaluation.field_mse, strict=True))
-        self.min_val_mse = evaluation.mse if not self.min_val_mse <= evaluation.mse else self.min_val_mse
+        self.log.validated(self.trainer.evaluate(self.val_inputs, self.val_targets))
 
     # -- metrics -------------------------------------------------------------------------------
     def _dataset_samples(self) -> int:
@@ -219,13 +206,7 @@ class OfflineTraining:
 
     def _record(self, kind: str, final: bool = False) -> list[RankCounters]:
         """One metrics line (the online lines' keys; the buffer's population is the samples on disk)."""
-        if self._pending_metrics:
-            fetched = jax.device_get(self._pending_metrics)
-            self.last_loss = float(np.mean([m["loss"] for m in fetched]))
-            field_loss = np.mean([m["field_loss"] for m in fetched], axis=0)
-            self.last_field_loss = dict(zip(self.field_names, field_loss.tolist(), strict=True))
-            self.learning_rate = float(fetched[-1]["learning_rate"])
-            self._pending_metrics.clear()
+        self.log.fetch()
         receiver = self.ensemble.receiver.counters()
         on_disk = self._dataset_samples()
         stats = BufferStats(on_disk, on_disk, on_disk, 0, 0, self.samples_trained, self.source is not None)
@@ -238,31 +219,13 @@ class OfflineTraining:
                 parameter_digest=metrics.parameter_digest(self.trainer.host_params()) if final else None,
             )
         ]
-        now = time.monotonic()
-        entry = metrics.record(
+        self.log.write(
             kind,
             ranks,
-            now=now,
-            start=self._start,
-            since=self._since,
             steps=self.steps,
-            train_loss=self.last_loss,
-            learning_rate=self.learning_rate,
             buffer_capacity=self.config.study.n_simulations * self.config.solver.n_steps,
             simulations=self.ensemble.status(),
-            val_mse=self.val_mse,
-            train_field_loss=self.last_field_loss,
-            val_field_mse=self.val_field_mse,
-        )
-        self._since = metrics.rate_point(entry, now)
-        metrics.check_rejection_rate(
-            entry, self.config.server.alarm_rejection_fraction, self.config.server.stop_rejection_fraction
-        )
-        self.metrics_log.write(entry)
-        self.progress.update(
-            entry["received"],
-            metrics.progress_status(entry, self.config.study.n_simulations, self.val_mse),
-            force=final,
+            final=final,
         )
         return ranks
 
@@ -272,7 +235,7 @@ class OfflineTraining:
         return metrics.summary(
             ranks,
             steps=self.steps,
-            val_mse=self.val_mse,
+            val_mse=self.log.val_mse,
             wall=wall,
             simulations_planned=self.config.study.n_simulations,
             simulations_finished=counts["completed"],
@@ -281,8 +244,8 @@ class OfflineTraining:
             buffer_kind="dataset",
             devices_per_rank=int(self.trainer.mesh.devices.size),
         ) | {
-            "min_validation_mse": self.min_val_mse,
-            "final_validation_field_mse": self.val_field_mse,
+            "min_validation_mse": self.log.min_val_mse,
+            "final_validation_field_mse": self.log.val_field_mse,
             "compile_s": self.compile_seconds,
             "first_step_delay_s": self.first_step_delay,
             "mode": "offline",

@@ -38,6 +38,7 @@ from jaxsurro.server.progress import Progress
 from jaxsurro.server.receiver import BufferSink
 from jaxsurro.server.steering import Steering
 from jaxsurro.server.trainer import Trainer
+from jaxsurro.server.training_log import TrainingLog
 from jaxsurro.server.validation import ValidationSet
 from jaxsurro.table import SimState, SimulationTable
 
@@ -46,7 +47,6 @@ log = logging.getLogger("jaxsurro.server.online")
 # Steps dispatched but not finished at most: the host prepares the next step while the devices run
 # this one, and the queue of asynchronous work stays bounded (XLA's CPU collectives across several
 # local devices were seen to stall with hundreds of steps in flight).
-STEPS_IN_FLIGHT = 2
 SINGLE_RANK_WAIT = 0.5  # seconds a lone rank waits for a batch before checking on its threads
 MULTI_RANK_WAIT = 0.02  # seconds a rank waits for a batch before training without one (peers are waiting)
 
@@ -169,8 +169,7 @@ class OnlineTraining:
     ):
         solver = config.solver
         self.config, self.table, self.world = config, table, world
-        self.progress, self.metrics_log = progress, metrics_log
-        self.log_interval = log_interval
+        self.log = TrainingLog(config, metrics_log, progress, log_interval)  # writes on rank 0 only
         self.val_inputs: np.ndarray | None = None  # rank 0 only
         self.val_targets: np.ndarray | None = None
         if world.is_root:
@@ -208,17 +207,9 @@ class OnlineTraining:
         self._empty = Ready(empty, self.trainer.prepare(empty), 0.0)  # this rank's share when it has no batch
         self.steps = 0  # global steps (identical on every rank)
         self.samples_trained = 0  # by this rank
-        self.field_names = tuple(solver.field_shapes)
-        self.val_mse = float("nan")
-        self.val_field_mse: dict[str, float] = {}
-        self.min_val_mse = float("nan")
-        self.last_loss = float("nan")
-        self.last_field_loss: dict[str, float] = {}
-        self.learning_rate = config.train.learning_rate  # as of the last fetched step
         # From the first batch this rank could draw (its buffer reached the watermark) to the end of the first step.
         self.first_batch_at: float | None = None
         self.first_step_delay: float | None = None
-        self._pending_metrics: list[dict[str, jax.Array]] = []
         self._awaiting: list[int] | None = None  # completed simulations whose FINISH this rank must see
         self._awaiting_deadline = 0.0
         self._reception_ended = False
@@ -227,8 +218,6 @@ class OnlineTraining:
         self.extra_batches = after if isinstance(after, int) else 0
         self._final_copy: BufferSnapshot | None = None
         self.final_buffer: FinalBuffer | None = None
-        self._start = time.monotonic()
-        self._since = metrics.RatePoint(self._start, 0, 0)  # rank 0: the last metrics line, for the rates
         self.requests = requests
         self.checkpoints = checkpoints
         self.status = "completed"
@@ -250,7 +239,7 @@ class OnlineTraining:
                 self._complete_checkpoint_in_flight()
             finally:
                 self.buffer.close()
-        wall = self.earlier_wall + time.monotonic() - self._start
+        wall = self.earlier_wall + time.monotonic() - self.log.start
         if self.world.is_root:
             self._validate()
         ranks = self._record("validation", final=True)
@@ -281,7 +270,7 @@ class OnlineTraining:
             control[_Control.HAVE_BATCH] = batch is not None
             if self.world.is_root:
                 now = time.monotonic()
-                control[_Control.LOG_NOW] = now - self._since.time >= self.log_interval
+                control[_Control.LOG_NOW] = self.log.due(now)
                 control[_Control.ALL_ENDED] = self.ensemble.done
                 control[_Control.STOP] = self.requests.stop.is_set()
                 control[_Control.STALLED] = self._stalled(now, last_progress)
@@ -329,14 +318,13 @@ class OnlineTraining:
         return now - max(last_progress, self.table.last_start) > self.config.train.batch_timeout
 
     def _train(self, batch: Ready) -> None:
-        if len(self._pending_metrics) >= STEPS_IN_FLIGHT:
-            jax.block_until_ready(self._pending_metrics[-STEPS_IN_FLIGHT])
+        self.log.wait_for_room()
         step_metrics, _ = self.trainer.step_on_device(self.trainer.put(batch.prepared))  # Breed's statistics too
         if self.first_step_delay is None and self.first_batch_at is not None:
             jax.block_until_ready(step_metrics)  # once: when the first step really ended
             self.first_step_delay = time.monotonic() - self.first_batch_at
             log.info("first training step done %.3f s after the first batch was ready", self.first_step_delay)
-        self._pending_metrics.append(step_metrics)
+        self.log.dispatched(step_metrics)
         self.steps += 1
         self.samples_trained += len(batch.host.sample_ids)
         if self.steering is not None and self.steering.due(self.steps):
@@ -370,10 +358,7 @@ class OnlineTraining:
 
     def _validate(self) -> None:
         """Rank 0: the validation MSE now, overall and per field, and the lowest so far."""
-        evaluation = self.trainer.evaluate(self.val_inputs, self.val_targets)
-        self.val_mse = evaluation.mse
-        self.val_field_mse = dict(zip(self.field_names, evaluation.field_mse, strict=True))
-        self.min_val_mse = evaluation.mse if not self.min_val_mse <= evaluation.mse else self.min_val_mse
+        self.log.validated(self.trainer.evaluate(self.val_inputs, self.val_targets))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _advance_checkpoint(self, wanted: bool, ranks_writing: int) -> None:
@@ -432,9 +417,9 @@ class OnlineTraining:
             meta = {
                 "step": step,
                 "ranks": self.world.size,
-                "val_mse": self.val_mse,
-                "min_val_mse": self.min_val_mse,
-                "wall_seconds": self.earlier_wall + time.monotonic() - self._start,
+                "val_mse": self.log.val_mse,
+                "min_val_mse": self.log.min_val_mse,
+                "wall_seconds": self.earlier_wall + time.monotonic() - self.log.start,
                 "table": self.table.to_records(),
                 "breed": self.steering.root_state() if self.steering is not None else None,
             }
@@ -467,8 +452,8 @@ class OnlineTraining:
             self.steering.restore(part.breed, meta.get("breed") if self.world.is_root else None)
         self.steps = int(meta["step"])
         self.samples_trained = part.samples_trained
-        self.val_mse = float("nan") if meta["val_mse"] is None else meta["val_mse"]
-        self.min_val_mse = float("nan") if meta["min_val_mse"] is None else meta["min_val_mse"]
+        self.log.val_mse = float("nan") if meta["val_mse"] is None else meta["val_mse"]
+        self.log.min_val_mse = float("nan") if meta["min_val_mse"] is None else meta["min_val_mse"]
         self.earlier_wall = float(meta["wall_seconds"])
         log.info("resumed from %s at step %d", directory, self.steps)
 
@@ -508,13 +493,7 @@ class OnlineTraining:
 
         Returns the ranks' counters on rank 0 (with histograms and digests when ``final``), None elsewhere.
         """
-        if self._pending_metrics:
-            fetched = jax.device_get(self._pending_metrics)  # also bounds the queue of dispatched steps
-            self.last_loss = float(np.mean([m["loss"] for m in fetched]))
-            field_loss = np.mean([m["field_loss"] for m in fetched], axis=0)
-            self.last_field_loss = dict(zip(self.field_names, field_loss.tolist(), strict=True))
-            self.learning_rate = float(fetched[-1]["learning_rate"])
-            self._pending_metrics.clear()
+        self.log.fetch()
         local = metrics.rank_counters(
             self.ensemble.receiver.counters(),
             self.buffer.stats(),
@@ -525,31 +504,13 @@ class OnlineTraining:
         ranks = self.world.gather(local, self.collective_timeout, "a metrics record")
         if not self.world.is_root:
             return None
-        now = time.monotonic()
-        entry = metrics.record(
+        self.log.write(
             kind,
             ranks,
-            now=now,
-            start=self._start,
-            since=self._since,
             steps=self.steps,
-            train_loss=self.last_loss,
-            learning_rate=self.learning_rate,
             buffer_capacity=self.config.buffer.capacity * self.world.size,
             simulations=self.ensemble.status(),
-            val_mse=self.val_mse,
-            train_field_loss=self.last_field_loss,
-            val_field_mse=self.val_field_mse,
-        )
-        self._since = metrics.rate_point(entry, now)
-        metrics.check_rejection_rate(
-            entry, self.config.server.alarm_rejection_fraction, self.config.server.stop_rejection_fraction
-        )
-        self.metrics_log.write(entry)
-        self.progress.update(
-            entry["received"],
-            metrics.progress_status(entry, self.config.study.n_simulations, self.val_mse),
-            force=final,
+            final=final,
         )
         return ranks
 
@@ -569,7 +530,7 @@ class OnlineTraining:
         return metrics.summary(
             ranks,
             steps=self.steps,
-            val_mse=self.val_mse,
+            val_mse=self.log.val_mse,
             wall=wall,
             simulations_planned=self.config.study.n_simulations,
             simulations_finished=counts["completed"],
@@ -580,8 +541,8 @@ class OnlineTraining:
             breed_rounds=breed_rounds,
             simulations_bred=simulations_bred,
         ) | {
-            "min_validation_mse": self.min_val_mse,
-            "final_validation_field_mse": self.val_field_mse,
+            "min_validation_mse": self.log.min_val_mse,
+            "final_validation_field_mse": self.log.val_field_mse,
             "compile_s": self.compile_seconds,
             "first_step_delay_s": self.first_step_delay,
             "mode": "online",
