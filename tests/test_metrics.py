@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import json
 import struct
+from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxsurro.config import load_config
 from jaxsurro.server import metrics
 from jaxsurro.server.buffers import BufferStats
+from jaxsurro.server.evaluation import Evaluation
 from jaxsurro.server.metrics import MetricsLog, RankCounters, RatePoint
+from jaxsurro.server.progress import Progress
 from jaxsurro.server.receiver import ReceiverCounters
+from jaxsurro.server.training_log import TrainingLog
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The keys that jaxsurro.plot, the tests and users' scripts read, in the order they are written.
 RECORD_KEYS = [
@@ -247,3 +256,25 @@ def test_a_high_rejection_rate_warns_then_stops_the_run():
     assert stop is not None and "40 of 100 messages (40%) were rejected as out_of_bounds" in stop
     _, early = metrics.rejection_alarm({**line, "received": 50}, alarm=0.01, stop=0.25, minimum=100)
     assert early is None  # 90 messages: too few to stop on
+
+
+def test_a_training_log_fetches_the_dispatched_steps_keeps_the_best_validation_and_writes_lines(tmp_path):
+    """The online and offline loops' log: the line's loss is the mean of the steps dispatched since the
+    last line, the learning rate the last one's, and the minimum validation MSE survives a worse one."""
+    config = load_config(ROOT / "experiments" / "heat.toml")
+    metrics_log = MetricsLog(tmp_path / "metrics.jsonl")
+    log = TrainingLog(config, metrics_log, Progress(100, stream=io.StringIO(), interactive=False), interval=0.5)
+    for loss, rate in ((0.4, 1e-3), (0.2, 5e-4)):
+        log.wait_for_room()
+        log.dispatched({"loss": jnp.float32(loss), "field_loss": jnp.array([loss]), "learning_rate": jnp.float32(rate)})
+    log.validated(Evaluation(0.03, (0.03,)))
+    log.validated(Evaluation(0.05, (0.05,)))
+    log.fetch()
+    entry = log.write(
+        "validation", [rank()], steps=2, buffer_capacity=10, simulations={"running": 1, "done": 0, "failed": 0}
+    )
+    metrics_log.close()
+    assert entry["train_loss"] == pytest.approx(0.3) and entry["learning_rate"] == pytest.approx(5e-4)
+    assert (log.val_mse, log.min_val_mse) == (0.05, 0.03)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["val_mse"] == 0.05
+    assert not log.due(log.since.time + 0.4) and log.due(log.since.time + 0.5)
