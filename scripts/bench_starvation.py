@@ -17,7 +17,10 @@ with ``--set section.key=value`` overrides):
   blocking on the state at the end.
 * for the diagnosis, "no streaming": the same prefetched loop on a full buffer of the same kind
   with nothing streaming, which separates the cost of preparing batches on the host from the cost
-  of the streaming itself. With ``--serial``, also the loop without prefetching (``buffer.get_batch``
+  of the streaming itself; and "limit while streaming": the limit's device-resident steps while the
+  senders stream, which measures what the streaming takes from the step's own compute (shared
+  cores, caches, memory bandwidth) with nothing to feed, so that ours over it is the cost of feeding
+  the device alone. With ``--serial``, also the loop without prefetching (``buffer.get_batch``
   then ``trainer.step`` in the main thread) on the streaming buffer.
 
 To keep outside load (other jobs on a shared machine) from biasing the ratio, the variants run
@@ -26,7 +29,8 @@ paused during the limit and no-streaming blocks, so those see no streaming at al
 of each variant and its ratio to the limit (target: ours / limit >= 0.95 while production keeps up,
 i.e. while the buffer population stays above the watermark, checked and printed), the host time
 per step spent waiting for the batch and in the step call, the samples received, and the senders'
-CPU. The last line is ``ratio starvation_ours_over_limit <value>`` (after, with ``--serial``,
+CPU. The last line is ``ratio starvation_ours_over_limit <value>`` (after
+``ratio starvation_ours_over_streaming_limit <value>`` and, with ``--serial``,
 ``ratio starvation_serial_over_limit <value>``).
 
 On the 2-core machine this project is developed on, XLA's compute threads use both cores, so the
@@ -72,6 +76,7 @@ from jaxsurro.server.trainer import Trainer, range_scaling
 from jaxsurro.table import SimState, SimulationTable
 
 TARGET_RATIO = 0.95
+STREAMING_LIMIT = "limit while streaming"  # device-resident batches with the senders on: interference only
 DEVICE_BATCHES = 4  # distinct device-resident batches the limit cycles through
 WARMUP_STEPS = 10
 DEADLINE_S = 60.0  # for the watermark to be reached, a batch to come, a sender to report
@@ -441,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     names = ["limit (device-resident batches)"]
     if idle_buffer is not None:
         names.append("no streaming (full buffer)")
+    names.append(STREAMING_LIMIT)
     names.append("ours (live streaming)")
     if args.serial:
         names.append("serial: no prefetching")
@@ -465,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     trainer, idle_buffer, idle_prefetcher, None, args.block, blocks["no streaming (full buffer)"]
                 )
             senders.sending.set()
+            run_limit(trainer, batches, args.block, blocks[STREAMING_LIMIT])
             run_prefetched(trainer, buffer, prefetcher, receiver, args.block, blocks["ours (live streaming)"])
             if args.serial:
                 run_serial(trainer, buffer, receiver, args.block, blocks["serial: no prefetching"])
@@ -511,6 +518,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         print(f"  {name:<34} {timing.per_s:>8.1f} {timing.per_s / limit.per_s:>6.3f}  {waits}")
     print(f"  ours / limit = {ratio:.3f}: {'meets' if ratio >= TARGET_RATIO else 'BELOW'} the target >= {TARGET_RATIO}")
+    interference = blocks[STREAMING_LIMIT].per_s / limit.per_s
+    feeding = ours.per_s / blocks[STREAMING_LIMIT].per_s
+    print(
+        f"  of which: the streaming's interference with the step's compute {interference:.3f} (limit while "
+        f"streaming / limit), the cost of feeding the device {feeding:.3f} (ours / limit while streaming)"
+    )
     needed = ready_population(config.buffer.kind, buffer.watermark, trainer.batch_size)
     kept_up = ours.min_population >= needed
     print(
@@ -532,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"total {time.perf_counter() - total_start:.1f} s")
     if args.serial:
         print(f"ratio starvation_serial_over_limit {blocks['serial: no prefetching'].per_s / limit.per_s:.3f}")
+    print(f"ratio starvation_ours_over_streaming_limit {feeding:.3f}")
     print(f"ratio starvation_ours_over_limit {ratio:.3f}")
 
 
