@@ -42,12 +42,13 @@ arguments.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import Array
+from jax import Array, lax
 
 __all__ = [
     "AMIS_STATIC_ARGNAMES",
@@ -334,11 +335,12 @@ def _parent_weights(
     return weights / jnp.sum(weights), fallback
 
 
-def _multinomial(key: Array, probabilities: Array, count: int) -> Array:
-    """``count`` iid indices with the given probabilities (inverse CDF; zero-probability rows never drawn)."""
+def _multinomial(uniform: Array, probabilities: Array) -> Array:
+    """One index per uniform draw in [0, 1) with the given probabilities (inverse CDF; zero-probability rows
+    never drawn)."""
     cumulative = jnp.cumsum(probabilities)
     # u in (0, 1]: the first index whose cumulative sum reaches u·total has positive probability.
-    u = 1.0 - jax.random.uniform(key, (count,), jnp.float32)
+    u = 1.0 - uniform
     picks = jnp.searchsorted(cumulative, u * cumulative[-1], side="left")
     return jnp.minimum(picks, probabilities.shape[0] - 1).astype(jnp.int32)
 
@@ -351,13 +353,20 @@ def _check_bounds(name: str, locations: Array, low: Array, high: Array) -> None:
         )
 
 
-def _truncated_draw(key: Array, parent_unit: Array, widths: Array) -> tuple[Array, Array]:
-    """Children ~ N(parent, diag(σ²)) conditioned on the unit cube: one exact draw each, per coordinate."""
+def _truncated_draw(uniform: Array, parent_unit: Array, widths: Array) -> tuple[Array, Array]:
+    """Children ~ N(parent, diag(σ²)) conditioned on the unit cube: one exact draw each, per coordinate,
+    from ``uniform`` [K, d] draws in [0, 1)."""
     # A box and a diagonal covariance: the truncated normal factorizes into one truncated normal
-    # per coordinate, drawn by inverse CDF on [Φ(−c/σ), Φ((1 − c)/σ)] (the parent c is inside).
+    # per coordinate, drawn by inverse CDF on [Φ(−c/σ), Φ((1 − c)/σ)] (the parent c is inside), in
+    # erf's terms as jax.random.truncated_normal does, from uniforms drawn with the parents' (one
+    # random-bits call for the whole draw, measurably faster on CPU than two).
     lower = -parent_unit / widths
     upper = (1.0 - parent_unit) / widths
-    z = jax.random.truncated_normal(key, lower, upper, parent_unit.shape, jnp.float32)
+    sqrt2 = math.sqrt(2.0)
+    a, b = lax.erf(lower / sqrt2), lax.erf(upper / sqrt2)
+    z = sqrt2 * lax.erf_inv(jnp.maximum(a, a + uniform * (b - a)))
+    # Rounding (or u = 0 on an untruncated side) may leave z on or past a bound: clamp inside.
+    z = jnp.clip(z, lax.nextafter(lower, jnp.inf), lax.nextafter(upper, -jnp.inf))
     return jnp.clip(parent_unit + widths * z, 0.0, 1.0), widths
 
 
@@ -467,16 +476,20 @@ def amis_resample(
         raise ValueError(f"amis_resample: expected valid of shape ({n_window},), got {valid.shape}")
     window_sigma = _widths("amis_resample", sigma, n_window, dim)
 
-    key_parents, key_noise = jax.random.split(key)
     probabilities, fallback = _parent_weights(scores, valid, importance_weights, proposal_density)
-    parents = _multinomial(key_parents, probabilities, n_children)
+    if boundary == "truncate":  # one uniform draw for the parents and every coordinate of the children
+        uniform = jax.random.uniform(key, (n_children, dim + 1), jnp.float32)
+        parents = _multinomial(uniform[:, 0], probabilities)
+    else:
+        key_parents, key_noise = jax.random.split(key)
+        parents = _multinomial(jax.random.uniform(key_parents, (n_children,), jnp.float32), probabilities)
 
     span = high - low
     parent_physical = locations[parents]  # [K, d]
     parent_unit = jnp.clip((parent_physical - low) / span, 0.0, 1.0)
     widths = window_sigma[parents]  # [K, d]
     if boundary == "truncate":
-        child_unit, final_sigma = _truncated_draw(key_noise, parent_unit, widths)
+        child_unit, final_sigma = _truncated_draw(uniform[:, 1:], parent_unit, widths)
         children = jnp.clip(low + child_unit * span, low, high)
     else:
         child_unit, final_sigma, accepted = _retry_draw(key_noise, parent_unit, widths, max_retries, shrink)
