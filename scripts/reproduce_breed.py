@@ -98,22 +98,13 @@ class Pool(NamedTuple):
     targets: np.ndarray  # [P·T, sample_size] float32
     n_steps: int
 
-    def rows(self, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(inputs, targets) of the chosen simulations' every time step."""
-        index = (chosen[:, None] * self.n_steps + np.arange(self.n_steps)[None]).reshape(-1)
-        return self.inputs[index], self.targets[index]
-
 
 class HardSets(NamedTuple):
-    """The two hard test sets, as rows of the pool: by parameter deviation, and by Breed's loss score."""
+    """The two hard test sets, as indices into the pool: by parameter deviation, and by Breed's loss score."""
 
-    parameter: tuple[np.ndarray, np.ndarray]
-    loss: tuple[np.ndarray, np.ndarray]
+    parameter: np.ndarray  # [keep] int
+    loss: np.ndarray  # [keep] int
     deviation_threshold: float  # K: the lowest parameter deviation in the parameter hard set
-    parameter_points: np.ndarray  # [keep, d] the parameter hard set's parameters
-    loss_points: np.ndarray  # [keep, d] the loss hard set's parameters
-    low: np.ndarray  # [d] the parameter box, to measure distances in the unit cube
-    high: np.ndarray
 
 
 def solve_pool(config: Config, pool: int) -> Pool:
@@ -134,8 +125,9 @@ def solve_pool(config: Config, pool: int) -> Pool:
     return Pool(draws, low, high, inputs.astype(np.float32), targets.astype(np.float32), solver.n_steps)
 
 
-def per_sample_losses(run_dir: Path, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """The run's surrogate's loss on each row [N], in the units of its validation MSE."""
+def pool_losses(run_dir: Path, pool: Pool) -> np.ndarray:
+    """The run's surrogate's loss on every row of the pool, [P, T], in the units of its validation MSE
+    (the mean over a set's rows is that set's validation MSE)."""
     from jaxsurro import surrogate
     from jaxsurro.core.train import Batch, make_eval_step
     from jaxsurro.server.evaluation import EVAL_CHUNK_ROWS
@@ -146,41 +138,29 @@ def per_sample_losses(run_dir: Path, inputs: np.ndarray, targets: np.ndarray) ->
     mesh = make_data_mesh()
     step = jit_eval_step(make_eval_step(model.model, [field.weight for field in config.solver.fields]), mesh)
     losses = []
-    for start in range(0, len(inputs), EVAL_CHUNK_ROWS):
-        stop = min(start + EVAL_CHUNK_ROWS, len(inputs))
-        chunk = Batch(inputs[start:stop], targets[start:stop], np.ones(stop - start, dtype=np.float32))
+    for start in range(0, len(pool.inputs), EVAL_CHUNK_ROWS):
+        stop = min(start + EVAL_CHUNK_ROWS, len(pool.inputs))
+        chunk = Batch(pool.inputs[start:stop], pool.targets[start:stop], np.ones(stop - start, dtype=np.float32))
         per_sample = jax.device_get(step(model.params, put_batch(chunk, mesh, min_size=EVAL_CHUNK_ROWS))[0])
         losses.append(np.asarray(per_sample)[: stop - start])
-    return np.concatenate(losses)
+    return np.concatenate(losses).reshape(-1, pool.n_steps)
 
 
-def breed_scores(losses: np.ndarray, n_steps: int) -> np.ndarray:
-    """Breed's score Q of each pool simulation [P] from per-row losses: δ = max(l − μ, 0)/σ over all rows
+def breed_scores(losses: np.ndarray) -> np.ndarray:
+    """Breed's score Q of each pool simulation [P] from its losses [P, T]: δ = max(l − μ, 0)/σ over all rows
     (core.breed.update_loss_stats with the pool as one batch), averaged over the simulation's steps."""
     delta = np.maximum(losses - losses.mean(), 0.0) / max(float(losses.std()), 1e-30)
-    return delta.reshape(-1, n_steps).mean(axis=1)
+    return delta.mean(axis=1)
 
 
-def hard_sets(pool: Pool, keep: int, reference_runs: Sequence[Path]) -> HardSets:
+def hard_sets(pool: Pool, keep: int, reference_losses: Sequence[np.ndarray]) -> HardSets:
     """The ``keep`` pool simulations of highest parameter deviation, and the ``keep`` of highest Breed
-    score Q under the reference (Random) runs' final models, averaged over them: what a network trained
-    on uniform draws finds hard, the region Breed is meant to move the ensemble to."""
+    score Q under the reference (Random) runs' final models (their pool losses), averaged over them:
+    what a network trained on uniform draws finds hard, the region Breed is meant to move the ensemble to."""
     deviation = parameter_deviation(pool.parameters)
     by_deviation = np.argsort(deviation)[-keep:]
-    scores = np.mean(
-        [breed_scores(per_sample_losses(run, pool.inputs, pool.targets), pool.n_steps) for run in reference_runs],
-        axis=0,
-    )
-    by_loss = np.argsort(scores)[-keep:]
-    return HardSets(
-        pool.rows(by_deviation),
-        pool.rows(by_loss),
-        float(deviation[by_deviation].min()),
-        pool.parameters[by_deviation],
-        pool.parameters[by_loss],
-        pool.low,
-        pool.high,
-    )
+    by_loss = np.argsort(np.mean([breed_scores(losses) for losses in reference_losses], axis=0))[-keep:]
+    return HardSets(by_deviation, by_loss, float(deviation[by_deviation].min()))
 
 
 def nearest_distance(points: np.ndarray, simulations: np.ndarray, low: np.ndarray, high: np.ndarray) -> float:
@@ -191,19 +171,9 @@ def nearest_distance(points: np.ndarray, simulations: np.ndarray, low: np.ndarra
     return float(np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)).min(axis=1).mean())
 
 
-def score_hard(run_dir: Path, inputs: np.ndarray, targets: np.ndarray) -> float:
-    """The run's surrogate on a hard test set, scored as the run scores its validation set."""
-    from jaxsurro import surrogate
-    from jaxsurro.server.evaluation import validation_mse
-
-    model = surrogate.load(run_dir)
-    config = load_config(run_dir / "config.toml")
-    weights = [field.weight for field in config.solver.fields]
-    return validation_mse(model.model, model.params, inputs, targets, weights)
-
-
-def read_scores(run_dir: Path, hard: HardSets) -> RunScores:
-    """Scores of one finished run (``mse_at`` is set later, once both runs of a seed are read)."""
+def read_scores(run_dir: Path, pool: Pool, hard: HardSets, losses: np.ndarray) -> RunScores:
+    """Scores of one finished run, ``losses`` its pool losses (``mse_at`` is set later, once both runs of a
+    seed are read)."""
     summary = json.loads((run_dir / plot.SUMMARY_FILE).read_text())
     metrics = plot.parse_metrics((run_dir / plot.METRICS_FILE).read_text(), str(run_dir / plot.METRICS_FILE))
     finite = np.isfinite(metrics.train_loss)
@@ -216,16 +186,18 @@ def read_scores(run_dir: Path, hard: HardSets) -> RunScores:
         final_mse=float(summary["final_validation_mse"]),
         min_mse=float(summary.get("min_validation_mse", np.min(metrics.val_mse))),
         mse_at=float("nan"),
-        hard_mse=score_hard(run_dir, *hard.parameter),
-        loss_hard_mse=score_hard(run_dir, *hard.loss),
+        hard_mse=float(losses[hard.parameter].mean()),
+        loss_hard_mse=float(losses[hard.loss].mean()),
         gap_final=float(gap[-1]),
         validation_batch=metrics.validation_batch,
         val_mse=metrics.val_mse,
         gap=gap,
         simulations=simulations,
         hard_region_share=float(np.mean(parameter_deviation(simulations.parameters) >= hard.deviation_threshold)),
-        parameter_hard_distance=nearest_distance(hard.parameter_points, simulations.parameters, hard.low, hard.high),
-        loss_hard_distance=nearest_distance(hard.loss_points, simulations.parameters, hard.low, hard.high),
+        parameter_hard_distance=nearest_distance(
+            pool.parameters[hard.parameter], simulations.parameters, pool.low, pool.high
+        ),
+        loss_hard_distance=nearest_distance(pool.parameters[hard.loss], simulations.parameters, pool.low, pool.high),
     )
 
 
@@ -367,14 +339,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         if not args.from_runs:
             run_seeds(args.config, args.overrides, args.seeds, args.runs_dir)
-        hard = hard_sets(
-            solve_pool(config, args.pool),
-            args.hard,
-            [args.runs_dir / f"seed{seed}" / "random" for seed in args.seeds],
-        )
+        pool = solve_pool(config, args.pool)
+        runs = {(seed, name): args.runs_dir / f"seed{seed}" / name for seed in args.seeds for name in RUN_KINDS}
+        losses = {key: pool_losses(run_dir, pool) for key, run_dir in runs.items()}  # each surrogate once
+        hard = hard_sets(pool, args.hard, [losses[seed, "random"] for seed in args.seeds])
         results = {
             seed: at_equal_batches(
-                {name: read_scores(args.runs_dir / f"seed{seed}" / name, hard) for name in RUN_KINDS}
+                {name: read_scores(runs[seed, name], pool, hard, losses[seed, name]) for name in RUN_KINDS}
             )
             for seed in args.seeds
         }

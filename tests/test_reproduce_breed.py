@@ -32,8 +32,8 @@ def test_breed_scores_are_the_mean_excess_loss_over_a_simulations_steps(script):
     losses = np.array([1.0, 1.0, 1.0, 5.0, 3.0, 1.0])  # two simulations of three steps
     mean, std = losses.mean(), losses.std()
     expected = [np.mean(np.maximum(losses[:3] - mean, 0) / std), np.mean(np.maximum(losses[3:] - mean, 0) / std)]
-    np.testing.assert_allclose(script.breed_scores(losses, 3), expected)
-    assert script.breed_scores(losses, 3)[0] == 0.0  # never above the mean: no score
+    np.testing.assert_allclose(script.breed_scores(losses.reshape(2, 3)), expected)
+    assert script.breed_scores(losses.reshape(2, 3))[0] == 0.0  # never above the mean: no score
 
 
 def test_nearest_distance_measures_coverage_in_the_unit_cube(script):

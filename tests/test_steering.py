@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compiles import count_backend_compiles
 from scipy import stats as scipy_stats
 
 from jaxsurro.config import load_config
@@ -360,21 +360,6 @@ def counting_jit(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(jax, "jit", counted_jit)
     return calls
-
-
-@contextlib.contextmanager
-def count_backend_compiles():
-    events: list[str] = []
-
-    def listener(event: str, duration_secs: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_a_breed_step_is_one_jitted_dispatch_with_no_transfer_and_separate_statistics_agree(monkeypatch):

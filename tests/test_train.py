@@ -1,11 +1,10 @@
 """Tests for jaxsurro.core.train and jaxsurro.server.parallel: the pure step, its sharding and its numerics."""
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compiles import count_backend_compiles
 
 from jaxsurro.core import breed
 from jaxsurro.core.fields import FieldSpec
@@ -87,22 +86,6 @@ def run_steps(mesh, num_steps: int, rows: int = 8, seed: int = 0):
         losses.append(jax.device_get(metrics["loss"]))
         per_sample_losses.append(jax.device_get(per_sample))
     return host_leaves(state), np.array(losses), np.array(per_sample_losses)
-
-
-@contextlib.contextmanager
-def count_backend_compiles():
-    """Count XLA backend compilations (jax.monitoring event) inside the block."""
-    events: list[str] = []
-
-    def listener(event: str, duration_secs: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_two_fake_devices_are_available():

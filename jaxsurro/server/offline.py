@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from jaxsurro import rundir
@@ -104,8 +103,6 @@ class OfflineTraining:
         log.info("train step and evaluation compiled in %.2f s", self.compile_seconds)
         self.steps = 0
         self.samples_trained = 0
-        self.first_batch_at: float | None = None
-        self.first_step_delay: float | None = None
         self.dataset_dir = run_dir / rundir.DATASET
         self.source: EpochBatches | None = None  # the training phase's batches, once reception is over
         self.reception_seconds = 0.0
@@ -171,8 +168,7 @@ class OfflineTraining:
                 ) from None
             if ready is None:
                 return
-            if self.first_batch_at is None:
-                self.first_batch_at = ready.drawn_at
+            self.log.batch_ready(ready.drawn_at)
             self._train(ready)
             if self.log.due(time.monotonic()):
                 self._record("train")
@@ -180,9 +176,6 @@ class OfflineTraining:
     def _train(self, batch: Ready) -> None:
         self.log.wait_for_room()
         step_metrics, _ = self.trainer.step_on_device(self.trainer.put(batch.prepared))
-        if self.first_step_delay is None and self.first_batch_at is not None:
-            jax.block_until_ready(step_metrics)
-            self.first_step_delay = time.monotonic() - self.first_batch_at
         self.log.dispatched(step_metrics)
         self.steps += 1
         self.samples_trained += len(batch.host.sample_ids)
@@ -232,10 +225,10 @@ class OfflineTraining:
     def _summary(self, ranks: list[RankCounters], wall: float) -> dict[str, Any]:
         counts = self.table.counts()
         n_samples = len(self.source.uses)
-        return metrics.summary(
+        return self.log.summary(
             ranks,
+            compile_seconds=self.compile_seconds,
             steps=self.steps,
-            val_mse=self.log.val_mse,
             wall=wall,
             simulations_planned=self.config.study.n_simulations,
             simulations_finished=counts["completed"],
@@ -244,10 +237,6 @@ class OfflineTraining:
             buffer_kind="dataset",
             devices_per_rank=int(self.trainer.mesh.devices.size),
         ) | {
-            "min_validation_mse": self.log.min_val_mse,
-            "final_validation_field_mse": self.log.val_field_mse,
-            "compile_s": self.compile_seconds,
-            "first_step_delay_s": self.first_step_delay,
             "mode": "offline",
             "epochs": self.config.study.epochs,
             "dataset_samples": n_samples,

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 
 from jaxsurro import rundir
@@ -208,8 +207,6 @@ class OnlineTraining:
         self.steps = 0  # global steps (identical on every rank)
         self.samples_trained = 0  # by this rank
         # From the first batch this rank could draw (its buffer reached the watermark) to the end of the first step.
-        self.first_batch_at: float | None = None
-        self.first_step_delay: float | None = None
         self._awaiting: list[int] | None = None  # completed simulations whose FINISH this rank must see
         self._awaiting_deadline = 0.0
         self._reception_ended = False
@@ -260,8 +257,8 @@ class OnlineTraining:
                 else:
                     batch = prefetcher.get(timeout=self.batch_wait)
                 control[_Control.DRAINED] = batch is None
-                if batch is not None and self.first_batch_at is None:
-                    self.first_batch_at = batch.drawn_at
+                if batch is not None:
+                    self.log.batch_ready(batch.drawn_at)
             except TimeoutError:
                 pass  # nothing yet on this rank
             except Exception as exc:
@@ -320,10 +317,6 @@ class OnlineTraining:
     def _train(self, batch: Ready) -> None:
         self.log.wait_for_room()
         step_metrics, _ = self.trainer.step_on_device(self.trainer.put(batch.prepared))  # Breed's statistics too
-        if self.first_step_delay is None and self.first_batch_at is not None:
-            jax.block_until_ready(step_metrics)  # once: when the first step really ended
-            self.first_step_delay = time.monotonic() - self.first_batch_at
-            log.info("first training step done %.3f s after the first batch was ready", self.first_step_delay)
         self.log.dispatched(step_metrics)
         self.steps += 1
         self.samples_trained += len(batch.host.sample_ids)
@@ -527,10 +520,10 @@ class OnlineTraining:
         if self.steering is not None:
             breed_rounds = self.steering.history
             simulations_bred = sum(1 for r in self.table if r.bred)
-        return metrics.summary(
+        return self.log.summary(
             ranks,
+            compile_seconds=self.compile_seconds,
             steps=self.steps,
-            val_mse=self.log.val_mse,
             wall=wall,
             simulations_planned=self.config.study.n_simulations,
             simulations_finished=counts["completed"],
@@ -541,10 +534,6 @@ class OnlineTraining:
             breed_rounds=breed_rounds,
             simulations_bred=simulations_bred,
         ) | {
-            "min_validation_mse": self.log.min_val_mse,
-            "final_validation_field_mse": self.log.val_field_mse,
-            "compile_s": self.compile_seconds,
-            "first_step_delay_s": self.first_step_delay,
             "mode": "online",
             "after_reception": self.config.train.after_reception,
             "after_reception_batches": self.final_buffer.steps if self.final_buffer is not None else 0,

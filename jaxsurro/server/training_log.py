@@ -1,14 +1,16 @@
 """What a training loop reports: its dispatched steps' metrics, its last validation, its metrics lines.
 
 Online training (every rank keeps one; rank 0 writes the lines) and offline training keep the same
-numbers and write the same lines through a :class:`TrainingLog`. Step metrics stay on the devices
-until a line is due and are then fetched at once (one ``device_get``), at most
-:data:`STEPS_IN_FLIGHT` steps run ahead of the host, and each line updates the rates, the rejection
-alarm and the progress bar (docs/architecture.md, "Training").
+numbers, write the same lines and end with the same summary through a :class:`TrainingLog`. Step
+metrics stay on the devices until a line is due and are then fetched at once (one ``device_get``),
+at most :data:`STEPS_IN_FLIGHT` steps run ahead of the host, each line updates the rates, the
+rejection alarm and the progress bar, and the delay from the first batch to the end of the first
+step is measured once (docs/architecture.md, "Training").
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +25,8 @@ from jaxsurro.server.metrics import MetricsLog, RankCounters
 from jaxsurro.server.progress import Progress
 
 __all__ = ["STEPS_IN_FLIGHT", "TrainingLog"]
+
+log = logging.getLogger("jaxsurro.server.training_log")
 
 STEPS_IN_FLIGHT = 2  # dispatched steps the host may run ahead of the devices
 
@@ -51,10 +55,23 @@ class TrainingLog:
         self.learning_rate = config.train.learning_rate  # as of the last fetched step
         self.start = time.monotonic()
         self.since = metrics.RatePoint(self.start, 0, 0)  # the last line, for the rates
+        # From the first batch the loop could draw to the end of the first step (summary.json).
+        self.first_batch_at: float | None = None
+        self.first_step_delay: float | None = None
         self._dispatched: list[dict[str, jax.Array]] = []
 
+    def batch_ready(self, drawn_at: float) -> None:
+        """A batch was drawn at ``drawn_at`` (time.monotonic()); the first one starts the first-step clock."""
+        if self.first_batch_at is None:
+            self.first_batch_at = drawn_at
+
     def dispatched(self, step_metrics: dict[str, jax.Array]) -> None:
-        """Keeps a step's metrics (still on the devices) for the next line."""
+        """Keeps a step's metrics (still on the devices) for the next line; after the first step, once,
+        waits for it to end and measures the first-step delay."""
+        if self.first_step_delay is None and self.first_batch_at is not None:
+            jax.block_until_ready(step_metrics)
+            self.first_step_delay = time.monotonic() - self.first_batch_at
+            log.info("first training step done %.3f s after the first batch was ready", self.first_step_delay)
         self._dispatched.append(step_metrics)
 
     def wait_for_room(self) -> None:
@@ -124,3 +141,13 @@ class TrainingLog:
             force=final,
         )
         return entry
+
+    def summary(self, ranks: Sequence[RankCounters], *, compile_seconds: float, **totals: Any) -> dict[str, Any]:
+        """``summary.json``: :func:`metrics.summary` of the ranks' final counters and ``totals`` (its keyword
+        arguments but ``val_mse``), with this log's validation figures and timings."""
+        return metrics.summary(ranks, val_mse=self.val_mse, **totals) | {
+            "min_validation_mse": self.min_val_mse,
+            "final_validation_field_mse": self.val_field_mse,
+            "compile_s": compile_seconds,
+            "first_step_delay_s": self.first_step_delay,
+        }
