@@ -22,7 +22,9 @@ import numpy as np
 
 MAGIC = b"JXSR"
 # Version 2: DATA and FINISH carry the attempt's credential (from WELCOME) where version 1 carried the run token.
-VERSION = 2
+# Version 3: data sockets are DEALER (client) to ROUTER (server rank), each FINISH is answered with RECEIVED,
+# and a WELCOME's address of a rank may list a host-local endpoint after the network one.
+VERSION = 3
 
 # Message kinds (header byte 6).
 HELLO = 1
@@ -30,7 +32,15 @@ WELCOME = 2
 DATA = 3
 FINISH = 4
 REJECT = 5
-KIND_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", DATA: "DATA", FINISH: "FINISH", REJECT: "REJECT"}
+RECEIVED = 6  # a server rank's answer to FINISH on the data socket: everything sent before it has arrived
+KIND_NAMES = {
+    HELLO: "HELLO",
+    WELCOME: "WELCOME",
+    DATA: "DATA",
+    FINISH: "FINISH",
+    REJECT: "REJECT",
+    RECEIVED: "RECEIVED",
+}
 
 # Payload dtype codes (header byte 7); payloads are always little-endian.
 DTYPE_NONE = 0
@@ -120,7 +130,7 @@ class Welcome(NamedTuple):
     client_id: int
     token: bytes  # the run token (the client checks that the server holds it)
     n_steps: int | None  # None when the server did not state it
-    addresses: tuple[str, ...]  # data address of each server rank, in rank order
+    addresses: tuple[str, ...]  # data endpoints of each server rank, in rank order (split_endpoints)
     parameters: np.ndarray  # float64, shape (n_parameters,)
     credential: bytes  # what this attempt's DATA and FINISH carry in the header's token field
 
@@ -132,6 +142,15 @@ class Rejection(NamedTuple):
     client_id: int
     reason: str  # short code, e.g. "bad_token", "unknown_simulation", "no_simulation_left"
     message: str  # full human-readable text as sent
+
+
+class Receipt(NamedTuple):
+    """A decoded RECEIVED: a server rank took (or refused) a FINISH, so all that was sent before it arrived."""
+
+    sim_id: int
+    credential: bytes  # the FINISH's, echoed: the client matches the receipt to its attempt
+    n_steps: int  # the FINISH's count of steps sent
+    refusal: str  # "" when the FINISH was taken, else "reason: message" as the server counted it
 
 
 class Received(NamedTuple):
@@ -574,7 +593,8 @@ def validate_finish(header: Header, expectation: Expectation) -> int:
 
 
 def validate_message(frames: Sequence[Any], expectation: Expectation) -> Received:
-    """Decode and validate one message from a data (PULL) socket: DATA (3 frames) or FINISH (1 frame)."""
+    """Decode and validate one message from a data socket (without the ROUTER's routing id): DATA
+    (3 frames) or FINISH (1 frame)."""
     if not frames:
         raise ProtocolError("malformed", "empty message")
     header = decode_header(frames[0])
@@ -737,7 +757,7 @@ FRAME_LIMIT_MARGIN = 4096
 
 
 def max_data_frame_bytes(expectation: Expectation) -> int:
-    """Largest frame a data (PULL) socket accepts: the largest valid frame plus FRAME_LIMIT_MARGIN.
+    """Largest frame a data (ROUTER) socket accepts: the largest valid frame plus FRAME_LIMIT_MARGIN.
 
     A valid DATA message's frames are the 64-byte header, a field name of at most 64 bytes and a
     payload of exactly prod(shape) x itemsize bytes of one declared field. ZeroMQ's ZMQ_MAXMSGSIZE
@@ -841,8 +861,8 @@ def encode_welcome(
     credential: bytes,
     n_steps: int | None = None,
 ) -> list[bytes]:
-    """Frames of a WELCOME: header, newline-separated data addresses in rank order, float64 parameters,
-    the attempt's credential."""
+    """Frames of a WELCOME: header, newline-separated data addresses in rank order (each rank's
+    endpoints as join_endpoints writes them), float64 parameters, the attempt's credential."""
     parameters = np.ascontiguousarray(parameters, dtype="<f8")
     if parameters.ndim != 1:
         raise ValueError(f"parameters must be 1-D, got shape {parameters.shape}")
@@ -881,6 +901,34 @@ def encode_finish(credential: bytes, sim_id: int, client_id: int, n_steps_sent: 
     return [encode_header(FINISH, credential, sim_id, n_steps_sent, client_id)]
 
 
+def encode_received(credential: bytes, sim_id: int, client_id: int, n_steps: int, refusal: str = "") -> list[bytes]:
+    """Frames of a RECEIVED answering a FINISH: its header fields echoed, then the refusal text ("" = taken)."""
+    return [encode_header(RECEIVED, credential, sim_id, n_steps, client_id), refusal.encode()]
+
+
+def decode_received(frames: Sequence[Any]) -> Receipt:
+    """Decode a server rank's RECEIVED; ProtocolError if the message is anything else."""
+    if len(frames) != 2:
+        raise ProtocolError("malformed", f"RECEIVED has 2 frames (header, refusal), got {len(frames)}")
+    header = decode_header(frames[0])
+    if header.kind != RECEIVED:
+        raise ProtocolError("malformed", f"RECEIVED expected on a data socket, got {KIND_NAMES[header.kind]}")
+    refusal = bytes(_buffer(frames[1])).decode("utf-8", errors="replace")
+    return Receipt(header.sim_id, header.token, header.time_step, refusal)
+
+
+def join_endpoints(endpoints: Sequence[str]) -> str:
+    """One rank's entry in WELCOME: its network endpoint first, then any endpoint for clients on its host."""
+    if not endpoints or any(not e or e.split() != [e] for e in endpoints):
+        raise ValueError(f"endpoints are non-empty and without whitespace, at least one; got {endpoints!r}")
+    return " ".join(endpoints)
+
+
+def split_endpoints(entry: str) -> tuple[str, ...]:
+    """The endpoints of one rank's WELCOME entry (join_endpoints), the network one first."""
+    return tuple(entry.split())
+
+
 def decode_reply(frames: Sequence[Any]) -> Welcome | Rejection:
     """Decode the server's answer to a HELLO (WELCOME or REJECT); ProtocolError if it is neither."""
     if not frames:
@@ -908,7 +956,7 @@ def decode_reply(frames: Sequence[Any]) -> Welcome | Rejection:
         addresses = tuple(bytes(_buffer(frames[1])).decode().split("\n"))
     except UnicodeDecodeError as error:
         raise ProtocolError("malformed", f"WELCOME addresses are not UTF-8: {error}") from None
-    if not all(addresses):
+    if not all(split_endpoints(address) for address in addresses):
         raise ProtocolError("malformed", f"WELCOME has an empty data address: {addresses!r}")
     parameters = np.frombuffer(raw, dtype="<f8").astype(np.float64)  # owned, native-order copy
     credential = bytes(_buffer(frames[3]))

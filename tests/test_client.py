@@ -1,4 +1,4 @@
-"""jaxsurro.client against a small real ZeroMQ server (ROUTER + one PULL per rank on loopback TCP)."""
+"""jaxsurro.client against a small real ZeroMQ server (a control ROUTER + one data ROUTER per rank on loopback TCP)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ BIG = (512, 512)  # 1 MiB as float32: large enough to fill socket buffers quickl
 
 
 class FakeServer:
-    """Rank 0 control ROUTER answering HELLO, and one PULL data socket per rank, served by one thread."""
+    """Rank 0 control ROUTER answering HELLO, and one ROUTER data socket per rank answering FINISH
+    with RECEIVED (unless ``answer_finish`` is False), served by one thread."""
 
     def __init__(
         self,
@@ -41,6 +42,7 @@ class FakeServer:
         reading: bool = True,
         receive_hwm: int = 1000,
         receive_buffer: int = -1,
+        answer_finish: bool = True,
     ):
         """Bind every socket on 127.0.0.1 random ports and start the serving thread."""
         self.context = zmq.Context()
@@ -50,10 +52,11 @@ class FakeServer:
         self.router = self.context.socket(zmq.ROUTER)
         self.router.linger = 0
         self.control_address = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
-        self.pulls = []
+        self.answer_finish = answer_finish
+        self.pulls = []  # the data sockets, ROUTERs as a server rank's
         self.addresses = []
         for _ in range(n_ranks):
-            pull = self.context.socket(zmq.PULL)
+            pull = self.context.socket(zmq.ROUTER)
             pull.linger = 0
             pull.rcvhwm = receive_hwm
             pull.rcvbuf = receive_buffer
@@ -106,7 +109,14 @@ class FakeServer:
                     self._answer_hello(self.router.recv_multipart())
                 for rank, pull in enumerate(self.pulls):
                     if pull in events:
-                        self._receive(rank, pull.recv_multipart(copy=False))
+                        sender, *frames = pull.recv_multipart(copy=False)
+                        self._receive(rank, frames)
+                        if self.answer_finish and protocol.decode_header(frames[0]).kind == protocol.FINISH:
+                            header = protocol.decode_header(frames[0])
+                            receipt = protocol.encode_received(
+                                header.token, header.sim_id, header.client_id, header.time_step
+                            )
+                            pull.send_multipart([sender, *receipt])
         except BaseException as error:  # surfaced by close()
             self._error = error
 
@@ -424,8 +434,20 @@ def test_finish_raises_when_a_rank_cannot_take_the_data(environment):
             with client.connect() as sim:
                 for t in range(4):
                     sim.send("temperature", t, np.zeros((4, 4)))
-        assert "could not be delivered" in str(caught.value)
+        assert "server rank(s) [1]" in str(caught.value) and "did not confirm FINISH" in str(caught.value)
         assert time.monotonic() - start < 3.0
+
+
+def test_finish_waits_for_every_ranks_receipt(environment):
+    """FINISH is only done once each rank answers it: a rank that takes the data but never answers
+    makes finish() raise after the timeout, naming that rank."""
+    with fake_server(n_ranks=1, answer_finish=False) as server:
+        environment(server, timeout=0.3)
+        with pytest.raises(TimeoutError, match=r"server rank\(s\) \[0\] .* did not confirm FINISH within 0.3 s"):
+            with client.connect() as sim:
+                sim.send("temperature", 0, np.zeros((4, 4)))
+        server.wait_for(lambda: server.finished_ranks() == 1, "the FINISH")
+        assert sim.closed
 
 
 def test_exception_in_block_closes_without_finish(environment):
@@ -440,11 +462,11 @@ def test_exception_in_block_closes_without_finish(environment):
                     sim.send("temperature", 1, np.zeros((4, 4)))
                     raise RuntimeError("solver diverged")
             assert sim.closed
-            # After the TCP disconnect, everything the client sent is queued in the PULL socket.
+            # After the TCP disconnect, everything the client sent is queued in the data socket.
             assert monitor.poll(WAIT * 1000), "the client never disconnected"
             frames = []
             while server.pulls[0].poll(200):
-                frames.append(server.pulls[0].recv_multipart())
+                frames.append(server.pulls[0].recv_multipart()[1:])
         finally:
             server.pulls[0].disable_monitor()
             monitor.close(linger=0)

@@ -29,7 +29,7 @@ RSS_MARGIN = 64 * MIB
 N_CONNECTIONS, N_LARGE, LARGE = 4, 3, 64 * MIB
 N_GARBAGE = 200
 
-# The hostile peer: N_CONNECTIONS PUSH sockets without the token, each sending N_LARGE frames of LARGE
+# The hostile peer: N_CONNECTIONS DEALER sockets (as clients') without the token, each sending N_LARGE frames of LARGE
 # bytes, and a further socket sending garbage. It watches its sockets' disconnections (one per large
 # frame, when the server enforces the limit) and prints how many it saw.
 HOSTILE = textwrap.dedent(
@@ -44,7 +44,7 @@ HOSTILE = textwrap.dedent(
               + (8192).to_bytes(4, "little") * 2 + bytes(12))
     sockets, monitors = [], []
     for i in range(n_connections):
-        s = context.socket(zmq.PUSH)
+        s = context.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         monitors.append(s.get_monitor_socket(zmq.EVENT_DISCONNECTED))
         s.connect(address)
@@ -55,7 +55,7 @@ HOSTILE = textwrap.dedent(
                 s.send(big, copy=False)
             else:
                 s.send_multipart([header, b"u", big], copy=False)
-    garbage = context.socket(zmq.PUSH)
+    garbage = context.socket(zmq.DEALER)
     garbage.connect(address)
     for k in range(n_garbage):
         garbage.send_multipart([bytes([k % 256]) * (k % 60), b"x" * (k % 5)])  # never a 64-byte header

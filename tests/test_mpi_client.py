@@ -108,7 +108,7 @@ class Server:
             )
             for rank in range(n_ranks)
         ]
-        self.receivers[0].addresses = tuple(r.data_address for r in self.receivers)
+        self.receivers[0].addresses = tuple(protocol.join_endpoints(r.data_endpoints) for r in self.receivers)
         for receiver in self.receivers:
             receiver.start()
 

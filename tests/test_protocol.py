@@ -73,11 +73,11 @@ def test_header_round_trip_and_byte_layout(kind, sim_id, time_step, client_id, d
     frame = protocol.encode_header(kind, TOKEN, sim_id, time_step, client_id, dtype_code, shape)
     assert len(frame) == 64
     header = protocol.decode_header(frame)
-    assert header == protocol.Header(kind, dtype_code, TOKEN, sim_id, time_step, client_id, shape, 2)
+    assert header == protocol.Header(kind, dtype_code, TOKEN, sim_id, time_step, client_id, shape, protocol.VERSION)
     assert header.ndim == len(shape)
     # The documented byte table, read independently of HEADER_FORMAT.
     assert frame[0:4] == b"JXSR"
-    assert struct.unpack_from("<H", frame, 4)[0] == 2
+    assert struct.unpack_from("<H", frame, 4)[0] == protocol.VERSION == 3
     assert frame[6] == kind and frame[7] == dtype_code
     assert frame[8:24] == TOKEN
     assert struct.unpack_from("<Q", frame, 24)[0] == sim_id

@@ -240,7 +240,7 @@ def test_a_receiver_stores_none_of_hundreds_of_hostile_messages_and_counts_each(
     stale = {sim_id: receiver.credentials.issue(sim_id, 1) for sim_id in (0, 1)}
     issued = {sim_id: receiver.credentials.issue(sim_id, 2) for sim_id in (0, 1)}
     context = zmq.Context.instance()
-    push = context.socket(zmq.PUSH)
+    push = context.socket(zmq.DEALER)  # a client's data socket
     dealer = context.socket(zmq.DEALER)
     receiver.start()
     try:

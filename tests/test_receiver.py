@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -28,16 +29,18 @@ def table():
     return table
 
 
-def make_receiver(table: SimulationTable, sink=None, secret: bytes | None = None, **options) -> Receiver:
-    """A receiver (not started) of one field "u" of SHAPE on loopback, into ``sink`` (a ValidationSink by default)."""
+def make_receiver(
+    table: SimulationTable, sink=None, secret: bytes | None = None, shape=SHAPE, n_steps=N_STEPS, **options
+) -> Receiver:
+    """A receiver (not started) of one field "u" of ``shape`` on loopback, into ``sink`` (default: a ValidationSink)."""
     return Receiver(
         table=table,
-        sink=ValidationSink(N_SIMS, N_STEPS, int(np.prod(SHAPE))) if sink is None else sink,
+        sink=ValidationSink(N_SIMS, n_steps, int(np.prod(shape))) if sink is None else sink,
         token=protocol.new_token(),
         secret=secret or protocol.new_secret(),
-        fields={"u": SHAPE},
+        fields={"u": shape},
         wire_dtype="float32",
-        n_steps=N_STEPS,
+        n_steps=n_steps,
         host="127.0.0.1",
         **options,
     )
@@ -53,8 +56,9 @@ def receiver(table):
 
 @pytest.fixture
 def push(receiver):
+    """A client's data socket to the receiver (a DEALER, as the client's)."""
     context = zmq.Context.instance()
-    socket = context.socket(zmq.PUSH)
+    socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 1000)
     socket.connect(receiver.data_address)
     yield socket
@@ -153,7 +157,7 @@ def test_a_time_step_arriving_after_reception_ended_is_counted_not_stored(table)
     receiver = make_receiver(table, BufferSink(buffer, table, N_STEPS, 0.1))
     receiver.start()
     try:
-        socket = zmq.Context.instance().socket(zmq.PUSH)
+        socket = zmq.Context.instance().socket(zmq.DEALER)
         socket.connect(receiver.data_address)
         socket.send_multipart(protocol.encode_data(issued(receiver, 0), 0, 0, 1, b"u", field(1.0)))
         wait_until(lambda: receiver.counters().rejected.get(LATE) == 1, 10, "the late message to be counted")
@@ -273,6 +277,11 @@ def idle_receiver(table: SimulationTable, **options) -> Receiver:
     return make_receiver(table, secret=SECRET, **options)
 
 
+def take_batch(receiver: Receiver, batch: list[list[bytes]]) -> None:
+    """Hands ``batch`` to an idle receiver as if one peer (no such ROUTER peer: answers are dropped) sent it."""
+    receiver._take_batch(batch, [b"test peer"] * len(batch))
+
+
 SECRET = bytes(range(100, 132))
 MAKER = protocol.AttemptCredentials(SECRET)
 
@@ -283,12 +292,12 @@ def test_a_step_twice_in_one_batch_is_stored_once(table):
         receiver.credentials.issue(0, 1)
         credential = MAKER.make(0, 1)
         batch = [protocol.encode_data(credential, 0, t, 1, b"u", field(v)) for t, v in ((0, 1.0), (1, 2.0), (0, 3.0))]
-        receiver._take_batch(batch)
+        take_batch(receiver, batch)
         counters = receiver._snapshot()
         assert (counters.unique_received, counters.duplicates) == (2, 1)
         assert counters.bytes_received == 2 * field(0.0).nbytes
         np.testing.assert_array_equal(receiver.sink.samples[0, 0], field(1.0).reshape(-1))  # the first is kept
-        receiver._take_batch(batch[:1])  # ... and a later batch finds it stored
+        take_batch(receiver, batch[:1])  # ... and a later batch finds it stored
         assert receiver._snapshot().duplicates == 2
     finally:
         receiver.stop()
@@ -306,7 +315,7 @@ def test_a_finish_after_its_steps_in_one_batch_sees_them_stored(table):
         batch = [protocol.encode_data(credential, 1, t, 7, b"u", field(float(t))) for t in range(N_STEPS)]
         batch.append(protocol.encode_finish(credential, 1, 7, N_STEPS))
         batch.append(protocol.encode_data(credential, 1, 0, 7, b"u", field(9.0)))  # after the FINISH: a duplicate
-        receiver._take_batch(batch)
+        take_batch(receiver, batch)
         assert table[1].incomplete_finish == "" and table[1].steps_finished == N_STEPS
         counters = receiver._snapshot()
         assert (counters.unique_received, counters.duplicates, counters.finishes) == (N_STEPS, 1, 1)
@@ -379,7 +388,7 @@ def test_batches_store_and_count_what_one_message_at_a_time_would(messages, size
         start = 0
         for size in [*sizes, len(messages)]:
             if messages[start : start + size]:
-                receiver._take_batch(messages[start : start + size])
+                take_batch(receiver, messages[start : start + size])
             start += size
         counters = receiver._snapshot()
         assert counters.rejected == dict(rejected)
@@ -390,5 +399,60 @@ def test_batches_store_and_count_what_one_message_at_a_time_would(messages, size
         )
         np.testing.assert_array_equal(receiver.stored, stored)
         np.testing.assert_array_equal(receiver.sink.samples, samples)
+    finally:
+        receiver.stop()
+
+
+def test_a_client_on_this_host_sends_over_ipc_and_closes_with_nothing_in_flight(table):
+    """The receiver offers a Unix socket next to its TCP port and a client on its host picks it. The
+    client fills every queue (a buffer of 2 that nobody drains yet) and reaches FINISH with steps still
+    queued on its side: finish() returns only once the receiver answered the FINISH, so no step is
+    lost at close (libzmq drops what an ipc sender still holds when it closes, libzmq issue #4660)."""
+    shape, n_steps = (256, 256), 48  # 256 KiB a step: 12 MiB, more than the socket buffers hold
+    one = SimulationTable(np.zeros((1, 2)))
+    one[0].attempts, one[0].state = 1, SimState.SUBMITTED
+    buffer = FIFOBuffer(capacity=2, watermark=0, input_dim=3, field_size=int(np.prod(shape)), seed=0)
+    receiver = make_receiver(one, BufferSink(buffer, one, n_steps, 0.1), shape=shape, n_steps=n_steps)
+    receiver.start()
+    outcome: dict[str, object] = {}
+
+    def solver() -> None:
+        try:
+            with client.connect(server=receiver.control_address, token=receiver.token, sim_id=0, timeout=30) as sim:
+                outcome["address"] = sim.addresses[0]
+                for t in range(n_steps):
+                    sim.send("u", t, np.full(shape, float(t)))
+                outcome["finishing"] = True
+        except BaseException as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=solver, daemon=True)
+    try:
+        assert receiver.data_endpoints == (
+            receiver.data_address,
+            f"ipc://@jaxsurro-data-{receiver.data_address.rpartition(':')[2]}",
+        )
+        thread.start()
+        wait_until(lambda: receiver.counters().unique_received == 2, 10, "the buffer to fill")
+        assert "finishing" not in outcome, "the client sent everything although the server stored 2 steps"
+        drained = []
+        while len(drained) < n_steps:
+            drained.extend(buffer.get_batch(2, timeout=10).sample_ids.tolist())
+        thread.join(10)
+        assert not thread.is_alive() and "error" not in outcome, outcome
+        assert outcome["address"] == receiver.data_endpoints[1]
+        assert sorted(drained) == list(range(n_steps))
+        wait_until(lambda: receiver.counters().finishes == 1, 10, "the FINISH to be counted")
+        assert one[0].steps_finished == n_steps
+    finally:
+        buffer.close()
+        receiver.stop()
+
+
+def test_with_local_transport_tcp_the_receiver_offers_only_tcp(table):
+    receiver = make_receiver(table, local_transport="tcp")
+    try:
+        assert receiver.data_endpoints == (receiver.data_address,)
+        assert receiver.addresses == (receiver.data_address,)
     finally:
         receiver.stop()

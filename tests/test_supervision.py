@@ -341,7 +341,7 @@ def rank_receiver(table: SimulationTable, rank: int, n_ranks: int, n_steps: int)
 
 
 def send(receiver: Receiver, sim_id: int, steps, finish: int, client_id: int = 7) -> None:
-    socket = zmq.Context.instance().socket(zmq.PUSH)
+    socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 2000)
     socket.connect(receiver.data_address)
     try:

@@ -10,10 +10,15 @@ system: docs/architecture.md, sections "Data path" and "Wire protocol".
 from __future__ import annotations
 
 import abc
+import contextlib
+import functools
 import hmac
+import logging
 import os
 import time
 from collections.abc import Sequence
+from socket import SOCK_DGRAM, getaddrinfo
+from socket import socket as probe_socket
 from typing import Any, Self
 
 import numpy as np
@@ -37,6 +42,8 @@ from jaxsurro.client.settings import (
 )
 
 # Messages queued per server rank inside this process before send() blocks (backpressure).
+log = logging.getLogger(__name__)
+
 SEND_HIGH_WATER_MARK = 4
 # On an exception inside the with-block, queued data gets at most this long to leave (best effort).
 ABORT_LINGER = 1.0  # seconds
@@ -185,7 +192,7 @@ class Simulation(SimulationContext):
     """
 
     def __init__(self, context: zmq.Context, settings: Settings, client_id: int, welcome: protocol.Welcome):
-        """Open one PUSH socket per server rank on `context`, which it then owns (use open() or connect())."""
+        """Open one DEALER socket per server rank on `context`, which it then owns (use open() or connect())."""
         self._context = context
         self._credential = welcome.credential  # this attempt's: DATA and FINISH carry it
         self._wire_code = protocol.DTYPE_TO_CODE[settings.wire_dtype]
@@ -195,7 +202,8 @@ class Simulation(SimulationContext):
         self.sim_id = welcome.sim_id
         self.parameters = welcome.parameters  # float64, shape (n_parameters,)
         self.n_steps = welcome.n_steps  # number of steps the server expects, None if unstated
-        self.addresses = welcome.addresses  # data address of each server rank
+        # The endpoint used for each server rank: its Unix socket when it offers one and runs on this host.
+        self.addresses = tuple(choose_endpoint(protocol.split_endpoints(entry)) for entry in welcome.addresses)
         self.n_ranks = len(welcome.addresses)
         self._field_names: dict[str, bytes] = {}
         self.fields = settings.fields  # {name: shape} declared at HELLO, or None (the server then checks each message)
@@ -206,7 +214,9 @@ class Simulation(SimulationContext):
         keys = _curve_keys(settings)
         try:
             for address in self.addresses:
-                socket = context.socket(zmq.PUSH)
+                # A DEALER to the rank's ROUTER: sends block at the high-water mark like a PUSH, and
+                # the rank's RECEIVED comes back on the same connection.
+                socket = context.socket(zmq.DEALER)
                 sockets.append(socket)
                 encrypt(socket, settings.server_key, keys)
                 socket.setsockopt(zmq.SNDHWM, SEND_HIGH_WATER_MARK)
@@ -353,13 +363,15 @@ class Simulation(SimulationContext):
         return wire, owned
 
     def finish(self) -> None:
-        """Send FINISH to every rank and close, waiting up to the timeout for all data to be delivered.
+        """Send FINISH to every rank, wait up to the timeout for every rank's RECEIVED, and close.
 
-        Raises TimeoutError when the queued messages could not be delivered within the timeout.
+        RECEIVED from a rank means that all this simulation sent it has arrived, so nothing is in
+        flight at close. Raises TimeoutError when a rank does not answer within the timeout.
         """
         sockets = self._sockets
         if sockets is None:
             raise RuntimeError(f"simulation {self.sim_id} is already closed")
+        deadline = time.monotonic() + self.timeout
         frames = protocol.encode_finish(self._credential, self.sim_id, self.client_id, len(self._steps_sent))
         for rank, socket in enumerate(sockets):
             try:
@@ -371,16 +383,42 @@ class Simulation(SimulationContext):
                     f"{self.timeout:g} s: the server is not accepting data. Simulation {self.sim_id} "
                     "is incomplete on the server."
                 ) from None
-        elapsed = self._close(self.timeout)
-        # ctx.term() returns as soon as every queued message is handed to TCP, or when the linger
-        # expires and libzmq drops what is left: taking (almost) the whole linger means data was lost.
-        if elapsed >= 0.98 * self.timeout:
-            raise TimeoutError(
-                f"simulation {self.sim_id}: the last messages could not be delivered to the server "
-                f"({', '.join(self.addresses)}) within {self.timeout:g} s and were dropped at close; "
-                "the server is not accepting data or a rank is unreachable. The simulation is "
-                f"incomplete on the server. Raise {ENV_TIMEOUT} (or timeout=) if the server is only slow."
-            )
+        try:
+            self._await_receipts(sockets, deadline)
+        finally:
+            self._close(0.0)
+
+    def _await_receipts(self, sockets: list[zmq.Socket], deadline: float) -> None:
+        """Wait until every rank answered this attempt's FINISH (RECEIVED), or raise TimeoutError."""
+        waiting = {socket: rank for rank, socket in enumerate(sockets)}
+        poller = zmq.Poller()
+        for socket in sockets:
+            poller.register(socket, zmq.POLLIN)
+        while waiting:
+            remaining_ms = max(0, round((deadline - time.monotonic()) * 1000))
+            ready = dict(poller.poll(remaining_ms))
+            if not ready:
+                ranks = sorted(waiting.values())
+                raise TimeoutError(
+                    f"simulation {self.sim_id}: server rank(s) {ranks} ("
+                    f"{', '.join(self.addresses[rank] for rank in ranks)}) did not confirm FINISH within "
+                    f"{self.timeout:g} s, so what was sent last may not have arrived; the server is not "
+                    "accepting data or a rank is unreachable. The simulation may be incomplete on the "
+                    f"server. Raise {ENV_TIMEOUT} (or timeout=) if the server is only slow."
+                )
+            for socket in ready:
+                receipt = protocol.decode_received(socket.recv_multipart())
+                if receipt.sim_id != self.sim_id or not hmac.compare_digest(receipt.credential, self._credential):
+                    continue  # not this attempt's (cannot happen on a socket of its own; ignored)
+                if receipt.refusal:
+                    log.warning(
+                        "server rank %d refused the FINISH of simulation %d: %s",
+                        waiting[socket],
+                        self.sim_id,
+                        receipt.refusal,
+                    )
+                poller.unregister(socket)
+                del waiting[socket]
 
     def abort(self) -> None:
         """Close without FINISH (the server sees the simulation as incomplete); best-effort delivery."""
@@ -396,6 +434,32 @@ class Simulation(SimulationContext):
         start = time.monotonic()
         self._context.term()
         return time.monotonic() - start
+
+
+def choose_endpoint(endpoints: Sequence[str]) -> str:
+    """The endpoint of a server rank to send to: a Unix socket it offers (``ipc://``) when its network
+    endpoint is on this host, else the network endpoint (the first)."""
+    network = endpoints[0]
+    local = next((endpoint for endpoint in endpoints[1:] if endpoint.startswith("ipc://")), None)
+    if local is not None and network.startswith("tcp://") and is_this_host(network[len("tcp://") :].rpartition(":")[0]):
+        return local
+    return network
+
+
+@functools.cache
+def is_this_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is an address of this machine, in this network namespace:
+    a socket can bind to it only then."""
+    host = host.strip("[]")  # an IPv6 address in an endpoint
+    try:
+        addresses = getaddrinfo(host, None, type=SOCK_DGRAM)
+    except (OSError, UnicodeError):
+        return False
+    for family, kind, _, _, address in addresses:
+        with contextlib.suppress(OSError), probe_socket(family, kind) as probe:
+            probe.bind((address[0], 0, *address[2:]))
+            return True
+    return False
 
 
 def _check_whole_field(

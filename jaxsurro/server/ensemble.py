@@ -106,7 +106,11 @@ class Ensemble:
             known_simulations=None if self.world.is_root else (lambda sim_id: 0 <= sim_id < n_simulations),
         )
         self.receiver.addresses = tuple(
-            self.world.allgather(self.receiver.data_address, config.server.startup_timeout, "the ranks' data addresses")
+            self.world.allgather(
+                protocol.join_endpoints(self.receiver.data_endpoints),
+                config.server.startup_timeout,
+                "the ranks' data addresses",
+            )
         )
         self.launcher = None
         if self.world.is_root:

@@ -1,6 +1,6 @@
 """The server rank's receiver: a thread that takes client messages off ZeroMQ into a sink.
 
-Each server rank binds a PULL data socket; rank 0 also binds the ROUTER control
+Each server rank binds a ROUTER data socket; rank 0 also binds the ROUTER control
 socket that answers HELLOs (docs/protocol.md). Every message is validated; a bad
 one is counted by reason and dropped, and the receiver keeps running. A time step
 that arrives twice (a restarted client) is stored once. The sink (a training
@@ -19,11 +19,14 @@ Messages are taken in batches: every wakeup drains what ZeroMQ holds (up to
 together (:func:`jaxsurro.protocol.validate_batch`, the same verdicts as one message at a time),
 drops duplicates against the deduplication record and within the batch, and copies each new
 payload once, straight from its frame into the sink (``accept_many``, one lock for the batch). A
-FINISH is processed after the steps that arrived before it are stored.
+FINISH is processed after the steps that arrived before it are stored, then answered with RECEIVED
+on the same connection: the client closes only once every rank's answer came, so nothing it sent is
+in flight when it closes.
 
-Clients on this host also connect over TCP: libzmq 4.3 drops the messages that a client still has
-in flight over ``ipc://`` when it closes while this receive queue is full (libzmq issue #4660), which
-is the normal state under backpressure; over TCP its linger delivers them.
+Clients on this host send over a Unix socket (``ipc://``, bound next to the TCP port), which costs
+the machine less per byte than TCP loopback. Waiting for RECEIVED is what makes it safe: libzmq 4.3
+ignores an ipc sender's linger and drops what is still in flight when it closes while this receive
+queue is full (libzmq issue #4660), the normal state under backpressure.
 
 Only the receiver thread counts; it publishes its counts under a lock once per batch of
 messages it drained (and while it waits on a full sink), and other threads read them through
@@ -36,6 +39,7 @@ import collections
 import contextlib
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -147,9 +151,12 @@ class Receiver:
         assembly_slots: int = DEFAULT_ASSEMBLY_SLOTS,
         bounds: Mapping[str, tuple[float, float]] | None = None,
         curve_secret_key: bytes | None = None,
+        local_transport: str = "ipc",
     ):
         """``curve_secret_key``: the server's CURVE secret key (Z85): every socket then encrypts and
-        authenticates with ZeroMQ CURVE, and only clients given the public key can talk to it."""
+        authenticates with ZeroMQ CURVE, and only clients given the public key can talk to it.
+        ``local_transport``: "ipc" also binds the data socket to a Unix socket that clients on this
+        host use instead of TCP (Linux); "tcp": every client uses TCP."""
         self.table = table
         self.sink = sink
         accept_many = getattr(sink, "accept_many", None)
@@ -172,7 +179,8 @@ class Receiver:
         # A step of one field is stored as it arrives; several fields are assembled first.
         self.assembler = StepAssembler(field_sizes(fields), assembly_slots) if len(fields) > 1 else None
         self._context = context or zmq.Context.instance()
-        self.data = self._context.socket(zmq.PULL)
+        # A ROUTER, so that each FINISH is answered (RECEIVED) on the connection that carried the data.
+        self.data = self._context.socket(zmq.ROUTER)
         _serve_encrypted(self.data, curve_secret_key)
         self.data.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE_MESSAGES)
         # Before any token is checked, a peer may announce a frame of any size: cap each frame at the
@@ -181,7 +189,9 @@ class Receiver:
         self.data.setsockopt(zmq.LINGER, 0)
         bind_host, advertised_host = _hosts(host)
         port = self.data.bind_to_random_port(f"tcp://{bind_host}")
-        self.data_address = f"tcp://{advertised_host}:{port}"
+        self.data_address = f"tcp://{advertised_host}:{port}"  # the network endpoint
+        # Every endpoint of the data socket, the network one first: what WELCOME gives clients.
+        self.data_endpoints: tuple[str, ...] = (self.data_address, *_bind_local(self.data, port, local_transport))
         self.control = None
         self.control_address = ""
         if rank == 0:
@@ -192,7 +202,8 @@ class Receiver:
             self.control.setsockopt(zmq.LINGER, 0)
             port = self.control.bind_to_random_port(f"tcp://{bind_host}")
             self.control_address = f"tcp://{advertised_host}:{port}"
-        self.addresses: tuple[str, ...] = (self.data_address,)  # every rank's, in rank order
+        # Every rank's data endpoints (protocol.join_endpoints), in rank order, as WELCOME gives them.
+        self.addresses: tuple[str, ...] = (protocol.join_endpoints(self.data_endpoints),)
         # Which (simulation, step) pairs were stored: the deduplication record, O(S x T) bits.
         self.stored = np.zeros((len(table), n_steps), dtype=bool)
         # The running counts: written by the receiver thread alone, published by _publish().
@@ -235,6 +246,7 @@ class Receiver:
             host=config.server.host,
             assembly_slots=max(DEFAULT_ASSEMBLY_SLOTS, 4 * config.launcher.max_concurrent),
             bounds={field.name: field.bounds for field in solver.fields if field.bounds is not None},
+            local_transport=config.server.local_transport,
             **placement,
         )
 
@@ -314,48 +326,55 @@ class Receiver:
         """Takes batches off the data socket until it is empty or ``max_messages`` were taken."""
         taken = 0
         while taken < max_messages:
-            batch, emptied = self._receive_batch()
+            senders, batch, emptied = self._receive_batch()
             if batch:
                 taken += len(batch)
                 self._last_message_at = time.monotonic()
-                self._take_batch(batch)
+                self._take_batch(batch, senders)
                 self._last_message_at = time.monotonic()  # each message of the batch is read by now
             if emptied:
                 return
 
-    def _receive_batch(self) -> tuple[list[list[zmq.Frame]], bool]:
-        """Up to BATCH_MESSAGES messages (BATCH_BYTES of payload) without waiting; whether the socket is now empty.
+    def _receive_batch(self) -> tuple[list[zmq.Frame], list[list[zmq.Frame]], bool]:
+        """Up to BATCH_MESSAGES messages (BATCH_BYTES of payload) without waiting: each one's sender (the
+        ROUTER's routing id) and frames, and whether the socket is now empty.
 
         Frames are taken without copying; ``frame.more`` saves recv_multipart's socket option call per frame
         (the parts of a message arrive together, so the NOBLOCK receives after the first always succeed)."""
         recv = self.data.recv
+        senders: list[zmq.Frame] = []
         batch: list[list[zmq.Frame]] = []
         size = 0
         while len(batch) < BATCH_MESSAGES and size < BATCH_BYTES:
             try:
-                frame = recv(zmq.NOBLOCK, copy=False)
+                sender = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return batch, True
+                return senders, batch, True
+            frame = recv(zmq.NOBLOCK, copy=False)  # a ROUTER always delivers at least one frame after the id
             frames = [frame]
             while frame.more:
                 frame = recv(zmq.NOBLOCK, copy=False)
                 frames.append(frame)
             size += len(frame)
+            senders.append(sender)
             batch.append(frames)
-        return batch, False
+        return senders, batch, False
 
-    def _take_batch(self, batch: list[list[zmq.Frame]]) -> None:
-        """Validates a batch, counts its rejections, then takes its DATA and FINISH messages in order."""
+    def _take_batch(self, batch: list[list[zmq.Frame]], senders: Sequence[Any]) -> None:
+        """Validates a batch, counts its rejections, then takes its DATA and FINISH messages in order;
+        every FINISH, taken or refused, is answered with RECEIVED once the messages before it are."""
         checked = protocol.validate_batch(batch, self.expectation)
-        for error in checked.errors.values():
+        for i, error in checked.errors.items():
             self._reject(error.reason, error.message)
+            self._answer_finish(senders[i], batch[i][0], f"{error.reason}: {error.message}")
         kinds = checked.kind.tolist()
         if self.table.retired:
             for i, kind in enumerate(kinds):
                 if kind and (int(checked.sim_id[i]), int(checked.client_id[i])) in self.table.retired:
-                    self._reject(
-                        ABANDONED_DRAW, f"simulation {checked.sim_id[i]} has new parameters since this process ran it"
-                    )
+                    text = f"simulation {checked.sim_id[i]} has new parameters since this process ran it"
+                    self._reject(ABANDONED_DRAW, text)
+                    if kind == protocol.FINISH:
+                        self._answer_finish(senders[i], batch[i][0], f"{ABANDONED_DRAW}: {text}")
                     kinds[i] = 0
         accepted = [i for i, kind in enumerate(kinds) if kind]
         if not accepted:
@@ -369,6 +388,7 @@ class Receiver:
                     self._take(sim_id, step, checked.field[i], checked.array[i])
                 else:
                     self._finish(sim_id, step, int(checked.client_id[i]))
+                    self._answer_finish(senders[i], batch[i][0])
             return
         if not finishes:
             self._take_steps(checked, accepted)
@@ -379,7 +399,21 @@ class Receiver:
             self._take_steps(checked, [i for i in accepted[start:] if i < end])
             start = accepted.index(end) + 1
             self._finish(int(checked.sim_id[end]), int(checked.time_step[end]), int(checked.client_id[end]))
+            self._answer_finish(senders[end], batch[end][0])
         self._take_steps(checked, accepted[start:])
+
+    def _answer_finish(self, sender: zmq.Frame, header_frame: zmq.Frame, refusal: str = "") -> None:
+        """RECEIVED to the sender of a FINISH (anything else is not answered): the client then knows that
+        everything it sent before has arrived. Never waits: a peer that does not read loses its answers."""
+        try:
+            header = protocol.decode_header(header_frame)
+        except protocol.ProtocolError:
+            return
+        if header.kind != protocol.FINISH:
+            return
+        frames = protocol.encode_received(header.token, header.sim_id, header.client_id, header.time_step, refusal)
+        with contextlib.suppress(zmq.Again):
+            self.data.send_multipart([sender, *frames], zmq.NOBLOCK)
 
     def _take_steps(self, checked: protocol.CheckedBatch, positions: list[int]) -> None:
         """Valid DATA messages of a batch (one field, in order): each new step stored once, duplicates counted."""
@@ -596,6 +630,23 @@ class Receiver:
         return protocol.encode_welcome(
             self.token, sim_id, header.client_id, self.addresses, parameters, credential, self.n_steps
         )
+
+
+def _bind_local(data: zmq.Socket, port: int, transport: str) -> tuple[str, ...]:
+    """Binds ``data`` to a Linux abstract Unix socket named after its TCP port when ``transport`` is
+    "ipc"; the endpoints bound (none for "tcp", on other systems, or when the name is taken).
+
+    The TCP port is unique in this network namespace while bound, and so is the abstract name: a
+    client that reaches the TCP host locally reaches this name too."""
+    if transport != "ipc" or not sys.platform.startswith("linux"):
+        return ()
+    endpoint = f"ipc://@jaxsurro-data-{port}"
+    try:
+        data.bind(endpoint)
+    except zmq.ZMQError as error:
+        log.warning("clients on this host use TCP: could not bind %s (%s)", endpoint, error)
+        return ()
+    return (endpoint,)
 
 
 def _serve_encrypted(socket: zmq.Socket, secret_key: bytes | None) -> None:
