@@ -16,11 +16,12 @@ import time
 import numpy as np
 import pytest
 import zmq
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from zmq.utils import z85
 
 from jaxsurro import client, protocol
+from jaxsurro.client.simulation import choose_endpoint
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 WAIT = 10.0  # seconds: upper bound of every wait on a condition (they normally end in milliseconds)
@@ -654,3 +655,28 @@ def test_a_generated_server_key_is_accepted():
     public, _ = zmq.curve_keypair()
     environ = {client.ENV_SERVER: "tcp://a:1", client.ENV_TOKEN: protocol.new_token().hex(), client.ENV_SIM_ID: "1"}
     assert client.resolve_settings(environ={**environ, client.ENV_SERVER_KEY: public.decode()}).server_key == public
+
+
+def test_a_client_sends_to_a_ranks_unix_socket_only_when_the_rank_is_on_its_host():
+    """A rank's ipc:// endpoint is used when the host of its TCP endpoint is an address of this machine."""
+    local = ("tcp://127.0.0.1:5555", "ipc://@jaxsurro-data-5555")
+    assert choose_endpoint(local) == "ipc://@jaxsurro-data-5555"
+    assert choose_endpoint(("tcp://localhost:5555", "ipc://@jaxsurro-data-5555")) == "ipc://@jaxsurro-data-5555"
+    assert choose_endpoint(local[:1]) == "tcp://127.0.0.1:5555"  # the rank offers none (local_transport = "tcp")
+    remote = "tcp://192.0.2.7:5555"  # TEST-NET-1: never an address of this machine
+    assert choose_endpoint((remote, "ipc://@jaxsurro-data-5555")) == remote
+    assert choose_endpoint(("tcp://no-such-host.invalid:5555", "ipc://@x")) == "tcp://no-such-host.invalid:5555"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(st.sampled_from(["127.0.0.1", "localhost", "192.0.2.7", "::1", "[::1]", ""]), st.text()),
+    st.integers(0, 70000),
+    st.lists(st.one_of(st.text(), st.builds("ipc://{}".format, st.text())), max_size=2),
+)
+def test_any_welcome_address_line_yields_one_of_its_endpoints(host, port, others):
+    """Whatever a WELCOME's line holds, the client picks one of its endpoints and never fails choosing."""
+    endpoints = [f"tcp://{host}:{port}", *others]
+    assume(all(endpoint.split() == [endpoint] for endpoint in endpoints))  # what join_endpoints accepts
+    entry = protocol.join_endpoints(endpoints)
+    assert choose_endpoint(protocol.split_endpoints(entry)) in endpoints

@@ -453,7 +453,7 @@ def is_this_host(host: str) -> bool:
     host = host.strip("[]")  # an IPv6 address in an endpoint
     try:
         addresses = getaddrinfo(host, None, type=SOCK_DGRAM)
-    except (OSError, UnicodeError):
+    except (OSError, UnicodeError, ValueError):  # unknown name, bad IDNA, NUL character
         return False
     for family, kind, _, _, address in addresses:
         with contextlib.suppress(OSError), probe_socket(family, kind) as probe:
