@@ -16,8 +16,9 @@ into the step: the Random step, then ``Steering.observe`` (a separate jitted cal
 the ids per step; a Steering without a trainer).
 
 The runs take turns in chunks of 20 steps, each chunk blocking on the state at its end, so outside
-load hits them alike; after each ``breed.period`` steps the Breed run does its round. Each run's
-time per step is the median over its chunks, and the Breed run's adds the median round's time
+load hits them alike (which run goes first changes from one period to the next); after each
+``breed.period`` steps the Breed run does its round. Each run's time per step is the median over
+its chunks, and the Breed run's adds the median round's time
 divided by the period. Printed: samples/s of each run, the round's median time,
 ``ratio breed_separate_update_over_random``, ``ratio breed_step_over_random`` (the step alone) and,
 last, ``ratio breed_over_random`` (with the rounds; target >= 0.95).
@@ -125,11 +126,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     chunk = min(CHUNK_STEPS, period)
     per_step: dict[str, list[float]] = {"random": [], "separate": [], "breed": []}
     round_s: list[float] = []
-    for _ in range(args.blocks):
+    runs = {
+        "random": lambda: timed_block(random_trainer, random_batches, chunk),
+        "separate": lambda: timed_block(random_trainer, random_batches, chunk, separate, draw_ids),
+        "breed": lambda: timed_block(breed_trainer, breed_batches, chunk),
+    }
+    for block in range(args.blocks):
+        order = list(runs)[block % len(runs) :] + list(runs)[: block % len(runs)]  # each run first in turn
         for _ in range(-(-period // chunk)):  # the period in chunks, each run in turn
-            per_step["random"].append(timed_block(random_trainer, random_batches, chunk) / chunk)
-            per_step["separate"].append(timed_block(random_trainer, random_batches, chunk, separate, draw_ids) / chunk)
-            per_step["breed"].append(timed_block(breed_trainer, breed_batches, chunk) / chunk)
+            for name in order:
+                per_step[name].append(runs[name]() / chunk)
         started = time.perf_counter()
         steering.resample()
         round_s.append(time.perf_counter() - started)

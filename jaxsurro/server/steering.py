@@ -93,6 +93,9 @@ class Steering:
         self._window = jax.jit(breed.recent_window, static_argnames=("size",))
         self._resample = jax.jit(breed.amis_resample, static_argnames=breed.AMIS_STATIC_ARGNAMES)
         self._mix = jax.jit(breed.mix)
+        # Jitted too, although scalar-sized: run eagerly, each costs a round ~0.5 ms of op-by-op dispatch.
+        self._mixing_ratio = jax.jit(breed.mixing_ratio)
+        self._split = jax.jit(lambda key: tuple(jax.random.split(key, 3)))
         self._key = jax.random.key(derive_seed(config.study.seed, "breed"))
         self._uniform = BoxSampler(
             self.settings.base_sampler,
@@ -218,9 +221,9 @@ class Steering:
         eligible = np.zeros(len(self.table), bool)
         window_ids, valid = (np.asarray(a) for a in self._window(stats, size=self.settings.window, eligible=eligible))
         locations = np.stack([self.table[int(i)].parameters for i in window_ids]).astype(np.float32)
-        _, draw_key, mix_key = jax.random.split(jax.random.key(0), 3)  # a throwaway key of the study key's type
+        _, draw_key, mix_key = self._split(jax.random.key(0))  # a throwaway key of the study key's type
         draw = self._draw(draw_key, locations, scores[window_ids], window_ids, valid)
-        ratio = float(breed.mixing_ratio(1, self.settings.r_start, self.settings.r_end, self.settings.r_cycles))
+        ratio = self._ratio(1)
         uniform = np.zeros((len(self.table), len(self.low)), dtype=np.float32)
         jax.block_until_ready(self._mix(mix_key, draw.children, uniform, ratio))
         return time.perf_counter() - started
@@ -276,12 +279,12 @@ class Steering:
         if not valid.any():
             return None
         locations = np.stack([self.table[int(i)].parameters for i in window_ids]).astype(np.float32)
-        self._key, draw_key, mix_key = jax.random.split(self._key, 3)
+        self._key, draw_key, mix_key = self._split(self._key)
         n_children = len(self.table)
         draw = self._draw(draw_key, locations, scores[window_ids], window_ids, valid)
         k = len(pending)
         s = self.round + 1  # the paper's resampling iteration: s = 1 at the first round
-        ratio = float(breed.mixing_ratio(s, self.settings.r_start, self.settings.r_end, self.settings.r_cycles))
+        ratio = self._ratio(s)
         uniform = np.zeros((n_children, len(self.low)), dtype=np.float32)  # fixed shape: one compilation
         uniform[:k] = self._uniform.draw(k)
         self.uniform_draws += k
@@ -322,6 +325,10 @@ class Steering:
             "bred": [bool(b) for b in is_child],
             "parent": [int(p) for p in parents],
         }
+
+    def _ratio(self, s: int) -> float:
+        """r(s), the probability that round s gives a pending simulation a child (breed.mixing_ratio)."""
+        return float(self._mixing_ratio(s, self.settings.r_start, self.settings.r_end, self.settings.r_cycles))
 
     def _draw(
         self, key: jax.Array, locations: np.ndarray, scores: np.ndarray, window_ids: np.ndarray, valid: np.ndarray
