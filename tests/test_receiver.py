@@ -406,8 +406,8 @@ def test_batches_store_and_count_what_one_message_at_a_time_would(messages, size
 def test_a_client_on_this_host_sends_over_ipc_and_closes_with_nothing_in_flight(table):
     """The receiver offers a Unix socket next to its TCP port and a client on its host picks it. The
     client fills every queue (a buffer of 2 that nobody drains yet) and reaches FINISH with steps still
-    queued on its side: finish() returns only once the receiver answered the FINISH, so no step is
-    lost at close (libzmq drops what an ipc sender still holds when it closes, libzmq issue #4660)."""
+    queued on its side: finish() returns only once the receiver answered the FINISH, and no step is
+    lost at close (a sender's linger over ipc has been reported ignored, libzmq issue #4660)."""
     shape, n_steps = (256, 256), 48  # 256 KiB a step: 12 MiB, more than the socket buffers hold
     one = SimulationTable(np.zeros((1, 2)))
     one[0].attempts, one[0].state = 1, SimState.SUBMITTED

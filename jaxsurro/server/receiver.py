@@ -24,9 +24,9 @@ on the same connection: the client closes only once every rank's answer came, so
 in flight when it closes.
 
 Clients on this host send over a Unix socket (``ipc://``, bound next to the TCP port), which costs
-the machine less per byte than TCP loopback. Waiting for RECEIVED is what makes it safe: libzmq 4.3
-ignores an ipc sender's linger and drops what is still in flight when it closes while this receive
-queue is full (libzmq issue #4660), the normal state under backpressure.
+the machine less per byte than TCP loopback. Delivery never rests on a sender's linger, whatever the
+transport: libzmq 4.3 has been reported to ignore it over ipc when the receive queue is full (libzmq
+issue #4660), the normal state under backpressure; a client waits for RECEIVED instead.
 
 Only the receiver thread counts; it publishes its counts under a lock once per batch of
 messages it drained (and while it waits on a full sink), and other threads read them through
