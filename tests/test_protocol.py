@@ -365,6 +365,29 @@ def test_hello_welcome_reject_round_trip():
     assert protocol.decode_reply(reject) == protocol.Rejection(SIM, 5, "bad_token", "bad_token: token does not match")
 
 
+def test_received_round_trip_and_a_welcome_line_with_a_local_endpoint():
+    """RECEIVED echoes the FINISH it answers, with the refusal text; a WELCOME keeps each rank's endpoints."""
+    taken = protocol.decode_received(protocol.encode_received(credential(), SIM, 5, N_STEPS))
+    assert taken == protocol.Receipt(SIM, credential(), N_STEPS, "")
+    refused = protocol.decode_received(protocol.encode_received(credential(), SIM, 5, 3, "stale_attempt: replaced"))
+    assert refused.refusal == "stale_attempt: replaced" and refused.n_steps == 3
+    with pytest.raises(ProtocolError, match="RECEIVED expected"):
+        protocol.decode_received([protocol.encode_header(protocol.FINISH, credential(), SIM), b""])
+    with pytest.raises(ProtocolError, match="2 frames"):
+        protocol.decode_received(protocol.encode_finish(credential(), SIM, 5, N_STEPS))
+
+    line = protocol.join_endpoints(["tcp://node1:6000", "ipc://@jaxsurro-data-6000"])
+    welcome = protocol.decode_reply(
+        protocol.encode_welcome(TOKEN, SIM, 5, [line, "tcp://node2:6001"], np.zeros(2), credential())
+    )
+    assert [protocol.split_endpoints(entry) for entry in welcome.addresses] == [
+        ("tcp://node1:6000", "ipc://@jaxsurro-data-6000"),
+        ("tcp://node2:6001",),
+    ]
+    with pytest.raises(ValueError, match="without whitespace"):
+        protocol.join_endpoints(["tcp://a b:1"])
+
+
 def test_welcome_with_wrong_parameter_size_is_rejected():
     """A WELCOME whose parameter frame disagrees with its header is not trusted."""
     frames = protocol.encode_welcome(TOKEN, SIM, 5, ["tcp://a:1"], np.zeros(3), credential())

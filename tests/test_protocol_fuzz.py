@@ -210,6 +210,35 @@ def test_a_hello_declaring_any_text_is_accepted_or_rejected_with_a_known_reason(
     decode(frames)
 
 
+server_answer = st.one_of(
+    st.builds(
+        lambda sim_id, steps, refusal: protocol.encode_received(ISSUED[0], sim_id, 7, steps, refusal),
+        st.sampled_from(sorted(KNOWN)),
+        st.integers(0, N_STEPS),
+        st.sampled_from(["", "stale_attempt: a later attempt runs"]),
+    ),
+    st.builds(
+        lambda lines, parameters: protocol.encode_welcome(TOKEN, 1, 7, lines, np.asarray(parameters), ISSUED[1]),
+        st.sampled_from([["tcp://a:1"], ["tcp://a:1 ipc://@jaxsurro-data-1", "tcp://b:2"]]),
+        st.lists(st.floats(allow_nan=False), min_size=1, max_size=4),
+    ),
+    st.just(protocol.encode_reject(1, 7, "bad_token", "no")),
+)
+
+
+@FUZZ
+@given(st.one_of(frames_st, mutated(server_answer), mutated(mutated(server_answer))))
+def test_what_a_client_reads_from_the_server_decodes_or_fails_with_a_known_reason(frames):
+    """A client decodes WELCOME, REJECT and RECEIVED, or raises ProtocolError with a known reason, nothing else."""
+    for decoder in (protocol.decode_reply, protocol.decode_received):
+        try:
+            decoded = decoder(frames)
+        except protocol.ProtocolError as error:
+            assert error.reason in REASONS, error
+        else:
+            assert isinstance(decoded, (protocol.Welcome, protocol.Rejection, protocol.Receipt))
+
+
 def test_a_declaration_with_non_ascii_digits_is_malformed():
     with pytest.raises(protocol.ProtocolError) as error:
         protocol.decode_declaration("u float32 4 ²".encode())
