@@ -41,9 +41,9 @@ from jaxsurro.client.settings import (
     check_time_step,
 )
 
-# Messages queued per server rank inside this process before send() blocks (backpressure).
 log = logging.getLogger(__name__)
 
+# Messages queued per server rank inside this process before send() blocks (backpressure).
 SEND_HIGH_WATER_MARK = 4
 # On an exception inside the with-block, queued data gets at most this long to leave (best effort).
 ABORT_LINGER = 1.0  # seconds
@@ -409,7 +409,11 @@ class Simulation(SimulationContext):
             for socket in ready:
                 receipt = protocol.decode_received(socket.recv_multipart())
                 if receipt.sim_id != self.sim_id or not hmac.compare_digest(receipt.credential, self._credential):
-                    continue  # not this attempt's (cannot happen on a socket of its own; ignored)
+                    raise protocol.ProtocolError(
+                        "malformed",
+                        f"server rank {waiting[socket]} answered a FINISH of simulation {receipt.sim_id}, not the "
+                        f"one simulation {self.sim_id} sent on this connection",
+                    )
                 if receipt.refusal:
                     log.warning(
                         "server rank %d refused the FINISH of simulation %d: %s",
@@ -441,13 +445,12 @@ def choose_endpoint(endpoints: Sequence[str]) -> str:
     endpoint is on this host, else the network endpoint (the first)."""
     network = endpoints[0]
     local = next((endpoint for endpoint in endpoints[1:] if endpoint.startswith("ipc://")), None)
-    if local is not None and network.startswith("tcp://") and is_this_host(network[len("tcp://") :].rpartition(":")[0]):
-        return local
-    return network
+    host = network.removeprefix("tcp://").rpartition(":")[0] if network.startswith("tcp://") else None
+    return local if local is not None and host is not None and _is_this_host(host) else network
 
 
 @functools.cache
-def is_this_host(host: str) -> bool:
+def _is_this_host(host: str) -> bool:
     """Whether ``host`` (a name or an address) is an address of this machine, in this network namespace:
     a socket can bind to it only then."""
     host = host.strip("[]")  # an IPv6 address in an endpoint

@@ -43,9 +43,6 @@ from jaxsurro.table import SimState, SimulationTable
 
 log = logging.getLogger("jaxsurro.server.online")
 
-# Steps dispatched but not finished at most: the host prepares the next step while the devices run
-# this one, and the queue of asynchronous work stays bounded (XLA's CPU collectives across several
-# local devices were seen to stall with hundreds of steps in flight).
 SINGLE_RANK_WAIT = 0.5  # seconds a lone rank waits for a batch before checking on its threads
 MULTI_RANK_WAIT = 0.02  # seconds a rank waits for a batch before training without one (peers are waiting)
 

@@ -28,7 +28,10 @@ __all__ = ["STEPS_IN_FLIGHT", "TrainingLog"]
 
 log = logging.getLogger("jaxsurro.server.training_log")
 
-STEPS_IN_FLIGHT = 2  # dispatched steps the host may run ahead of the devices
+# Steps dispatched but not finished at most: the host prepares the next step while the devices run
+# this one, and the queue of asynchronous work stays bounded (XLA's CPU collectives across several
+# local devices were seen to stall with hundreds of steps in flight).
+STEPS_IN_FLIGHT = 2
 
 
 class TrainingLog:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -126,21 +126,9 @@ def per_step_mean_field_mse(validation: ValidationSet, scaling: Scaling, field_w
     normalized units, fields mixed by their loss weights, over the same V × T rows; it is never
     worse than :func:`mean_field_mse`, and for a solution that mostly relaxes in time from a
     parameter-independent start (the heat equation's mean temperature) it is much better, so a
-    surrogate that does not beat it has learnt little about the parameters. Computed one time step
-    at a time (float64), so memory stays at one step of the set.
+    surrogate that does not beat it has learnt little about the parameters.
     """
-    low, span = scaling.element_bounds()
-    bounds = np.cumsum((0, *scaling.field_sizes))
-    n_fields = len(bounds) - 1
-    squared_sums = np.zeros(n_fields, dtype=np.float64)
-    n_sims, n_steps = validation.samples.shape[:2]
-    for t in range(n_steps):
-        normalized = (validation.samples[:, t].astype(np.float64) - low) / span  # [V, sample_size]
-        squared = (normalized - normalized.mean(axis=0)) ** 2
-        squared_sums += [squared[:, bounds[f] : bounds[f + 1]].sum() for f in range(n_fields)]
-    per_field = squared_sums / (n_sims * n_steps * np.diff(bounds))
-    weights = np.asarray(field_weights, dtype=np.float64)
-    return float(per_field @ weights / weights.sum())
+    return _stepwise_mse(validation, scaling, field_weights, lambda fields: fields.mean(axis=0))
 
 
 def parameter_mean_mse(validation: ValidationSet, scaling: Scaling, field_weights: Sequence[float]) -> float:
@@ -149,14 +137,28 @@ def parameter_mean_mse(validation: ValidationSet, scaling: Scaling, field_weight
     Meaningful when the parameters are in the fields' units (the heat equation's initial and boundary
     temperatures: the field relaxes toward a mix of them); scored like :func:`mean_field_mse`.
     """
+    guess = validation.parameters.mean(axis=1)[:, None]  # [V, 1], physical units
+    return _stepwise_mse(validation, scaling, field_weights, lambda fields: guess)
+
+
+def _stepwise_mse(
+    validation: ValidationSet,
+    scaling: Scaling,
+    field_weights: Sequence[float],
+    predict: Callable[[np.ndarray], np.ndarray],
+) -> float:
+    """The MSE (normalized units, fields mixed by their loss weights) of ``predict``, which maps one time
+    step's fields [V, sample_size] (physical, float64) to its prediction of them (broadcastable).
+
+    Computed one time step at a time, so memory stays at one step of the set."""
     _, span = scaling.element_bounds()  # the offset cancels in a difference
     bounds = np.cumsum((0, *scaling.field_sizes))
     n_fields = len(bounds) - 1
     squared_sums = np.zeros(n_fields, dtype=np.float64)
-    guess = validation.parameters.mean(axis=1)[:, None]  # [V, 1], physical units
     n_sims, n_steps = validation.samples.shape[:2]
     for t in range(n_steps):
-        squared = ((validation.samples[:, t].astype(np.float64) - guess) / span) ** 2  # [V, sample_size]
+        fields = validation.samples[:, t].astype(np.float64)
+        squared = ((fields - predict(fields)) / span) ** 2  # [V, sample_size]
         squared_sums += [squared[:, bounds[f] : bounds[f + 1]].sum() for f in range(n_fields)]
     per_field = squared_sums / (n_sims * n_steps * np.diff(bounds))
     weights = np.asarray(field_weights, dtype=np.float64)
